@@ -1,0 +1,53 @@
+# drawdown: build, run, test. Builds go to a target dir outside the clone (reused by CI and
+# later sessions on the same machine); the Kafka jars are cached outside it too.
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/drawdown/target
+KAFKA := deploy/kafka/kafka.sh
+BIN := $(CARGO_TARGET_DIR)/debug/drawdown
+
+.PHONY: all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+
+all: build
+
+build:
+	cargo build --bins
+
+kafka-start:
+	$(KAFKA) start
+
+kafka-stop:
+	$(KAFKA) stop
+
+kafka-reset:
+	$(KAFKA) reset
+
+## The whole pipeline on the local broker with the example meters and the load generator.
+run: build kafka-start
+	scripts/demo.sh
+
+## Every test: unit, property and the integration tests against the real broker.
+test: kafka-start
+	cargo test --lib --bins --tests -- --test-threads=4
+
+test-unit:
+	cargo test --lib
+
+## 200k events over 1,000 customers x 3 meters, the processor SIGKILLed >= 10 times.
+crash-test: build kafka-start
+	scripts/crash-test.sh
+
+## 1M events end to end (generator -> broker -> drawdown -> outputs committed).
+throughput: build kafka-start
+	scripts/throughput.sh
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt
+
+bench:
+	cargo bench --bench ledger
+
+clean-data:
+	rm -rf data

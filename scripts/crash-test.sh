@@ -1,0 +1,173 @@
+#!/usr/bin/env bash
+# `make crash-test`: exactly-once under SIGKILL. drawdown runs in the background and a
+# supervisor SIGKILLs it at random moments (1-6 s after it is ready, or during start-up and
+# restore), sometimes deleting its RocksDB directory too, and restarts it, while the load
+# generator sends four phases (grants, usage, top-ups, usage) and keeps its own expectation.
+# When at least KILLS kills happened and every input is committed, `drawdown verify` compares
+# the API, balance-changed (one record per version, no gaps) and balance-exhausted (transitions
+# one for one) with the expectation.
+#
+# Environment: EVENTS (200000 usage events in all), CUSTOMERS (1000), KILLS (minimum, 10),
+# RATE (records/s of the usage phases; default sized so they span the kills), SEED (42),
+# DRAWDOWN_CONFIG (config/drawdown.toml), KEEP=1 keeps the temp dir and topics even on success.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}"
+BIN="$CARGO_TARGET_DIR/debug/drawdown"
+EVENTS="${EVENTS:-200000}"
+CUSTOMERS="${CUSTOMERS:-1000}"
+KILLS="${KILLS:-10}"
+SEED="${SEED:-42}"
+CONFIG="${DRAWDOWN_CONFIG:-config/drawdown.toml}"
+# A cycle (SIGKILL, the group's session timeout of 10 s, restore, 1-6 s of work) takes ~15 s;
+# the two usage phases together should span about KILLS cycles.
+RATE="${RATE:-$(( EVENTS / (KILLS * 15) > 200 ? EVENTS / (KILLS * 15) : 200 ))}"
+RUN="crash-$(date +%s)-$$"
+DIR="$(mktemp -d "${TMPDIR:-/tmp}/drawdown-crash.XXXXXX")"
+STATE="$DIR/state"
+T0=$(date +%s)
+
+log() { echo "crash-test: $*" >&2; }
+
+free_port() {
+    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+log "building"
+cargo build --bins --quiet
+deploy/kafka/kafka.sh status >/dev/null 2>&1 || deploy/kafka/kafka.sh start
+
+PORT="$(free_port)"
+export DRAWDOWN_CONFIG="$CONFIG"
+export DRAWDOWN__KAFKA__GROUP_ID="$RUN"
+export DRAWDOWN__TOPICS__USAGE="$RUN-usage"
+export DRAWDOWN__TOPICS__GRANTS="$RUN-grants"
+export DRAWDOWN__TOPICS__BALANCE_CHANGED="$RUN-balance-changed"
+export DRAWDOWN__TOPICS__BALANCE_EVENTS="$RUN-balance-exhausted"
+export DRAWDOWN__TOPICS__DLQ="$RUN-dlq"
+export DRAWDOWN__TOPICS__CHANGELOG="$RUN-changelog"
+export DRAWDOWN__STORE__PATH="$STATE"
+export DRAWDOWN__API__LISTEN="127.0.0.1:$PORT"
+API="http://127.0.0.1:$PORT"
+EXPECT="$DIR/expect.json"
+echo 0 > "$DIR/kills"
+echo 0 > "$DIR/wipes"
+log "run $RUN: events=$EVENTS customers=$CUSTOMERS kills>=$KILLS rate=$RATE/s dir=$DIR api=$API"
+
+OK=0
+SUP=""
+cleanup() {
+    touch "$DIR/stop"
+    [[ -n "$SUP" ]] && kill "$SUP" 2>/dev/null || true
+    if [[ -f "$DIR/dd.pid" ]]; then
+        local pid
+        pid="$(cat "$DIR/dd.pid")"
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait 2>/dev/null || true
+    if ((OK)) && [[ -z "${KEEP:-}" ]]; then
+        deploy/kafka/kafka.sh topics --delete --topic "$RUN-.*" >/dev/null 2>&1 || true
+        rm -rf "$DIR"
+    else
+        log "kept $DIR (drawdown.log, supervisor.log, expect.json); topics $RUN-*"
+    fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+start_dd() {
+    echo "=== start $(date +%T.%N)" >> "$DIR/drawdown.log"
+    "$BIN" run >> "$DIR/drawdown.log" 2>&1 &
+    echo $! > "$DIR/dd.pid"
+}
+
+ready() { curl -fs -m 2 "$API/readyz" >/dev/null 2>&1; }
+
+# Waits until /readyz answers 200 (or $1 seconds, or the stop flag).
+wait_ready() {
+    local until=$(( $(date +%s) + $1 ))
+    while (( $(date +%s) < until )); do
+        ready && return 0
+        [[ -f "$DIR/stop" ]] && return 1
+        sleep 0.2
+    done
+    return 1
+}
+
+# The supervisor: kill at random moments, sometimes wipe the state, restart.
+supervise() {
+    local kills=0 wipes=0 pid
+    start_dd
+    while [[ ! -f "$DIR/stop" ]]; do
+        if (( RANDOM % 5 )); then
+            wait_ready 120 || true  # usually kill while processing ...
+        fi                          # ... sometimes during start-up or restore
+        sleep "$(( RANDOM % 5 + 1 )).$(( RANDOM % 10 ))"
+        [[ -f "$DIR/stop" ]] && break
+        pid="$(cat "$DIR/dd.pid")"
+        kill -KILL "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+        kills=$((kills + 1))
+        echo "$kills" > "$DIR/kills"
+        if (( (wipes == 0 && kills >= 2) || RANDOM % 4 == 0 )); then
+            rm -rf "$STATE"
+            wipes=$((wipes + 1))
+            echo "$wipes" > "$DIR/wipes"
+            echo "$(date +%T) kill #$kills of $pid, state wiped" >> "$DIR/supervisor.log"
+        else
+            echo "$(date +%T) kill #$kills of $pid" >> "$DIR/supervisor.log"
+        fi
+        start_dd
+    done
+}
+
+supervise &
+SUP=$!
+wait_ready 120 || { log "drawdown did not become ready"; tail -20 "$DIR/drawdown.log"; exit 1; }
+
+dd() { "$BIN" "$@"; }
+phase() {
+    log "phase: $* (kills so far: $(cat "$DIR/kills"))"
+    dd produce --customers "$CUSTOMERS" --seed "$SEED" --expect "$EXPECT" "$@"
+    dd wait-idle --timeout 900
+}
+
+HALF=$(( EVENTS / 2 ))
+phase --phase grants --events "$HALF" --bad 20
+phase --phase usage --events "$HALF" --rate "$RATE" --duplicates 0.01 --bad 50
+phase --phase topups --events "$HALF" --format protobuf --bad 20
+phase --phase usage --events $(( EVENTS - HALF )) --rate "$RATE" --duplicates 0.01 --format protobuf --bad 50
+
+deadline=$(( $(date +%s) + 60 * KILLS ))
+while (( $(cat "$DIR/kills") < KILLS )); do
+    (( $(date +%s) < deadline )) || { log "FAILED: only $(cat "$DIR/kills") kills"; exit 1; }
+    sleep 1
+done
+touch "$DIR/stop"
+wait "$SUP" 2>/dev/null || true
+SUP=""
+pid="$(cat "$DIR/dd.pid")"
+if ! kill -0 "$pid" 2>/dev/null; then
+    start_dd
+fi
+wait_ready_final() {
+    local until=$(( $(date +%s) + 180 ))
+    while (( $(date +%s) < until )); do ready && return 0; sleep 0.2; done
+    return 1
+}
+wait_ready_final || { log "FAILED: drawdown not ready after the kills"; tail -20 "$DIR/drawdown.log"; exit 1; }
+dd wait-idle --timeout 900
+KILLED="$(cat "$DIR/kills")"
+WIPED="$(cat "$DIR/wipes")"
+if VERIFY="$(dd verify --expect "$EXPECT")"; then
+    echo "$VERIFY"
+    OK=1
+    echo "crash-test: OK kills=$KILLED wipes=$WIPED events=$EVENTS customers=$CUSTOMERS elapsed=$(( $(date +%s) - T0 ))s"
+else
+    echo "$VERIFY"
+    echo "crash-test: FAILED kills=$KILLED wipes=$WIPED events=$EVENTS customers=$CUSTOMERS elapsed=$(( $(date +%s) - T0 ))s"
+    exit 1
+fi

@@ -1,0 +1,267 @@
+//! HTTP API: balances per customer and meter, health, readiness and metrics.
+//!
+//! Reads come from RocksDB, which holds only committed state (it is written after each
+//! transaction commits), so an answer never shows an uncommitted change. Errors are one JSON
+//! shape: `{"error": {"code": "...", "message": "..."}}`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::kafka::{partition_for, PipelineStatus};
+use crate::ledger::{BalanceChanged, CustomerId, GrantSlot, MeterName, MeterState, Meters, Status};
+use crate::store::{Store, StoreError};
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Local state.
+    pub store: Store,
+    /// Readiness and ownership.
+    pub status: Arc<PipelineStatus>,
+    /// Prometheus rendering.
+    pub metrics: PrometheusHandle,
+    /// Partitions of the input topics.
+    pub partitions: i32,
+    /// The configured meters.
+    pub meters: Meters,
+}
+
+/// API errors, each mapped to an HTTP status.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No such customer or meter.
+    #[error("{0}")]
+    NotFound(String),
+    /// A malformed path or query.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = match &self {
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        (status, Json(json!({"error": {"code": code, "message": self.to_string()}}))).into_response()
+    }
+}
+
+/// One meter in the state response.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MeterView {
+    /// The meter.
+    pub meter: String,
+    /// Units available now (negative = debt in overage mode).
+    pub balance: Decimal,
+    /// Units granted (active grants, net of voids).
+    pub credited: Decimal,
+    /// Units of usage applied.
+    pub consumed: Decimal,
+    /// Units used beyond the credits (overage mode).
+    pub overage: Decimal,
+    /// Units refused (block mode).
+    pub blocked: Decimal,
+    /// Units forfeited by expiry or cycle end.
+    pub expired: Decimal,
+    /// Units given back by voided usage.
+    pub voided: Decimal,
+    /// active | low | exhausted.
+    pub status: Status,
+    /// The projection's version.
+    pub version: u64,
+    /// Processing time of the last change (ms since the epoch).
+    pub updated_at: i64,
+}
+
+impl MeterView {
+    fn new(name: &MeterName, s: &MeterState) -> Self {
+        Self {
+            meter: name.to_string(),
+            balance: s.balance(),
+            credited: s.credited,
+            consumed: s.consumed,
+            overage: s.overage,
+            blocked: s.blocked,
+            expired: s.expired,
+            voided: s.voided,
+            status: s.status(),
+            version: s.version,
+            updated_at: s.updated_at,
+        }
+    }
+}
+
+/// `GET /v1/customers/{id}/state`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct CustomerState {
+    /// The customer.
+    pub customer_id: String,
+    /// Every meter with a projection.
+    pub meters: Vec<MeterView>,
+}
+
+/// `GET /v1/customers/{id}/meters/{meter}`.
+#[derive(Debug, Serialize)]
+pub struct MeterDetail {
+    /// The customer.
+    pub customer_id: String,
+    /// Totals.
+    #[serde(flatten)]
+    pub meter: MeterView,
+    /// Grants held, active ones in draw-down order, then pending ones.
+    pub grants: Vec<GrantSlot>,
+    /// The latest movements, newest first.
+    pub recent_events: Vec<BalanceChanged>,
+}
+
+/// The router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/customers/{id}/state", get(customer_state))
+        .route("/v1/customers/{id}/meters/{meter}", get(meter_detail))
+        .route("/v1/customers/{id}/meters/{meter}/events", get(meter_events))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(|State(s): State<ApiState>| async move { s.metrics.render() }))
+        .layer(middleware::from_fn(track))
+        .with_state(state)
+}
+
+async fn track(req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let start = Instant::now();
+    let resp = next.run(req).await;
+    let status = resp.status().as_u16().to_string();
+    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status).increment(1);
+    metrics::histogram!(crate::metrics::HTTP_SECONDS, "route" => route).record(start.elapsed().as_secs_f64());
+    resp
+}
+
+async fn readyz(State(s): State<ApiState>) -> Response {
+    let ready = s.status.is_ready();
+    let body = Json(json!({
+        "ready": ready,
+        "partitions_owned": s.status.owned(),
+        "partitions_restoring": s.status.restoring(),
+    }));
+    if ready {
+        (StatusCode::OK, body).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], body).into_response()
+    }
+}
+
+fn customer(id: &str) -> Result<CustomerId, ApiError> {
+    CustomerId::parse(id).map_err(|e| ApiError::BadRequest(e.to_string()))
+}
+
+/// The partitions to look in for a customer: murmur2's first, then the others.
+fn partitions_for(s: &ApiState, c: &CustomerId) -> Vec<i32> {
+    let first = partition_for(c.as_str().as_bytes(), s.partitions);
+    std::iter::once(first).chain((0..s.partitions).filter(|p| *p != first)).collect()
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f).await.expect("store task panicked")
+}
+
+async fn customer_state(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Json<CustomerState>, ApiError> {
+    let c = customer(&id)?;
+    blocking(move || {
+        for p in partitions_for(&s, &c) {
+            let meters = s.store.meters(p, &c)?;
+            if !meters.is_empty() {
+                let meters = meters.iter().map(|(n, m)| MeterView::new(n, m)).collect();
+                return Ok(Json(CustomerState { customer_id: c.to_string(), meters }));
+            }
+        }
+        Err(ApiError::NotFound(format!("customer {c} has no meters")))
+    })
+    .await
+}
+
+fn find_meter(s: &ApiState, c: &CustomerId, meter: &str) -> Result<(i32, MeterName, MeterState), ApiError> {
+    let name = MeterName::parse(meter).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    if s.meters.get(&name).is_none() {
+        return Err(ApiError::NotFound(format!("meter {name} is not configured")));
+    }
+    for p in partitions_for(s, c) {
+        if let Some(m) = s.store.meter(p, c, &name)? {
+            return Ok((p, name, m));
+        }
+    }
+    Err(ApiError::NotFound(format!("customer {c} has no meter {name}")))
+}
+
+async fn meter_detail(
+    State(s): State<ApiState>,
+    Path((id, meter)): Path<(String, String)>,
+) -> Result<Json<MeterDetail>, ApiError> {
+    let c = customer(&id)?;
+    blocking(move || {
+        let (p, name, m) = find_meter(&s, &c, &meter)?;
+        let recent_events = s.store.history(p, &c, &name, None, 20)?;
+        Ok(Json(MeterDetail {
+            customer_id: c.to_string(),
+            meter: MeterView::new(&name, &m),
+            grants: m.grants.clone(),
+            recent_events,
+        }))
+    })
+    .await
+}
+
+/// Query of the history endpoint.
+#[derive(Debug, Deserialize)]
+pub struct Page {
+    /// Return movements with a version below this (the previous page's `next_cursor`).
+    pub cursor: Option<String>,
+    /// Page size (1-500, default 50).
+    pub limit: Option<usize>,
+}
+
+async fn meter_events(
+    State(s): State<ApiState>,
+    Path((id, meter)): Path<(String, String)>,
+    Query(q): Query<Page>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let c = customer(&id)?;
+    let limit = q.limit.unwrap_or(50);
+    if !(1..=500).contains(&limit) {
+        return Err(ApiError::BadRequest("limit must be 1-500".into()));
+    }
+    let before = q
+        .cursor
+        .map(|c| c.parse::<u64>().map_err(|_| ApiError::BadRequest("invalid cursor".into())))
+        .transpose()?;
+    blocking(move || {
+        let (p, name, _) = find_meter(&s, &c, &meter)?;
+        let events = s.store.history(p, &c, &name, before, limit)?;
+        let next = if events.len() == limit { events.last().map(|e| e.version.to_string()) } else { None };
+        Ok(Json(json!({"customer_id": c, "meter": name, "events": events, "next_cursor": next})))
+    })
+    .await
+}

@@ -1,0 +1,469 @@
+//! JSON / protobuf <-> domain types, with validation.
+//!
+//! The `content-type` record header selects the decoder: `application/x-protobuf` (also
+//! `application/protobuf`) for protobuf, anything else or none for JSON. Validation happens
+//! here once: ids, amounts (exact decimals; no floats anywhere) and timestamps; the rules only
+//! ever see [`crate::ledger::Input`]. Every failure is a [`CodecError`] with a bounded `reason()`.
+//!
+//! JSON numbers are read with their exact text (serde_json `arbitrary_precision`), so `0.1`
+//! is exactly one tenth; amounts may also be given as strings.
+
+use std::collections::BTreeMap;
+
+use prost::Message;
+use rust_decimal::Decimal;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::config::OutputFormat;
+use crate::ledger::{
+    parse_amount, BalanceChanged, CustomerId, EventId, Grant, GrantId, GrantKind, Input,
+    LedgerError, MeterName, Transition, TransitionKind, Usage,
+};
+
+/// Generated protobuf types (`proto/drawdown/v1`).
+pub mod pb {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/drawdown.v1.rs"));
+}
+
+/// The `content-type` of JSON records.
+pub const JSON: &str = "application/json";
+/// The `content-type` of protobuf records.
+pub const PROTOBUF: &str = "application/x-protobuf";
+
+/// Why a record could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Empty payload (a tombstone) where a message was expected.
+    #[error("empty payload")]
+    Empty,
+    /// Not JSON / not protobuf at all.
+    #[error("undecodable {format}: {message}")]
+    Undecodable {
+        /// json or protobuf.
+        format: &'static str,
+        /// The decoder's message.
+        message: String,
+    },
+    /// A required field is missing.
+    #[error("missing field {0}")]
+    MissingField(&'static str),
+    /// A field has the wrong type.
+    #[error("field {field}: {message}")]
+    WrongType {
+        /// The field.
+        field: &'static str,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value failed validation.
+    #[error(transparent)]
+    Invalid(#[from] LedgerError),
+    /// The record key differs from the payload's customer id.
+    #[error("record key {key:?} differs from customer_id {customer:?}")]
+    KeyMismatch {
+        /// The key.
+        key: String,
+        /// The payload's customer.
+        customer: String,
+    },
+}
+
+impl CodecError {
+    /// A short, bounded label for metrics and the DLQ's `error.reason` header.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            CodecError::Empty => "empty",
+            CodecError::Undecodable { .. } => "undecodable",
+            CodecError::MissingField(_) => "missing_field",
+            CodecError::WrongType { .. } => "wrong_type",
+            CodecError::Invalid(e) => e.reason(),
+            CodecError::KeyMismatch { .. } => "key_mismatch",
+        }
+    }
+}
+
+fn is_protobuf(content_type: Option<&str>) -> bool {
+    matches!(
+        content_type.map(|c| c.split(';').next().unwrap_or("").trim()),
+        Some("application/x-protobuf") | Some("application/protobuf")
+    )
+}
+
+/// Decodes a record of the usage topic.
+pub fn decode_usage(
+    payload: Option<&[u8]>,
+    content_type: Option<&str>,
+    key: Option<&[u8]>,
+) -> Result<Input, CodecError> {
+    let bytes = payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)?;
+    let usage = if is_protobuf(content_type) {
+        let m = pb::UsageEvent::decode(bytes)
+            .map_err(|e| CodecError::Undecodable { format: "protobuf", message: e.to_string() })?;
+        Usage {
+            id: EventId::parse(required(m.id, "id")?)?,
+            customer: CustomerId::parse(required(m.customer_id, "customer_id")?)?,
+            name: required(m.name, "name")?,
+            timestamp_ms: m.timestamp_ms,
+            properties: m.properties.into_iter().collect(),
+        }
+    } else {
+        let v = parse_json(bytes)?;
+        let obj = v.as_object().ok_or(CodecError::WrongType {
+            field: "<root>",
+            message: "expected a JSON object".into(),
+        })?;
+        let mut properties = BTreeMap::new();
+        match obj.get("properties") {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(m)) => {
+                for (k, v) in m {
+                    properties.insert(k.clone(), property_text(v)?);
+                }
+            }
+            Some(_) => {
+                return Err(CodecError::WrongType {
+                    field: "properties",
+                    message: "expected an object".into(),
+                })
+            }
+        }
+        Usage {
+            id: EventId::parse(json_str(obj, "id")?)?,
+            customer: CustomerId::parse(json_str(obj, "customer_id")?)?,
+            name: json_str(obj, "name")?,
+            timestamp_ms: json_time(obj, "timestamp")?.unwrap_or(0),
+            properties,
+        }
+    };
+    check_key(key, &usage.customer)?;
+    Ok(Input::Usage(usage))
+}
+
+/// Decodes a record of the credit-grants topic.
+pub fn decode_command(
+    payload: Option<&[u8]>,
+    content_type: Option<&str>,
+    key: Option<&[u8]>,
+) -> Result<Input, CodecError> {
+    let bytes = payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)?;
+    let input = if is_protobuf(content_type) {
+        let m = pb::CreditCommand::decode(bytes)
+            .map_err(|e| CodecError::Undecodable { format: "protobuf", message: e.to_string() })?;
+        match m.command.ok_or(CodecError::MissingField("command"))? {
+            pb::credit_command::Command::Grant(g) => Input::Grant(Grant {
+                grant_id: GrantId::parse(required(g.grant_id, "grant_id")?)?,
+                customer: CustomerId::parse(required(g.customer_id, "customer_id")?)?,
+                meter: MeterName::parse(required(g.meter, "meter")?)?,
+                amount: positive(&required(g.amount, "amount")?)?,
+                kind: match pb::GrantKind::try_from(g.kind) {
+                    Ok(pb::GrantKind::Cycle) => GrantKind::Cycle,
+                    Ok(pb::GrantKind::TopUp) | Ok(pb::GrantKind::Unspecified) => GrantKind::TopUp,
+                    Ok(pb::GrantKind::Adjustment) => GrantKind::Adjustment,
+                    Err(_) => {
+                        return Err(CodecError::WrongType { field: "kind", message: format!("unknown kind {}", g.kind) })
+                    }
+                },
+                priority: u8::try_from(g.priority).map_err(|_| CodecError::WrongType {
+                    field: "priority",
+                    message: "must be 0-255".into(),
+                })?,
+                effective_at: (g.effective_at_ms != 0).then_some(g.effective_at_ms),
+                expires_at: (g.expires_at_ms != 0).then_some(g.expires_at_ms),
+                subscription_id: (!g.subscription_id.is_empty()).then_some(g.subscription_id),
+                rollover: if g.rollover.is_empty() { Decimal::ZERO } else { parse_amount(&g.rollover)? },
+            }),
+            pb::credit_command::Command::VoidGrant(v) => Input::VoidGrant {
+                customer: CustomerId::parse(required(v.customer_id, "customer_id")?)?,
+                grant_id: GrantId::parse(required(v.grant_id, "grant_id")?)?,
+            },
+            pb::credit_command::Command::VoidUsage(v) => Input::VoidUsage {
+                customer: CustomerId::parse(required(v.customer_id, "customer_id")?)?,
+                event_id: EventId::parse(required(v.event_id, "event_id")?)?,
+            },
+        }
+    } else {
+        let v = parse_json(bytes)?;
+        let obj = v.as_object().ok_or(CodecError::WrongType {
+            field: "<root>",
+            message: "expected a JSON object".into(),
+        })?;
+        let customer = CustomerId::parse(json_str(obj, "customer_id")?)?;
+        match json_str(obj, "type")?.as_str() {
+            "grant" => {
+                let kind = match json_opt_str(obj, "kind")?.as_deref() {
+                    None | Some("top_up") => GrantKind::TopUp,
+                    Some("cycle") => GrantKind::Cycle,
+                    Some("adjustment") => GrantKind::Adjustment,
+                    Some(other) => {
+                        return Err(CodecError::WrongType { field: "kind", message: format!("unknown kind {other:?}") })
+                    }
+                };
+                let priority = match obj.get("priority") {
+                    None | Some(Value::Null) => 0,
+                    Some(p) => p
+                        .as_u64()
+                        .and_then(|p| u8::try_from(p).ok())
+                        .ok_or(CodecError::WrongType { field: "priority", message: "must be 0-255".into() })?,
+                };
+                Input::Grant(Grant {
+                    grant_id: GrantId::parse(json_str(obj, "grant_id")?)?,
+                    customer,
+                    meter: MeterName::parse(json_str(obj, "meter")?)?,
+                    amount: positive(&json_amount(obj, "amount")?.ok_or(CodecError::MissingField("amount"))?)?,
+                    kind,
+                    priority,
+                    effective_at: json_time(obj, "effective_at")?,
+                    expires_at: json_time(obj, "expires_at")?,
+                    subscription_id: json_opt_str(obj, "subscription_id")?,
+                    rollover: match json_amount(obj, "rollover")? {
+                        Some(r) => parse_amount(&r)?,
+                        None => Decimal::ZERO,
+                    },
+                })
+            }
+            "void_grant" => Input::VoidGrant { customer, grant_id: GrantId::parse(json_str(obj, "grant_id")?)? },
+            "void_usage" => Input::VoidUsage { customer, event_id: EventId::parse(json_str(obj, "event_id")?)? },
+            other => {
+                return Err(CodecError::WrongType {
+                    field: "type",
+                    message: format!("unknown command type {other:?} (grant | void_grant | void_usage)"),
+                })
+            }
+        }
+    };
+    check_key(key, input.customer())?;
+    Ok(input)
+}
+
+fn check_key(key: Option<&[u8]>, customer: &CustomerId) -> Result<(), CodecError> {
+    match key {
+        Some(k) if !k.is_empty() && k != customer.as_str().as_bytes() => Err(CodecError::KeyMismatch {
+            key: String::from_utf8_lossy(k).into_owned(),
+            customer: customer.to_string(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+fn positive(text: &str) -> Result<Decimal, CodecError> {
+    let d = parse_amount(text)?;
+    if d.is_zero() {
+        return Err(LedgerError::InvalidAmount("amount must be > 0".into()).into());
+    }
+    Ok(d)
+}
+
+fn required(s: String, field: &'static str) -> Result<String, CodecError> {
+    if s.is_empty() {
+        Err(CodecError::MissingField(field))
+    } else {
+        Ok(s)
+    }
+}
+
+fn parse_json(bytes: &[u8]) -> Result<Value, CodecError> {
+    serde_json::from_slice(bytes)
+        .map_err(|e| CodecError::Undecodable { format: "json", message: e.to_string() })
+}
+
+fn json_str(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<String, CodecError> {
+    json_opt_str(obj, field)?.ok_or(CodecError::MissingField(field))
+}
+
+fn json_opt_str(
+    obj: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, CodecError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => Err(CodecError::WrongType { field, message: format!("expected a string, got {other}") }),
+    }
+}
+
+/// An amount as exact text: a JSON number (exact, thanks to `arbitrary_precision`) or a string.
+fn json_amount(
+    obj: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<String>, CodecError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        Some(other) => Err(CodecError::WrongType { field, message: format!("expected a number, got {other}") }),
+    }
+}
+
+/// A timestamp: RFC 3339 text or integer milliseconds since the epoch.
+fn json_time(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<Option<i64>, CodecError> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .filter(|ms| *ms >= 0)
+            .map(Some)
+            .ok_or(CodecError::WrongType { field, message: "expected integer milliseconds >= 0".into() }),
+        Some(Value::String(s)) => humantime::parse_rfc3339_weak(s.trim_end_matches('Z'))
+            .or_else(|_| humantime::parse_rfc3339(s))
+            .map(|t| {
+                Some(
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(0),
+                )
+            })
+            .map_err(|e| CodecError::WrongType { field, message: format!("not RFC 3339: {e}") }),
+        Some(_) => Err(CodecError::WrongType { field, message: "expected RFC 3339 text or milliseconds".into() }),
+    }
+}
+
+fn property_text(v: &Value) -> Result<String, CodecError> {
+    Ok(match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Null => String::new(),
+        _ => {
+            return Err(CodecError::WrongType {
+                field: "properties",
+                message: "property values must be strings, numbers or booleans".into(),
+            })
+        }
+    })
+}
+
+/// Encodes a `BalanceChanged` for the `balance-changed` topic.
+pub fn encode_changed(c: &BalanceChanged, format: OutputFormat) -> Vec<u8> {
+    match format {
+        OutputFormat::Json => serde_json::to_vec(c).expect("serialisable"),
+        OutputFormat::Protobuf => pb::BalanceChanged {
+            customer_id: c.customer_id.to_string(),
+            meter: c.meter.to_string(),
+            version: c.version,
+            delta: c.delta.to_string(),
+            reason: c.reason.as_str().into(),
+            cause_id: c.cause_id.clone(),
+            balance: c.balance.to_string(),
+            credited: c.credited.to_string(),
+            consumed: c.consumed.to_string(),
+            overage: c.overage.to_string(),
+            blocked: c.blocked.to_string(),
+            at_ms: c.at,
+        }
+        .encode_to_vec(),
+    }
+}
+
+/// Encodes a transition for the `balance-exhausted` topic. JSON carries `"type"`:
+/// `exhausted | restored | low`.
+pub fn encode_transition(t: &Transition, format: OutputFormat) -> Vec<u8> {
+    match format {
+        OutputFormat::Json => {
+            let mut v = serde_json::to_value(t).expect("serialisable");
+            if let Some(o) = v.as_object_mut() {
+                if let Some(kind) = o.remove("kind") {
+                    o.insert("type".into(), kind);
+                }
+            }
+            serde_json::to_vec(&v).expect("serialisable")
+        }
+        OutputFormat::Protobuf => {
+            use pb::balance_transition::Transition as T;
+            let (customer_id, meter, version, balance, cause_id, at_ms) = (
+                t.customer_id.to_string(),
+                t.meter.to_string(),
+                t.version,
+                t.balance.to_string(),
+                t.cause_id.clone(),
+                t.at,
+            );
+            let inner = match t.kind {
+                TransitionKind::Exhausted => T::Exhausted(pb::BalanceExhausted { customer_id, meter, version, balance, cause_id, at_ms }),
+                TransitionKind::Restored => T::Restored(pb::BalanceRestored { customer_id, meter, version, balance, cause_id, at_ms }),
+                TransitionKind::Low => T::Low(pb::BalanceLow {
+                    customer_id,
+                    meter,
+                    version,
+                    balance,
+                    threshold: t.threshold.map(|d| d.to_string()).unwrap_or_default(),
+                    cause_id,
+                    at_ms,
+                }),
+            };
+            pb::BalanceTransition { transition: Some(inner) }.encode_to_vec()
+        }
+    }
+}
+
+/// The transition type label (`exhausted | restored | low`), also used as a record header.
+pub fn transition_label(kind: TransitionKind) -> &'static str {
+    match kind {
+        TransitionKind::Exhausted => "exhausted",
+        TransitionKind::Restored => "restored",
+        TransitionKind::Low => "low",
+    }
+}
+
+/// A `BalanceChanged` read back from the topic (JSON), for tools and tests.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ChangedRecord {
+    /// Whose.
+    pub customer_id: String,
+    /// Which meter.
+    pub meter: String,
+    /// Version.
+    pub version: u64,
+    /// Balance after.
+    pub balance: Decimal,
+    /// Delta.
+    pub delta: Decimal,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_usage_decodes_with_exact_numbers() {
+        let i = decode_usage(
+            Some(br#"{"id":"e1","customer_id":"c1","name":"llm_completion","timestamp":"2026-01-01T00:00:00Z","properties":{"tokens":0.1,"model":"x"}}"#),
+            None,
+            Some(b"c1"),
+        )
+        .unwrap();
+        let Input::Usage(u) = i else { panic!() };
+        assert_eq!(u.properties["tokens"], "0.1");
+        assert_eq!(u.timestamp_ms, 1_767_225_600_000);
+    }
+
+    #[test]
+    fn protobuf_usage_decodes() {
+        let m = pb::UsageEvent {
+            id: "e1".into(),
+            customer_id: "c1".into(),
+            name: "api_call".into(),
+            timestamp_ms: 5,
+            properties: Default::default(),
+        };
+        let i = decode_usage(Some(&m.encode_to_vec()), Some(PROTOBUF), None).unwrap();
+        assert_eq!(i.customer().as_str(), "c1");
+    }
+
+    #[test]
+    fn bad_inputs_have_reasons() {
+        let r = |p: &[u8]| decode_command(Some(p), None, None).unwrap_err().reason();
+        assert_eq!(r(b"\xff\x00"), "undecodable");
+        assert_eq!(r(br#"{"type":"grant","customer_id":"c","meter":"m","amount":5}"#), "missing_field");
+        assert_eq!(r(br#"{"type":"grant","customer_id":"c","grant_id":"g","meter":"m","amount":-5}"#), "invalid_amount");
+        assert_eq!(r(br#"{"type":"grant","customer_id":"c","grant_id":"g","meter":"m","amount":"NaN"}"#), "invalid_amount");
+        assert_eq!(r(br#"{"type":"grant","customer_id":"c","grant_id":"g","meter":"m","amount":1e400}"#), "invalid_amount");
+        assert_eq!(r(br#"{"type":"grant","customer_id":5,"grant_id":"g","meter":"m","amount":1}"#), "wrong_type");
+        assert_eq!(decode_command(None, None, None).unwrap_err().reason(), "empty");
+        assert_eq!(
+            decode_usage(Some(br#"{"id":"e","customer_id":"c","name":"n"}"#), None, Some(b"d")).unwrap_err().reason(),
+            "key_mismatch"
+        );
+    }
+}

@@ -1,0 +1,319 @@
+//! One `Config` tree: a TOML file, then `DRAWDOWN__SECTION__KEY=value` environment overrides.
+//!
+//! The loader takes the environment as a parameter so tests can drive it. Unknown keys are
+//! errors (`deny_unknown_fields`), in the file and in the environment alike.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ledger::{MeterDef, Meters};
+
+/// The whole configuration.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Broker connection and group.
+    #[serde(default)]
+    pub kafka: KafkaConfig,
+    /// Topic names.
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    /// Batching and processing.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// Local state.
+    #[serde(default)]
+    pub store: StoreConfig,
+    /// HTTP API.
+    #[serde(default)]
+    pub api: ApiConfig,
+    /// The meters.
+    #[serde(default)]
+    pub meters: Vec<MeterDef>,
+}
+
+/// Broker connection and group.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// The consumer group; also the prefix of the changelog topic and transactional ids.
+    pub group_id: String,
+    /// This instance's stable id; the transactional id is `<group_id>-<instance_id>`, so a
+    /// restarted instance fences its own zombie.
+    pub instance_id: String,
+    /// Partitions of the topics drawdown creates when missing.
+    pub partitions: i32,
+    /// Replication factor of the topics drawdown creates.
+    pub replication_factor: i32,
+    /// `transaction.timeout.ms`: keep it short, an open transaction of a crashed producer
+    /// blocks `read_committed` readers until it times out.
+    #[serde(with = "humantime_serde")]
+    pub transaction_timeout: Duration,
+    /// Extra librdkafka properties for every client (e.g. security settings).
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            bootstrap_servers: "127.0.0.1:9092".into(),
+            group_id: "drawdown".into(),
+            instance_id: "0".into(),
+            partitions: 8,
+            replication_factor: 1,
+            transaction_timeout: Duration::from_secs(15),
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// Topic names.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    /// Usage events in.
+    pub usage: String,
+    /// Credit commands in.
+    pub grants: String,
+    /// `BalanceChanged` out.
+    pub balance_changed: String,
+    /// Transitions out.
+    pub balance_events: String,
+    /// Rejected input out.
+    pub dlq: String,
+    /// The changelog; default `<group_id>-changelog`.
+    pub changelog: Option<String>,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        Self {
+            usage: "usage-events".into(),
+            grants: "credit-grants".into(),
+            balance_changed: "balance-changed".into(),
+            balance_events: "balance-exhausted".into(),
+            dlq: "drawdown-dlq".into(),
+            changelog: None,
+        }
+    }
+}
+
+/// Encoding of the output topics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OutputFormat {
+    /// `application/json`.
+    Json,
+    /// `application/x-protobuf`.
+    Protobuf,
+}
+
+/// Batching and processing.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// A transaction is committed at least this often while input flows.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// ... or once this many input records are in the batch.
+    pub max_batch: usize,
+    /// Encoding of output records.
+    pub output_format: OutputFormat,
+    /// How many movements of each meter are kept for the history API.
+    pub history_len: u32,
+    /// How often time-driven rules (expiry, activation) are applied without input.
+    #[serde(with = "humantime_serde")]
+    pub tick_interval: Duration,
+    /// How long usage event ids are remembered for idempotency.
+    #[serde(with = "humantime_serde")]
+    pub dedupe_window: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            commit_interval: Duration::from_millis(100),
+            max_batch: 10_000,
+            output_format: OutputFormat::Json,
+            history_len: 200,
+            tick_interval: Duration::from_secs(1),
+            dedupe_window: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// Local state (RocksDB).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// RocksDB directory.
+    pub path: PathBuf,
+    /// Shared block cache, MiB.
+    pub block_cache_mb: usize,
+    /// Shared write-buffer budget, MiB.
+    pub write_buffer_mb: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self { path: PathBuf::from("data/drawdown"), block_cache_mb: 128, write_buffer_mb: 64 }
+    }
+}
+
+/// HTTP API.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    /// Listen address (port 0 = any free port).
+    pub listen: SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self { listen: "127.0.0.1:8080".parse().expect("valid address") }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or does not fit the tree.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Loads `path` (if given), applies `DRAWDOWN__A__B=v` overrides from `env`, validates.
+    pub fn load(
+        path: Option<&std::path::Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?,
+            None => String::new(),
+        };
+        let mut root: toml::Table =
+            toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        for (k, v) in env {
+            let Some(rest) = k.strip_prefix("DRAWDOWN__") else { continue };
+            let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
+            set_path(&mut root, &path, parse_scalar(&v))?;
+        }
+        let cfg: Config = toml::Value::Table(root)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Invalid(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.meter_set()?;
+        if self.kafka.partitions < 1 {
+            return Err(ConfigError::Invalid("kafka.partitions must be >= 1".into()));
+        }
+        if self.pipeline.max_batch == 0 {
+            return Err(ConfigError::Invalid("pipeline.max_batch must be >= 1".into()));
+        }
+        if self.pipeline.history_len == 0 {
+            return Err(ConfigError::Invalid("pipeline.history_len must be >= 1".into()));
+        }
+        Ok(())
+    }
+
+    /// The meters as a validated set.
+    pub fn meter_set(&self) -> Result<Meters, ConfigError> {
+        Meters::new(self.meters.clone()).map_err(ConfigError::Invalid)
+    }
+
+    /// The changelog topic's name.
+    pub fn changelog_topic(&self) -> String {
+        self.topics
+            .changelog
+            .clone()
+            .unwrap_or_else(|| format!("{}-changelog", self.kafka.group_id))
+    }
+}
+
+/// An env value as TOML: integers, booleans and inline arrays/tables as such, else a string.
+fn parse_scalar(v: &str) -> toml::Value {
+    let doc = format!("v = {v}");
+    match toml::from_str::<toml::Table>(&doc) {
+        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.into())),
+        Err(_) => toml::Value::String(v.into()),
+    }
+}
+
+fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), ConfigError> {
+    let (last, parents) = path.split_last().ok_or_else(|| ConfigError::Invalid("empty key".into()))?;
+    let mut table = root;
+    for p in parents {
+        let entry = table
+            .entry(p.clone())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        table = entry
+            .as_table_mut()
+            .ok_or_else(|| ConfigError::Invalid(format!("{p} is not a section")))?;
+    }
+    table.insert(last.clone(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_load_without_a_file() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert_eq!(c.kafka.partitions, 8);
+        assert_eq!(c.changelog_topic(), "drawdown-changelog");
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let c = Config::load(
+            None,
+            env(&[
+                ("DRAWDOWN__KAFKA__PARTITIONS", "16"),
+                ("DRAWDOWN__KAFKA__GROUP_ID", "g1"),
+                ("DRAWDOWN__PIPELINE__COMMIT_INTERVAL", "250ms"),
+                ("OTHER", "x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.partitions, 16);
+        assert_eq!(c.kafka.group_id, "g1");
+        assert_eq!(c.pipeline.commit_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        assert!(Config::load(None, env(&[("DRAWDOWN__KAFKA__NOPE", "1")])).is_err());
+    }
+
+    #[test]
+    fn the_example_config_is_valid() {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/drawdown.toml");
+        let c = Config::load(Some(&p), env(&[])).unwrap();
+        assert!(!c.meters.is_empty());
+    }
+}

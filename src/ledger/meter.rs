@@ -1,0 +1,152 @@
+//! Meter definitions (from config) and how a usage event maps to units on each meter.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::types::{parse_amount, MeterName};
+use super::LedgerError;
+
+/// How a meter turns matching events into units.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type", deny_unknown_fields)]
+pub enum Aggregation {
+    /// One unit per matching event.
+    Count,
+    /// The value of a numeric property (an exact decimal, >= 0) of each matching event.
+    Sum {
+        /// The property summed.
+        property: String,
+    },
+}
+
+/// What happens to usage once the balance is used up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnExhausted {
+    /// Usage goes on; the balance goes negative (a debt paid first by the next grant); the excess
+    /// is counted in `overage`, billable at the metered price.
+    Overage,
+    /// Credits-only: the balance floors at 0 and the excess is counted in `blocked`.
+    Block,
+}
+
+/// A low-balance threshold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Threshold {
+    /// An absolute number of units.
+    Units(Decimal),
+    /// A fraction (0..1) of the credits granted in the current cycle.
+    Fraction(Decimal),
+}
+
+impl Threshold {
+    /// The threshold in units, given the credits granted in the current cycle; `None` when a
+    /// fractional threshold has nothing to be a fraction of yet.
+    pub fn units(&self, cycle_credited: Decimal) -> Option<Decimal> {
+        match *self {
+            Threshold::Units(u) => Some(u),
+            Threshold::Fraction(f) if cycle_credited > Decimal::ZERO => Some(f * cycle_credited),
+            Threshold::Fraction(_) => None,
+        }
+    }
+}
+
+/// One meter, as configured.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeterDef {
+    /// The meter's name; grants and balances refer to it.
+    pub name: MeterName,
+    /// The usage event `name` this meter counts.
+    pub event: String,
+    /// Only events whose properties equal all of these (as text) are counted.
+    #[serde(default)]
+    pub filter: BTreeMap<String, String>,
+    /// Count of events or sum of a property.
+    pub aggregation: Aggregation,
+    /// Overage (negative balance allowed) or block (credits only).
+    pub on_exhausted: OnExhausted,
+    /// Low-balance thresholds; `BalanceLow` fires once per threshold crossed downwards.
+    #[serde(default)]
+    pub low_balance: Vec<Threshold>,
+}
+
+impl MeterDef {
+    /// Whether a usage event with this name and properties is counted by this meter.
+    pub fn matches(&self, name: &str, properties: &BTreeMap<String, String>) -> bool {
+        self.event == name
+            && self
+                .filter
+                .iter()
+                .all(|(k, v)| properties.get(k).is_some_and(|p| p == v))
+    }
+
+    /// The units a matching event adds to this meter.
+    pub fn quantity(&self, properties: &BTreeMap<String, String>) -> Result<Decimal, LedgerError> {
+        match &self.aggregation {
+            Aggregation::Count => Ok(Decimal::ONE),
+            Aggregation::Sum { property } => {
+                let raw = properties
+                    .get(property)
+                    .ok_or_else(|| LedgerError::MissingProperty(property.clone()))?;
+                parse_amount(raw)
+            }
+        }
+    }
+}
+
+/// The configured meters, in a fixed order.
+#[derive(Clone, Debug, Default)]
+pub struct Meters {
+    defs: Vec<MeterDef>,
+}
+
+impl Meters {
+    /// Builds the set, rejecting duplicate names and bad thresholds.
+    pub fn new(defs: Vec<MeterDef>) -> Result<Self, String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for d in &defs {
+            if !seen.insert(d.name.clone()) {
+                return Err(format!("meter {} is defined twice", d.name));
+            }
+            for t in &d.low_balance {
+                if let Threshold::Fraction(f) = t {
+                    if *f <= Decimal::ZERO || *f >= Decimal::ONE {
+                        return Err(format!("meter {}: fraction {f} is not in (0, 1)", d.name));
+                    }
+                }
+            }
+            if d.low_balance.len() > 32 {
+                return Err(format!("meter {}: at most 32 low-balance thresholds", d.name));
+            }
+        }
+        Ok(Self { defs })
+    }
+
+    /// The meter with this name.
+    pub fn get(&self, name: &MeterName) -> Option<&MeterDef> {
+        self.defs.iter().find(|d| &d.name == name)
+    }
+
+    /// All meters.
+    pub fn all(&self) -> &[MeterDef] {
+        &self.defs
+    }
+
+    /// The units a usage event adds to each meter it matches; empty when it matches none.
+    /// Fails (as a whole) if any matching meter cannot read its quantity.
+    pub fn quantities(
+        &self,
+        name: &str,
+        properties: &BTreeMap<String, String>,
+    ) -> Result<Vec<(&MeterDef, Decimal)>, LedgerError> {
+        self.defs
+            .iter()
+            .filter(|d| d.matches(name, properties))
+            .map(|d| d.quantity(properties).map(|q| (d, q)))
+            .collect()
+    }
+}

@@ -1,0 +1,24 @@
+//! drawdown: prepaid credit balances for usage-based billing, in real time, from Kafka,
+//! exactly once.
+//!
+//! # Layout
+//! - [`ledger`]: the credit rules, pure (state, input, now) -> (state, outputs); no I/O.
+//! - [`codec`]: JSON / protobuf records <-> domain types, validated once at the edge.
+//! - [`store`]: RocksDB, the local materialisation of the changelog, with checkpoints.
+//! - [`kafka`]: topics, the exactly-once consume-fold-transact loop, restore.
+//! - [`api`]: the HTTP API (balances, history, health, readiness, metrics).
+//! - [`metrics`]: every metric name and description.
+//! - [`config`]: one `Config` tree: TOML + `DRAWDOWN__*` environment overrides.
+//! - [`app`]: wiring and graceful shutdown.
+//! - [`loadgen`]: the load generator with its own reference arithmetic, and the verifier.
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod app;
+pub mod codec;
+pub mod config;
+pub mod kafka;
+pub mod ledger;
+pub mod loadgen;
+pub mod metrics;
+pub mod store;

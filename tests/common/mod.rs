@@ -1,0 +1,255 @@
+//! Shared helpers for the integration tests: each test gets its own topics, group, data dir
+//! and API port, against the real broker (`DRAWDOWN_TEST_BOOTSTRAP`, default 127.0.0.1:9092).
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use drawdown::app::Application;
+use drawdown::config::Config;
+use drawdown::kafka::Shutdown;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use serde_json::Value;
+
+pub fn bootstrap() -> String {
+    std::env::var("DRAWDOWN_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+pub const METERS: &str = r#"
+[[meters]]
+name = "api_calls"
+event = "api_call"
+aggregation = { type = "count" }
+on_exhausted = "overage"
+low_balance = [{ units = "5" }]
+
+[[meters]]
+name = "tokens"
+event = "llm_completion"
+aggregation = { type = "sum", property = "tokens" }
+on_exhausted = "block"
+
+[[meters]]
+name = "llm_requests"
+event = "llm_completion"
+aggregation = { type = "count" }
+on_exhausted = "overage"
+"#;
+
+/// A test's names: topics and group are unique per test run.
+#[derive(Clone)]
+pub struct Names {
+    pub id: String,
+    pub dir: std::path::PathBuf,
+}
+
+impl Names {
+    pub fn new() -> Self {
+        let id = format!("t{}-{}", std::process::id(), rand::random::<u32>());
+        let dir = std::env::temp_dir().join(format!("drawdown-test-{id}"));
+        Self { id, dir }
+    }
+
+    pub fn config(&self) -> Config {
+        let id = &self.id;
+        let env = vec![
+            ("DRAWDOWN__KAFKA__BOOTSTRAP_SERVERS".to_string(), bootstrap()),
+            ("DRAWDOWN__KAFKA__GROUP_ID".into(), format!("{id}-group")),
+            ("DRAWDOWN__KAFKA__PARTITIONS".into(), "3".into()),
+            ("DRAWDOWN__KAFKA__TRANSACTION_TIMEOUT".into(), "10s".into()),
+            ("DRAWDOWN__TOPICS__USAGE".into(), format!("{id}-usage")),
+            ("DRAWDOWN__TOPICS__GRANTS".into(), format!("{id}-grants")),
+            ("DRAWDOWN__TOPICS__BALANCE_CHANGED".into(), format!("{id}-changed")),
+            ("DRAWDOWN__TOPICS__BALANCE_EVENTS".into(), format!("{id}-exhausted")),
+            ("DRAWDOWN__TOPICS__DLQ".into(), format!("{id}-dlq")),
+            ("DRAWDOWN__PIPELINE__COMMIT_INTERVAL".into(), "50ms".into()),
+            ("DRAWDOWN__STORE__PATH".into(), self.dir.join("state").display().to_string()),
+            ("DRAWDOWN__STORE__BLOCK_CACHE_MB".into(), "8".into()),
+            ("DRAWDOWN__STORE__WRITE_BUFFER_MB".into(), "8".into()),
+            ("DRAWDOWN__API__LISTEN".into(), "127.0.0.1:0".into()),
+        ];
+        let file = self.dir.join("drawdown.toml");
+        std::fs::create_dir_all(&self.dir).unwrap();
+        std::fs::write(&file, METERS).unwrap();
+        Config::load(Some(&file), env).unwrap()
+    }
+}
+
+/// A running instance.
+pub struct TestApp {
+    pub names: Names,
+    pub cfg: Config,
+    pub base: String,
+    pub shutdown: Shutdown,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub http: reqwest::Client,
+}
+
+pub async fn spawn_app(names: &Names) -> TestApp {
+    let cfg = names.config();
+    let app = Application::build(cfg.clone()).await.expect("app builds");
+    let base = format!("http://{}", app.addr());
+    let shutdown = app.shutdown_handle();
+    let task = tokio::spawn(app.run_until_stopped());
+    let t = TestApp { names: names.clone(), cfg, base, shutdown, task, http: reqwest::Client::new() };
+    t.wait_ready().await;
+    t
+}
+
+impl TestApp {
+    pub async fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(r) = self.http.get(format!("{}/readyz", self.base)).send().await {
+                if r.status() == 200 {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "not ready within 60 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.trigger();
+        self.task.await.unwrap().unwrap();
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self.http.get(format!("{}{}", self.base, path)).send().await.unwrap();
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+    }
+
+    /// Polls the meter endpoint until `check` holds (30 s at most), returning the last body.
+    pub async fn meter_until(&self, customer: &str, meter: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let (status, body) = self.get(&format!("/v1/customers/{customer}/meters/{meter}")).await;
+            if status == 200 && check(&body) {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "condition not met for {customer}/{meter}; last: {status} {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn producer(&self) -> BaseProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .create()
+            .unwrap()
+    }
+
+    /// Sends records `(key, payload, content-type)` to `topic`, in order, and flushes.
+    pub fn send(&self, topic: &str, records: &[(&str, Vec<u8>, Option<&str>)]) {
+        let p = self.producer();
+        for (key, payload, ct) in records {
+            let mut rec = BaseRecord::<str, [u8]>::to(topic).key(*key).payload(payload.as_slice());
+            if let Some(ct) = ct {
+                rec = rec.headers(OwnedHeaders::new().insert(Header { key: "content-type", value: Some(*ct) }));
+            }
+            p.send(rec).map_err(|(e, _)| e).unwrap();
+        }
+        p.flush(Duration::from_secs(30)).unwrap();
+    }
+
+    pub fn usage(&self, records: &[Value]) {
+        let recs: Vec<_> = records
+            .iter()
+            .map(|v| (v["customer_id"].as_str().unwrap(), serde_json::to_vec(v).unwrap(), None))
+            .collect();
+        self.send(&self.cfg.topics.usage, &recs);
+    }
+
+    pub fn grants(&self, records: &[Value]) {
+        let recs: Vec<_> = records
+            .iter()
+            .map(|v| (v["customer_id"].as_str().unwrap(), serde_json::to_vec(v).unwrap(), None))
+            .collect();
+        self.send(&self.cfg.topics.grants, &recs);
+    }
+
+    /// Every committed record of `topic` so far: (key, payload, headers).
+    pub fn read_all(&self, topic: &str) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)> {
+        read_all(topic)
+    }
+}
+
+pub fn read_all(topic: &str) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", "drawdown-test-reader")
+        .set("enable.auto.commit", "false")
+        .set("isolation.level", "read_committed")
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let parts = md.topics()[0].partitions().len();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..parts {
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning).unwrap();
+    }
+    c.assign(&tpl).unwrap();
+    let mut eof = 0;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while eof < parts && Instant::now() < deadline {
+        match c.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                let mut h = BTreeMap::new();
+                if let Some(hs) = m.headers() {
+                    for x in hs.iter() {
+                        h.insert(x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned());
+                    }
+                }
+                out.push((
+                    String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
+                    m.payload().unwrap_or_default().to_vec(),
+                    h,
+                ));
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => eof += 1,
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Reads `topic` until `check` holds on its records (30 s at most).
+pub async fn read_until(
+    topic: &str,
+    check: impl Fn(&[(String, Vec<u8>, BTreeMap<String, String>)]) -> bool,
+) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let t = topic.to_string();
+        let recs = tokio::task::spawn_blocking(move || read_all(&t)).await.unwrap();
+        if check(&recs) {
+            return recs;
+        }
+        assert!(Instant::now() < deadline, "{topic}: condition not met; {} records", recs.len());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn grant(customer: &str, id: &str, meter: &str, amount: &str) -> Value {
+    serde_json::json!({"type": "grant", "grant_id": id, "customer_id": customer, "meter": meter, "amount": amount, "kind": "top_up"})
+}
+
+pub fn api_call(customer: &str, id: &str) -> Value {
+    serde_json::json!({"id": id, "customer_id": customer, "name": "api_call", "timestamp": "2026-11-28T12:00:00Z"})
+}
+
+pub fn llm(customer: &str, id: &str, tokens: &str) -> Value {
+    serde_json::json!({"id": id, "customer_id": customer, "name": "llm_completion", "timestamp": 1_764_331_200_000i64,
+        "properties": {"tokens": serde_json::Value::Number(tokens.parse().unwrap()), "model": "small"}})
+}
