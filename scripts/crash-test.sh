@@ -20,9 +20,9 @@ CUSTOMERS="${CUSTOMERS:-1000}"
 KILLS="${KILLS:-10}"
 SEED="${SEED:-42}"
 CONFIG="${DRAWDOWN_CONFIG:-config/drawdown.toml}"
-# A cycle (SIGKILL, the group's session timeout of 10 s, restore, 1-6 s of work) takes ~15 s;
-# the two usage phases together should span about KILLS cycles.
-RATE="${RATE:-$(( EVENTS / (KILLS * 15) > 200 ? EVENTS / (KILLS * 15) : 200 ))}"
+# A cycle (SIGKILL, the group's session timeout of 10 s, restore, 1-6 s of work) takes ~20 s;
+# the two usage phases together should span most of the KILLS cycles.
+RATE="${RATE:-$(( EVENTS / (KILLS * 20) > 200 ? EVENTS / (KILLS * 20) : 200 ))}"
 RUN="crash-$(date +%s)-$$"
 DIR="$(mktemp -d "${TMPDIR:-/tmp}/drawdown-crash.XXXXXX")"
 STATE="$DIR/state"

@@ -154,6 +154,59 @@ enum Topic {
     Changelog,
 }
 
+/// When each owned meter next has a time-driven change (activation or expiry), so the tick
+/// touches only what is due instead of scanning the store.
+#[derive(Default)]
+struct DueIndex {
+    by_time: BTreeSet<(i64, i32, CustomerId, MeterName)>,
+    by_key: HashMap<(i32, CustomerId, MeterName), i64>,
+}
+
+impl DueIndex {
+    fn set(&mut self, p: i32, c: &CustomerId, m: &MeterName, due: Option<i64>) {
+        let key = (p, c.clone(), m.clone());
+        if let Some(old) = self.by_key.remove(&key) {
+            self.by_time.remove(&(old, p, c.clone(), m.clone()));
+        }
+        if let Some(d) = due {
+            self.by_time.insert((d, p, c.clone(), m.clone()));
+            self.by_key.insert(key, d);
+        }
+    }
+
+    /// The customers with something due at `now`, at most `limit` meters' worth.
+    fn due(&self, now: i64, limit: usize) -> Vec<(i32, CustomerId)> {
+        let mut out: Vec<(i32, CustomerId)> = self
+            .by_time
+            .iter()
+            .take_while(|(d, ..)| *d <= now)
+            .take(limit)
+            .map(|(_, p, c, _)| (*p, c.clone()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    fn clear(&mut self) {
+        self.by_time.clear();
+        self.by_key.clear();
+    }
+
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
+/// Work that is not driven by input records.
+#[derive(Default)]
+struct Housekeeping {
+    /// Customers with grants to activate or expire now.
+    ticks: Vec<(i32, CustomerId)>,
+    /// Event records older than the dedupe window, to forget.
+    forget: Vec<Vec<u8>>,
+}
+
 /// The exactly-once pipeline of one instance.
 pub struct Pipeline {
     cfg: Arc<Config>,
@@ -267,6 +320,11 @@ impl Pipeline {
         self.status.set_owned(owned.clone());
         let interval = self.cfg.pipeline.commit_interval;
         let max_batch = self.cfg.pipeline.max_batch;
+        let tick_interval = self.cfg.pipeline.tick_interval;
+        let purge_interval = (self.cfg.pipeline.dedupe_window / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        let mut due = DueIndex::default();
+        let mut last_tick = Instant::now();
+        let mut last_purge = Instant::now();
         tracing::info!(group = %self.cfg.kafka.group_id, "pipeline started");
         loop {
             if self.shutdown.is_triggered() {
@@ -310,6 +368,7 @@ impl Pipeline {
                     match ev {
                         RebalanceEvent::Revoke => {
                             owned.clear();
+                            due.clear();
                             self.status.set_ready(false);
                         }
                         RebalanceEvent::Assign(parts) => {
@@ -319,6 +378,9 @@ impl Pipeline {
                             metrics::gauge!(m::RESTORING_PARTITIONS).set(fresh.len() as f64);
                             for p in fresh {
                                 restore_partition(&c.restorer, &self.store, &changelog, p)?;
+                                for (d, customer, meter) in self.store.due_meters(p)? {
+                                    due.set(p, &customer, &meter, Some(d));
+                                }
                                 self.status.restoring.fetch_sub(1, Ordering::AcqRel);
                                 metrics::gauge!(m::RESTORING_PARTITIONS).decrement(1.0);
                             }
@@ -330,21 +392,38 @@ impl Pipeline {
                 self.status.set_ready(!owned.is_empty());
                 continue;
             }
-            if batch.is_empty() {
+            let mut chores = Housekeeping::default();
+            if last_tick.elapsed() >= tick_interval {
+                last_tick = Instant::now();
+                chores.ticks = due.due(now_ms(), 10_000);
+            }
+            if last_purge.elapsed() >= purge_interval {
+                last_purge = Instant::now();
+                let cutoff = now_ms() - self.cfg.pipeline.dedupe_window.as_millis() as i64;
+                for p in &owned {
+                    chores.forget.extend(self.store.expired_events(*p, cutoff, 10_000)?);
+                }
+                if !chores.forget.is_empty() {
+                    tracing::info!(records = chores.forget.len(), "forgetting usage ids older than the dedupe window");
+                }
+            }
+            if batch.is_empty() && chores.ticks.is_empty() && chores.forget.is_empty() {
                 continue;
             }
-            self.process(&c, batch)?;
+            self.process(&c, batch, chores, &mut due)?;
         }
     }
 
     /// Folds a batch, commits it in one transaction, then writes the store.
     #[tracing::instrument(skip_all, fields(records = batch.len()))]
-    fn process(&self, c: &Clients, batch: Vec<Rec>) -> Result<(), PipelineError> {
+    fn process(&self, c: &Clients, batch: Vec<Rec>, chores: Housekeeping, due: &mut DueIndex) -> Result<(), PipelineError> {
         let started = Instant::now();
         let now = now_ms();
         let format = self.cfg.pipeline.output_format;
         let mut outs: Vec<Out> = Vec::with_capacity(batch.len() * 3);
-        let mut mutations: Vec<Mutation> = Vec::new();
+        // Forgotten ids first, so anything this batch writes wins.
+        let mut mutations: Vec<Mutation> = chores.forget.into_iter().map(|k| (k, None)).collect();
+        let mut due_updates: Vec<(i32, CustomerId, MeterName, Option<i64>)> = Vec::new();
         // Next offsets to commit per (usage?, partition).
         let mut offsets: BTreeMap<(bool, i32), i64> = BTreeMap::new();
         // Decode, then group by (partition, customer), keeping order.
@@ -375,6 +454,12 @@ impl Pipeline {
                 Err(e) => outs.push(self.dead_letter(r, "decode", &e.to_string(), e.reason())),
             }
         }
+        for k in chores.ticks {
+            if !index.contains_key(&k) {
+                index.insert(k.clone(), groups.len());
+                groups.push((k, Vec::new()));
+            }
+        }
         let history_len = self.cfg.pipeline.history_len as u64;
         let mut results: Vec<Output> = Vec::new();
         for ((p, customer), inputs) in groups {
@@ -383,6 +468,8 @@ impl Pipeline {
                 input.refs(&mut refs);
             }
             let mut book: Book = self.store.load_book(p, &customer, &self.meter_names, &refs)?;
+            // Time first: what expired or became active by now, for every meter of the customer.
+            self.ledger.advance(&mut book, now, &mut results);
             for (i, input) in &inputs {
                 let r = &batch[*i];
                 match self.ledger.apply(&mut book, input, now, &mut results) {
@@ -426,10 +513,11 @@ impl Pipeline {
             }
             for d in book.take_dirty() {
                 let (key, value) = match &d {
-                    Dirty::Meter(name) => (
-                        store::meter_key(p, &customer, name),
-                        book.meters.get(name).map(store::encode),
-                    ),
+                    Dirty::Meter(name) => {
+                        let state = book.meters.get(name);
+                        due_updates.push((p, customer.clone(), name.clone(), state.and_then(|s| s.next_due())));
+                        (store::meter_key(p, &customer, name), state.map(store::encode))
+                    }
                     Dirty::Event(id) => (
                         store::event_key(p, &customer, id.as_str()),
                         book.events.get(id).and_then(|r| r.as_ref()).map(store::encode),
@@ -449,6 +537,9 @@ impl Pipeline {
         }
         let checkpoints = self.transact(c, &outs, &offsets)?;
         self.store.write(&mutations, &checkpoints)?;
+        for (p, customer, meter, d) in due_updates {
+            due.set(p, &customer, &meter, d);
+        }
         let elapsed = started.elapsed().as_secs_f64();
         metrics::histogram!(m::TXN_COMMIT_SECONDS).record(elapsed);
         metrics::histogram!(m::BATCH_RECORDS).record(batch.len() as f64);
@@ -483,7 +574,7 @@ impl Pipeline {
                 // counted per reason in dead_letter
             }
         }
-        tracing::debug!(records = batch.len(), outputs = outs.len(), secs = elapsed, "batch committed");
+        tracing::debug!(records = batch.len(), outputs = outs.len(), secs = elapsed, due = due.len(), "batch committed");
         Ok(())
     }
 
@@ -549,11 +640,13 @@ impl Pipeline {
                 let topic = if *usage { &t.usage } else { &t.grants };
                 tpl.add_partition_offset(topic, *p, Offset::Offset(*off))?;
             }
-            let meta = c
-                .consumer
-                .group_metadata()
-                .ok_or_else(|| PipelineError::Delivery("no consumer group metadata".into()))?;
-            c.producer.send_offsets_to_transaction(&tpl, &meta, Duration::from_secs(30))?;
+            if tpl.count() > 0 {
+                let meta = c
+                    .consumer
+                    .group_metadata()
+                    .ok_or_else(|| PipelineError::Delivery("no consumer group metadata".into()))?;
+                c.producer.send_offsets_to_transaction(&tpl, &meta, Duration::from_secs(30))?;
+            }
             c.producer.commit_transaction(Duration::from_secs(60))?;
             Ok(())
         })();

@@ -2141,7 +2141,7 @@ proptest! {
     /// state untouched on rejected or replayed inputs, and does not depend on batching.
     #[test]
     fn ledger_matches_the_reference_model(
-        ops in prop::collection::vec(op(), 1..48),
+        ops in prop::collection::vec(op(), 1..64),
         cuts in prop::collection::vec(any::<usize>(), 0..4),
     ) {
         let ledger = Ledger::new(meters());

@@ -286,6 +286,51 @@ impl Store {
         Ok(all)
     }
 
+    /// Every meter projection of partition `p` with a time-driven change pending: (due, customer,
+    /// meter). Used to rebuild the tick index after a restore.
+    pub fn due_meters(&self, p: i32) -> Result<Vec<(i64, CustomerId, MeterName)>, StoreError> {
+        let mut pre = vec![b'S'];
+        pre.extend_from_slice(&(p as u16).to_be_bytes());
+        pre.push(KIND_METER);
+        let mut out = Vec::new();
+        for item in self.db.iterator(IteratorMode::From(&pre, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(&pre) {
+                break;
+            }
+            let state: MeterState = decode(&k, &v)?;
+            let Some(due) = state.next_due() else { continue };
+            let rest = &k[pre.len()..];
+            let Some(nul) = rest.iter().position(|b| *b == 0) else { continue };
+            let customer = CustomerId::parse(String::from_utf8_lossy(&rest[..nul]).into_owned());
+            let meter = MeterName::parse(String::from_utf8_lossy(&rest[nul + 1..]).into_owned());
+            if let (Ok(c), Ok(m)) = (customer, meter) {
+                out.push((due, c, m));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Keys of event records of partition `p` applied before `cutoff` (ms), at most `limit`:
+    /// usage ids older than the dedupe window, to be forgotten.
+    pub fn expired_events(&self, p: i32, cutoff: i64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut pre = vec![b'S'];
+        pre.extend_from_slice(&(p as u16).to_be_bytes());
+        pre.push(KIND_EVENT);
+        let mut out = Vec::new();
+        for item in self.db.iterator(IteratorMode::From(&pre, Direction::Forward)) {
+            let (k, v) = item?;
+            if !k.starts_with(&pre) || out.len() >= limit {
+                break;
+            }
+            let rec: EventRecord = decode(&k, &v)?;
+            if rec.at < cutoff {
+                out.push(k.to_vec());
+            }
+        }
+        Ok(out)
+    }
+
     /// Approximate size of the live data, bytes (for metrics).
     pub fn live_data_size(&self) -> u64 {
         self.db.property_int_value("rocksdb.estimate-live-data-size").ok().flatten().unwrap_or(0)
