@@ -22,7 +22,9 @@
 //!   pipeline calls it before each input and on a periodic tick.
 //! - **Voids**: `VoidUsage` returns what the event drew to the grants it drew from when they are
 //!   still active (else as a non-expiring adjustment), repays the debt it made, and takes back its
-//!   blocked units. `VoidGrant` removes a grant's remainder (active or pending). Voiding an unknown
+//!   blocked units. A grant drained to 0 is still active until it expires, its cycle ends (with
+//!   nothing carried over) or it is voided; a meter keeps at most [`MAX_DRAINED`] drained grants
+//!   (the oldest go first), so a void after that returns the units as an adjustment. `VoidGrant` removes a grant's remainder (active or pending). Voiding an unknown
 //!   id or voiding twice is rejected and changes nothing.
 //! - **Idempotency**: an event id or grant id already recorded is a duplicate and changes nothing.
 //! - **Bookkeeping**: `balance = credited - consumed - expired + voided`, where `credited` is net
@@ -38,8 +40,9 @@
 //!
 //! A meter that was never funded is not "exhausted" (it never crossed from > 0); its status still
 //! reads `exhausted` while its balance is <= 0. A cycle's end and the grant opening the next cycle
-//! are two changes but one crossing (from the balance before the end to the one after the grant). Every change of a (customer, meter) projection
-//! increments its `version` by one and emits exactly one [`BalanceChanged`].
+//! are two changes but one crossing (from the balance before the end to the one after the grant).
+//! Every change of a (customer, meter) projection increments its `version` by one and emits
+//! exactly one [`BalanceChanged`].
 
 mod meter;
 mod types;
@@ -255,6 +258,9 @@ impl GrantSlot {
     }
 }
 
+/// The most drained (remainder 0) grants a meter keeps; see [`MeterState::prune_drained`].
+pub const MAX_DRAINED: usize = 16;
+
 /// Status of a meter, for the API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -326,6 +332,25 @@ impl MeterState {
                 .cmp(&a.active)
                 .then_with(|| a.order_key().cmp(&b.order_key()))
         });
+    }
+
+    /// Drained grants stay active (a void gives units back to them) until they expire, their
+    /// cycle ends or they are voided; beyond [`MAX_DRAINED`] drained grants, the oldest drained
+    /// ones are dropped so the projection stays bounded.
+    fn prune_drained(&mut self) {
+        let drained = self.grants.iter().filter(|g| g.active && g.remaining.is_zero()).count();
+        if drained <= MAX_DRAINED {
+            return;
+        }
+        let mut by_age: Vec<(i64, GrantId)> = self
+            .grants
+            .iter()
+            .filter(|g| g.active && g.remaining.is_zero())
+            .map(|g| (g.effective_at, g.id.clone()))
+            .collect();
+        by_age.sort();
+        let drop: BTreeSet<GrantId> = by_age.into_iter().take(drained - MAX_DRAINED).map(|(_, id)| id).collect();
+        self.grants.retain(|g| !drop.contains(&g.id));
     }
 
     /// The earliest time at which [`Ledger::advance`] would change this meter.
@@ -741,7 +766,7 @@ impl Ledger {
                     drawn.push((g.id.clone(), take));
                 }
             }
-            state.grants.retain(|g| !(g.active && g.remaining.is_zero()));
+            state.prune_drained();
             let (debt, blocked) = match def.on_exhausted {
                 OnExhausted::Overage => {
                     state.debt += left;
@@ -961,7 +986,9 @@ fn activate(
             g.remaining = keep;
             g.cycle_ended = true;
         }
-        state.grants.retain(|g| !(g.active && g.remaining.is_zero()));
+        // An ended cycle grant with nothing carried over is gone; one that carries credits stays
+        // active (drained or not) until its own expiry.
+        state.grants.retain(|g| !(g.cycle_ended && g.remaining.is_zero()));
         state.cycle_credited = Decimal::ZERO;
         if forfeited > Decimal::ZERO {
             state.expired += forfeited;
