@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/drawdown/target
 KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 
-.PHONY: all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: ops-check promql-check all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -38,6 +38,16 @@ crash-test: build kafka-start
 ## 1M events end to end (generator -> broker -> drawdown -> outputs committed).
 throughput: build kafka-start
 	scripts/throughput.sh
+
+## Alert rules, their unit tests and the Prometheus config (Debian package `prometheus`).
+ops-check:
+	promtool check rules deploy/prometheus/alerts.yml
+	promtool test rules deploy/prometheus/alerts_test.yml
+	promtool check config deploy/prometheus/prometheus.yml
+
+## Prometheus scraping drawdown under load: every dashboard and alert query evaluated (~1 min).
+promql-check: build kafka-start
+	scripts/promql-check.sh
 
 lint:
 	cargo fmt --check

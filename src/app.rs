@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
+use crate::kafka::lag::LagMonitor;
 use crate::kafka::{admin, Pipeline, PipelineStatus, Shutdown};
 use crate::ledger::Ledger;
 use crate::store::Store;
@@ -35,7 +36,9 @@ impl Application {
     /// Creates missing topics, checks co-partitioning, opens the store, binds the API port.
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let meters = cfg.meter_set().context("meters")?;
-        let partitions = admin::ensure_topics(&cfg).await.context("preparing topics")?;
+        let partitions = admin::ensure_topics(&cfg)
+            .await
+            .context("preparing topics")?;
         std::fs::create_dir_all(&cfg.store.path)
             .with_context(|| format!("creating {}", cfg.store.path.display()))?;
         let store = Store::open(&cfg.store).context("opening the store")?;
@@ -91,13 +94,33 @@ impl Application {
             partitions: self.partitions,
             meters: self.ledger.meters().clone(),
         };
-        let store = self.store.clone();
+        let (store, status) = (self.store.clone(), self.status.clone());
         let gauges = tokio::spawn(async move {
-            loop {
-                metrics::gauge!(crate::metrics::STORE_LIVE_BYTES).set(store.live_data_size() as f64);
+            for tick in 0u64.. {
+                let (store, status) = (store.clone(), status.clone());
+                // RocksDB reads block: off the async workers. The meter scan every third tick.
+                let _ = tokio::task::spawn_blocking(move || {
+                    store_gauges(&store, &status, tick % 3 == 0)
+                })
+                .await;
                 tokio::time::sleep(Duration::from_secs(10)).await;
             }
         });
+        let lag = match LagMonitor::new(&self.cfg, self.partitions) {
+            Ok(monitor) => {
+                let shutdown = self.shutdown.clone();
+                let span = tracing::Span::current();
+                let thread = std::thread::Builder::new()
+                    .name("consumer-lag".into())
+                    .spawn(move || span.in_scope(|| monitor.run(Duration::from_secs(5), shutdown)))
+                    .context("spawning the lag thread")?;
+                Some(thread)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "no consumer lag metrics: the lag consumer cannot be created");
+                None
+            }
+        };
         let shutdown = self.shutdown.clone();
         let stopped = async move {
             while !shutdown.is_triggered() {
@@ -114,6 +137,52 @@ impl Application {
             .await
             .context("joining the pipeline")?
             .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
+        if let Some(lag) = lag {
+            tokio::task::spawn_blocking(move || lag.join())
+                .await
+                .context("joining the lag thread")?
+                .map_err(|_| anyhow::anyhow!("the lag thread panicked"))?;
+        }
         Ok(())
+    }
+}
+
+/// Sets the store gauges from RocksDB's properties and, if `count`, recounts the meters and
+/// customers of the owned partitions (a key scan). Blocking.
+fn store_gauges(store: &Store, status: &PipelineStatus, count: bool) {
+    use crate::metrics as m;
+    let props = [
+        (m::STORE_LIVE_BYTES, "rocksdb.estimate-live-data-size"),
+        (m::STORE_KEYS, "rocksdb.estimate-num-keys"),
+        (m::STORE_SST_BYTES, "rocksdb.total-sst-files-size"),
+        (m::STORE_MEMTABLE_BYTES, "rocksdb.cur-size-all-mem-tables"),
+        (m::STORE_BLOCK_CACHE_USAGE, "rocksdb.block-cache-usage"),
+        (
+            m::STORE_BLOCK_CACHE_CAPACITY,
+            "rocksdb.block-cache-capacity",
+        ),
+        (
+            m::STORE_PENDING_COMPACTION,
+            "rocksdb.estimate-pending-compaction-bytes",
+        ),
+    ];
+    for (metric, property) in props {
+        if let Some(v) = store.property_int(property) {
+            metrics::gauge!(metric).set(v as f64);
+        }
+    }
+    if count {
+        let (mut customers, mut meters) = (0, 0);
+        for p in status.owned() {
+            match store.count_meters(p) {
+                Ok((c, n)) => (customers, meters) = (customers + c, meters + n),
+                Err(e) => {
+                    tracing::warn!(error = %e, partition = p, "counting meters failed");
+                    return;
+                }
+            }
+        }
+        metrics::gauge!(m::STORE_CUSTOMERS).set(customers as f64);
+        metrics::gauge!(m::STORE_METERS).set(meters as f64);
     }
 }

@@ -2,13 +2,18 @@
 //!
 //! Reads come from RocksDB, which holds only committed state (it is written after each
 //! transaction commits), so an answer never shows an uncommitted change. Errors are one JSON
-//! shape: `{"error": {"code": "...", "message": "..."}}`.
+//! shape, `{"error": {"code": "...", "message": "..."}}`, for every failure: handlers, malformed
+//! paths and queries, unknown routes and wrong methods alike.
+//!
+//! The reference is the OpenAPI 3.1 document `docs/openapi.json`, compiled in and served at
+//! `GET /openapi.json`; `tests/ops.rs` checks live responses against it.
 
 use std::sync::Arc;
 use std::time::Instant;
 
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -46,9 +51,24 @@ pub enum ApiError {
     /// A malformed path or query.
     #[error("{0}")]
     BadRequest(String),
+    /// The route exists, the method does not.
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(r: PathRejection) -> Self {
+        ApiError::BadRequest(r.body_text())
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(r: QueryRejection) -> Self {
+        ApiError::BadRequest(r.body_text())
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -56,12 +76,17 @@ impl IntoResponse for ApiError {
         let (status, code) = match &self {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (status, Json(json!({"error": {"code": code, "message": self.to_string()}}))).into_response()
+        (
+            status,
+            Json(json!({"error": {"code": code, "message": self.to_string()}})),
+        )
+            .into_response()
     }
 }
 
@@ -133,17 +158,62 @@ pub struct MeterDetail {
     pub recent_events: Vec<BalanceChanged>,
 }
 
+/// The routes, as matched (and as the `route` label of the HTTP metrics).
+pub mod routes {
+    /// Every meter of a customer.
+    pub const STATE: &str = "/v1/customers/{id}/state";
+    /// One meter with its grants and latest movements.
+    pub const METER: &str = "/v1/customers/{id}/meters/{meter}";
+    /// A meter's movements, paginated.
+    pub const EVENTS: &str = "/v1/customers/{id}/meters/{meter}/events";
+    /// Liveness.
+    pub const HEALTHZ: &str = "/healthz";
+    /// Readiness (restored and consuming).
+    pub const READYZ: &str = "/readyz";
+    /// Prometheus metrics.
+    pub const METRICS: &str = "/metrics";
+    /// This API's OpenAPI document.
+    pub const OPENAPI: &str = "/openapi.json";
+    /// All of them.
+    pub const ALL: [&str; 7] = [STATE, METER, EVENTS, HEALTHZ, READYZ, METRICS, OPENAPI];
+}
+
+/// The OpenAPI 3.1 document of this API (`docs/openapi.json`).
+pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
+
 /// The router.
 pub fn router(state: ApiState) -> Router {
+    crate::metrics::zero_initialise_http(&routes::ALL);
     Router::new()
-        .route("/v1/customers/{id}/state", get(customer_state))
-        .route("/v1/customers/{id}/meters/{meter}", get(meter_detail))
-        .route("/v1/customers/{id}/meters/{meter}/events", get(meter_events))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(|State(s): State<ApiState>| async move { s.metrics.render() }))
+        .route(routes::STATE, get(customer_state))
+        .route(routes::METER, get(meter_detail))
+        .route(routes::EVENTS, get(meter_events))
+        .route(
+            routes::HEALTHZ,
+            get(|| async { Json(json!({"status": "ok"})) }),
+        )
+        .route(routes::READYZ, get(readyz))
+        .route(routes::METRICS, get(metrics))
+        .route(
+            routes::OPENAPI,
+            get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON) }),
+        )
+        .fallback(|req: Request| async move {
+            ApiError::NotFound(format!("no route for {}", req.uri().path()))
+        })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn(track))
         .with_state(state)
+}
+
+async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
 }
 
 async fn track(req: Request, next: Next) -> Response {
@@ -155,8 +225,10 @@ async fn track(req: Request, next: Next) -> Response {
     let start = Instant::now();
     let resp = next.run(req).await;
     let status = resp.status().as_u16().to_string();
-    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status).increment(1);
-    metrics::histogram!(crate::metrics::HTTP_SECONDS, "route" => route).record(start.elapsed().as_secs_f64());
+    metrics::counter!(crate::metrics::HTTP_REQUESTS, "route" => route.clone(), "status" => status)
+        .increment(1);
+    metrics::histogram!(crate::metrics::HTTP_SECONDS, "route" => route)
+        .record(start.elapsed().as_secs_f64());
     resp
 }
 
@@ -170,7 +242,12 @@ async fn readyz(State(s): State<ApiState>) -> Response {
     if ready {
         (StatusCode::OK, body).into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], body).into_response()
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "1")],
+            body,
+        )
+            .into_response()
     }
 }
 
@@ -181,21 +258,34 @@ fn customer(id: &str) -> Result<CustomerId, ApiError> {
 /// The partitions to look in for a customer: murmur2's first, then the others.
 fn partitions_for(s: &ApiState, c: &CustomerId) -> Vec<i32> {
     let first = partition_for(c.as_str().as_bytes(), s.partitions);
-    std::iter::once(first).chain((0..s.partitions).filter(|p| *p != first)).collect()
+    std::iter::once(first)
+        .chain((0..s.partitions).filter(|p| *p != first))
+        .collect()
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, ApiError> + Send + 'static) -> Result<T, ApiError> {
-    tokio::task::spawn_blocking(f).await.expect("store task panicked")
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("store task panicked")
 }
 
-async fn customer_state(State(s): State<ApiState>, Path(id): Path<String>) -> Result<Json<CustomerState>, ApiError> {
+async fn customer_state(
+    State(s): State<ApiState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<CustomerState>, ApiError> {
+    let Path(id) = path?;
     let c = customer(&id)?;
     blocking(move || {
         for p in partitions_for(&s, &c) {
             let meters = s.store.meters(p, &c)?;
             if !meters.is_empty() {
                 let meters = meters.iter().map(|(n, m)| MeterView::new(n, m)).collect();
-                return Ok(Json(CustomerState { customer_id: c.to_string(), meters }));
+                return Ok(Json(CustomerState {
+                    customer_id: c.to_string(),
+                    meters,
+                }));
             }
         }
         Err(ApiError::NotFound(format!("customer {c} has no meters")))
@@ -203,23 +293,32 @@ async fn customer_state(State(s): State<ApiState>, Path(id): Path<String>) -> Re
     .await
 }
 
-fn find_meter(s: &ApiState, c: &CustomerId, meter: &str) -> Result<(i32, MeterName, MeterState), ApiError> {
+fn find_meter(
+    s: &ApiState,
+    c: &CustomerId,
+    meter: &str,
+) -> Result<(i32, MeterName, MeterState), ApiError> {
     let name = MeterName::parse(meter).map_err(|e| ApiError::BadRequest(e.to_string()))?;
     if s.meters.get(&name).is_none() {
-        return Err(ApiError::NotFound(format!("meter {name} is not configured")));
+        return Err(ApiError::NotFound(format!(
+            "meter {name} is not configured"
+        )));
     }
     for p in partitions_for(s, c) {
         if let Some(m) = s.store.meter(p, c, &name)? {
             return Ok((p, name, m));
         }
     }
-    Err(ApiError::NotFound(format!("customer {c} has no meter {name}")))
+    Err(ApiError::NotFound(format!(
+        "customer {c} has no meter {name}"
+    )))
 }
 
 async fn meter_detail(
     State(s): State<ApiState>,
-    Path((id, meter)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Json<MeterDetail>, ApiError> {
+    let Path((id, meter)) = path?;
     let c = customer(&id)?;
     blocking(move || {
         let (p, name, m) = find_meter(&s, &c, &meter)?;
@@ -243,11 +342,25 @@ pub struct Page {
     pub limit: Option<usize>,
 }
 
+/// `GET /v1/customers/{id}/meters/{meter}/events`: one page of movements, newest first.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MeterEvents {
+    /// The customer.
+    pub customer_id: String,
+    /// The meter.
+    pub meter: String,
+    /// The movements of this page, newest first.
+    pub events: Vec<BalanceChanged>,
+    /// The `cursor` of the next (older) page; `null` on the last page.
+    pub next_cursor: Option<String>,
+}
+
 async fn meter_events(
     State(s): State<ApiState>,
-    Path((id, meter)): Path<(String, String)>,
-    Query(q): Query<Page>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<Page>, QueryRejection>,
+) -> Result<Json<MeterEvents>, ApiError> {
+    let (Path((id, meter)), Query(q)) = (path?, query?);
     let c = customer(&id)?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=500).contains(&limit) {
@@ -255,13 +368,50 @@ async fn meter_events(
     }
     let before = q
         .cursor
-        .map(|c| c.parse::<u64>().map_err(|_| ApiError::BadRequest("invalid cursor".into())))
+        .map(|c| {
+            c.parse::<u64>()
+                .map_err(|_| ApiError::BadRequest("invalid cursor".into()))
+        })
         .transpose()?;
     blocking(move || {
         let (p, name, _) = find_meter(&s, &c, &meter)?;
         let events = s.store.history(p, &c, &name, before, limit)?;
-        let next = if events.len() == limit { events.last().map(|e| e.version.to_string()) } else { None };
-        Ok(Json(json!({"customer_id": c, "meter": name, "events": events, "next_cursor": next})))
+        let next_cursor = if events.len() == limit {
+            events.last().map(|e| e.version.to_string())
+        } else {
+            None
+        };
+        Ok(Json(MeterEvents {
+            customer_id: c.to_string(),
+            meter: name.to_string(),
+            events,
+            next_cursor,
+        }))
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_openapi_document_describes_exactly_the_routes() {
+        let doc: serde_json::Value =
+            serde_json::from_str(OPENAPI_JSON).expect("docs/openapi.json is JSON");
+        assert!(
+            doc["openapi"].as_str().unwrap().starts_with("3."),
+            "an OpenAPI 3 document"
+        );
+        let mut documented: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        let mut served = routes::ALL.to_vec();
+        documented.sort_unstable();
+        served.sort_unstable();
+        assert_eq!(documented, served);
+    }
 }

@@ -29,6 +29,7 @@
 //! records is processed, from the poll loop, never inside the rebalance callback.
 
 pub mod admin;
+pub mod lag;
 mod pipeline;
 mod restore;
 

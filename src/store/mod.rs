@@ -22,11 +22,16 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use rocksdb::{Cache, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager, WriteOptions, DB};
+use rocksdb::{
+    Cache, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager,
+    WriteOptions, DB,
+};
 use serde::de::DeserializeOwned;
 
 use crate::config::StoreConfig;
-use crate::ledger::{BalanceChanged, Book, CustomerId, EventRecord, GrantRecord, MeterName, MeterState, Refs};
+use crate::ledger::{
+    BalanceChanged, Book, CustomerId, EventRecord, GrantRecord, MeterName, MeterState, Refs,
+};
 
 /// Store failures.
 #[derive(Debug, thiserror::Error)]
@@ -139,9 +144,17 @@ impl Store {
     }
 
     /// Opens (creating) the store at `path`.
-    pub fn open_path(path: &Path, block_cache_mb: usize, write_buffer_mb: usize) -> Result<Self, StoreError> {
+    pub fn open_path(
+        path: &Path,
+        block_cache_mb: usize,
+        write_buffer_mb: usize,
+    ) -> Result<Self, StoreError> {
         let cache = Cache::new_lru_cache(block_cache_mb.max(8) << 20);
-        let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(write_buffer_mb.max(8) << 20, true, cache.clone());
+        let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
+            write_buffer_mb.max(8) << 20,
+            true,
+            cache.clone(),
+        );
         let mut block = rocksdb::BlockBasedOptions::default();
         block.set_block_cache(&cache);
         block.set_bloom_filter(10.0, false);
@@ -167,7 +180,11 @@ impl Store {
     }
 
     /// Writes `mutations` and the checkpoints atomically (WAL off: the changelog is the log).
-    pub fn write(&self, mutations: &[Mutation], checkpoints: &[(i32, i64)]) -> Result<(), StoreError> {
+    pub fn write(
+        &self,
+        mutations: &[Mutation],
+        checkpoints: &[(i32, i64)],
+    ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         for (k, v) in mutations {
             match v {
@@ -212,15 +229,24 @@ impl Store {
         refs: &Refs,
     ) -> Result<Book, StoreError> {
         let mut keys: Vec<Vec<u8>> = meters.iter().map(|m| meter_key(p, customer, m)).collect();
-        keys.extend(refs.events.iter().map(|e| event_key(p, customer, e.as_str())));
-        keys.extend(refs.grants.iter().map(|g| grant_key(p, customer, g.as_str())));
+        keys.extend(
+            refs.events
+                .iter()
+                .map(|e| event_key(p, customer, e.as_str())),
+        );
+        keys.extend(
+            refs.grants
+                .iter()
+                .map(|g| grant_key(p, customer, g.as_str())),
+        );
         let values = self.db.multi_get(&keys);
         let mut book = Book::new(customer.clone());
         for (i, (k, v)) in keys.iter().zip(values).enumerate() {
             let v = v?;
             if i < meters.len() {
                 if let Some(v) = v {
-                    book.meters.insert(meters[i].clone(), decode::<MeterState>(k, &v)?);
+                    book.meters
+                        .insert(meters[i].clone(), decode::<MeterState>(k, &v)?);
                 }
             } else if i < meters.len() + refs.events.len() {
                 let id = refs.events[i - meters.len()].clone();
@@ -236,18 +262,30 @@ impl Store {
     }
 
     /// One meter's projection.
-    pub fn meter(&self, p: i32, customer: &CustomerId, meter: &MeterName) -> Result<Option<MeterState>, StoreError> {
+    pub fn meter(
+        &self,
+        p: i32,
+        customer: &CustomerId,
+        meter: &MeterName,
+    ) -> Result<Option<MeterState>, StoreError> {
         let k = meter_key(p, customer, meter);
         self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
     }
 
     /// All meter projections of a customer in partition `p`.
-    pub fn meters(&self, p: i32, customer: &CustomerId) -> Result<BTreeMap<MeterName, MeterState>, StoreError> {
+    pub fn meters(
+        &self,
+        p: i32,
+        customer: &CustomerId,
+    ) -> Result<BTreeMap<MeterName, MeterState>, StoreError> {
         let pre = prefix(p, KIND_METER, customer);
         let mut out = BTreeMap::new();
         let mut ro = ReadOptions::default();
         ro.set_prefix_same_as_start(false);
-        for item in self.db.iterator_opt(IteratorMode::From(&pre, Direction::Forward), ro) {
+        for item in self
+            .db
+            .iterator_opt(IteratorMode::From(&pre, Direction::Forward), ro)
+        {
             let (k, v) = item?;
             if !k.starts_with(&pre) {
                 break;
@@ -271,7 +309,10 @@ impl Store {
     ) -> Result<Vec<BalanceChanged>, StoreError> {
         let pre = history_prefix(p, customer, meter);
         let mut all = Vec::new();
-        for item in self.db.iterator(IteratorMode::From(&pre, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&pre, Direction::Forward))
+        {
             let (k, v) = item?;
             if !k.starts_with(&pre) {
                 break;
@@ -281,7 +322,7 @@ impl Store {
                 all.push(c);
             }
         }
-        all.sort_by(|a, b| b.version.cmp(&a.version));
+        all.sort_by_key(|c| std::cmp::Reverse(c.version));
         all.truncate(limit);
         Ok(all)
     }
@@ -293,15 +334,22 @@ impl Store {
         pre.extend_from_slice(&(p as u16).to_be_bytes());
         pre.push(KIND_METER);
         let mut out = Vec::new();
-        for item in self.db.iterator(IteratorMode::From(&pre, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&pre, Direction::Forward))
+        {
             let (k, v) = item?;
             if !k.starts_with(&pre) {
                 break;
             }
             let state: MeterState = decode(&k, &v)?;
-            let Some(due) = state.next_due() else { continue };
+            let Some(due) = state.next_due() else {
+                continue;
+            };
             let rest = &k[pre.len()..];
-            let Some(nul) = rest.iter().position(|b| *b == 0) else { continue };
+            let Some(nul) = rest.iter().position(|b| *b == 0) else {
+                continue;
+            };
             let customer = CustomerId::parse(String::from_utf8_lossy(&rest[..nul]).into_owned());
             let meter = MeterName::parse(String::from_utf8_lossy(&rest[nul + 1..]).into_owned());
             if let (Ok(c), Ok(m)) = (customer, meter) {
@@ -313,12 +361,20 @@ impl Store {
 
     /// Keys of event records of partition `p` applied before `cutoff` (ms), at most `limit`:
     /// usage ids older than the dedupe window, to be forgotten.
-    pub fn expired_events(&self, p: i32, cutoff: i64, limit: usize) -> Result<Vec<Vec<u8>>, StoreError> {
+    pub fn expired_events(
+        &self,
+        p: i32,
+        cutoff: i64,
+        limit: usize,
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut pre = vec![b'S'];
         pre.extend_from_slice(&(p as u16).to_be_bytes());
         pre.push(KIND_EVENT);
         let mut out = Vec::new();
-        for item in self.db.iterator(IteratorMode::From(&pre, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(&pre, Direction::Forward))
+        {
             let (k, v) = item?;
             if !k.starts_with(&pre) || out.len() >= limit {
                 break;
@@ -333,7 +389,44 @@ impl Store {
 
     /// Approximate size of the live data, bytes (for metrics).
     pub fn live_data_size(&self) -> u64 {
-        self.db.property_int_value("rocksdb.estimate-live-data-size").ok().flatten().unwrap_or(0)
+        self.property_int("rocksdb.estimate-live-data-size")
+            .unwrap_or(0)
+    }
+
+    /// An integer RocksDB property (e.g. `rocksdb.block-cache-usage`), if RocksDB knows it.
+    pub fn property_int(&self, name: &str) -> Option<u64> {
+        self.db.property_int_value(name).ok().flatten()
+    }
+
+    /// Counts the meter projections of partition `p` and the distinct customers they belong to:
+    /// `(customers, meters)`. A key-only walk of the partition's meter range that bypasses the
+    /// block cache; for metrics, so run it rarely and off the async runtime.
+    pub fn count_meters(&self, p: i32) -> Result<(u64, u64), StoreError> {
+        let mut pre = vec![b'S'];
+        pre.extend_from_slice(&(p as u16).to_be_bytes());
+        pre.push(KIND_METER);
+        let mut ro = ReadOptions::default();
+        ro.fill_cache(false);
+        let mut it = self.db.raw_iterator_opt(ro);
+        it.seek(&pre);
+        let (mut customers, mut meters) = (0u64, 0u64);
+        let mut last: Vec<u8> = Vec::new();
+        while let Some(k) = it.key() {
+            if !k.starts_with(&pre) {
+                break;
+            }
+            // Keys sort by customer, so a customer's meters are adjacent.
+            let rest = &k[pre.len()..];
+            let customer = &rest[..rest.iter().position(|b| *b == 0).unwrap_or(rest.len())];
+            if meters == 0 || customer != last.as_slice() {
+                customers += 1;
+                last = customer.to_vec();
+            }
+            meters += 1;
+            it.next();
+        }
+        it.status()?;
+        Ok((customers, meters))
     }
 }
 
@@ -348,17 +441,54 @@ mod tests {
         let s = Store::open_path(dir.path(), 8, 8).unwrap();
         let c = CustomerId::parse("c1").unwrap();
         let m = MeterName::parse("api").unwrap();
-        let st = MeterState { version: 3, ..Default::default() };
-        s.write(&[(meter_key(2, &c, &m), Some(encode(&st)))], &[(2, 42)]).unwrap();
+        let st = MeterState {
+            version: 3,
+            ..Default::default()
+        };
+        s.write(&[(meter_key(2, &c, &m), Some(encode(&st)))], &[(2, 42)])
+            .unwrap();
         assert_eq!(s.checkpoint(2).unwrap(), Some(42));
         assert_eq!(s.checkpoint(3).unwrap(), None);
-        let refs = Refs { events: vec![EventId::parse("e").unwrap()], grants: vec![] };
-        let b = s.load_book(2, &c, &[m.clone()], &refs).unwrap();
+        let refs = Refs {
+            events: vec![EventId::parse("e").unwrap()],
+            grants: vec![],
+        };
+        let b = s.load_book(2, &c, std::slice::from_ref(&m), &refs).unwrap();
         assert_eq!(b.meters[&m].version, 3);
         assert_eq!(b.events.len(), 1);
         assert!(s.meter(1, &c, &m).unwrap().is_none());
         s.drop_partition(2).unwrap();
         assert!(s.meter(2, &c, &m).unwrap().is_none());
         assert_eq!(s.checkpoint(2).unwrap(), None);
+    }
+
+    #[test]
+    fn count_meters_counts_projections_and_distinct_customers_of_one_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open_path(dir.path(), 8, 8).unwrap();
+        let st = encode(&MeterState::default());
+        let key = |p, c: &str, m: &str| {
+            meter_key(
+                p,
+                &CustomerId::parse(c).unwrap(),
+                &MeterName::parse(m).unwrap(),
+            )
+        };
+        let mut muts = vec![
+            (key(1, "a", "x"), Some(st.clone())),
+            (key(1, "a", "y"), Some(st.clone())),
+            (key(1, "ab", "x"), Some(st.clone())),
+            (key(2, "a", "x"), Some(st.clone())),
+        ];
+        muts.push((
+            event_key(1, &CustomerId::parse("a").unwrap(), "e1"),
+            Some(b"{}".to_vec()),
+        ));
+        s.write(&muts, &[]).unwrap();
+        assert_eq!(s.count_meters(1).unwrap(), (2, 3));
+        assert_eq!(s.count_meters(2).unwrap(), (1, 1));
+        assert_eq!(s.count_meters(3).unwrap(), (0, 0));
+        assert!(s.property_int("rocksdb.estimate-num-keys").is_some());
+        assert!(s.property_int("rocksdb.block-cache-capacity").unwrap() >= 8 << 20);
     }
 }
