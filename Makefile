@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/drawdown/target
 KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 
-.PHONY: ops-check promql-check all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -34,6 +34,14 @@ test-unit:
 ## 200k events over 1,000 customers x 3 meters, the processor SIGKILLed >= 10 times.
 crash-test: build kafka-start
 	scripts/crash-test.sh
+
+## Three instances, 16 partitions, SIGKILL / join / SIGTERM, a 20 s broker outage, exact check.
+multi-instance-test: build kafka-start
+	scripts/multi-instance-test.sh
+
+## Restore speed for a partition holding 100k projections.
+restore-bench: build kafka-start
+	scripts/restore-bench.sh
 
 ## 1M events end to end (generator -> broker -> drawdown -> outputs committed).
 throughput: build kafka-start

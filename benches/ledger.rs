@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use drawdown::ledger::{
-    Aggregation, Book, CustomerId, EventId, Grant, GrantId, GrantKind, Input, Ledger, MeterDef, MeterName, Meters,
-    OnExhausted, Usage,
+    Aggregation, Book, CustomerId, EventId, Grant, GrantId, GrantKind, Input, Ledger, MeterDef,
+    MeterName, Meters, OnExhausted, Usage,
 };
 use rust_decimal::Decimal;
 
@@ -20,9 +20,26 @@ fn ledger() -> Ledger {
     };
     Ledger::new(
         Meters::new(vec![
-            def("api_calls", "api_call", Aggregation::Count, OnExhausted::Overage),
-            def("tokens", "llm", Aggregation::Sum { property: "tokens".into() }, OnExhausted::Block),
-            def("llm_requests", "llm", Aggregation::Count, OnExhausted::Overage),
+            def(
+                "api_calls",
+                "api_call",
+                Aggregation::Count,
+                OnExhausted::Overage,
+            ),
+            def(
+                "tokens",
+                "llm",
+                Aggregation::Sum {
+                    property: "tokens".into(),
+                },
+                OnExhausted::Block,
+            ),
+            def(
+                "llm_requests",
+                "llm",
+                Aggregation::Count,
+                OnExhausted::Overage,
+            ),
         ])
         .unwrap(),
     )
@@ -37,9 +54,15 @@ fn bench(c: &mut Criterion) {
             Input::Usage(Usage {
                 id: EventId::parse(format!("e{i}")).unwrap(),
                 customer: customer.clone(),
-                name: if i % 2 == 0 { "api_call".into() } else { "llm".into() },
+                name: if i % 2 == 0 {
+                    "api_call".into()
+                } else {
+                    "llm".into()
+                },
                 timestamp_ms: 0,
-                properties: [("tokens".to_string(), "12.5".to_string())].into_iter().collect(),
+                properties: [("tokens".to_string(), "12.5".to_string())]
+                    .into_iter()
+                    .collect(),
             })
         })
         .collect();
@@ -62,7 +85,8 @@ fn bench(c: &mut Criterion) {
         l.apply(&mut base, &g, 0, &mut Vec::new()).unwrap();
     }
     for i in 0..n {
-        base.events.insert(EventId::parse(format!("e{i}")).unwrap(), None);
+        base.events
+            .insert(EventId::parse(format!("e{i}")).unwrap(), None);
     }
     let mut g = c.benchmark_group("ledger");
     g.throughput(Throughput::Elements(n as u64));

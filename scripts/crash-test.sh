@@ -23,9 +23,6 @@ CONFIG="${DRAWDOWN_CONFIG:-config/drawdown.toml}"
 # A cycle (SIGKILL, the group's session timeout of 10 s, restore, 1-6 s of work) takes ~20 s;
 # the two usage phases together should span most of the KILLS cycles.
 RATE="${RATE:-$(( EVENTS / (KILLS * 20) > 200 ? EVENTS / (KILLS * 20) : 200 ))}"
-RUN="crash-$(date +%s)-$$"
-DIR="$(mktemp -d "${TMPDIR:-/tmp}/drawdown-crash.XXXXXX")"
-STATE="$DIR/state"
 T0=$(date +%s)
 
 log() { echo "crash-test: $*" >&2; }
@@ -36,6 +33,12 @@ free_port() {
 
 log "building"
 cargo build --bins --quiet
+RUN="crash-$(date +%s)-$$"
+DIR="$(mktemp -d "${TMPDIR:-/tmp}/drawdown-crash.XXXXXX")"
+STATE="$DIR/state"
+# A private copy: others may rebuild the shared target dir while the test restarts drawdown.
+cp "$BIN" "$DIR/drawdown"
+BIN="$DIR/drawdown"
 deploy/kafka/kafka.sh status >/dev/null 2>&1 || deploy/kafka/kafka.sh start
 
 PORT="$(free_port)"
@@ -99,27 +102,31 @@ wait_ready() {
 
 # The supervisor: kill at random moments, sometimes wipe the state, restart.
 supervise() {
-    local kills=0 wipes=0 pid
+    local kills=0 wipes=0 pid when pause
     start_dd
     while [[ ! -f "$DIR/stop" ]]; do
         if (( RANDOM % 5 )); then
-            wait_ready 120 || true  # usually kill while processing ...
-        fi                          # ... sometimes during start-up or restore
-        sleep "$(( RANDOM % 5 + 1 )).$(( RANDOM % 10 ))"
+            when="after ready"      # usually kill while processing ...
+            wait_ready 120 || when="not ready in 120 s"
+        else
+            when="during start-up"  # ... sometimes during start-up or restore
+        fi
+        pause="$(( RANDOM % 5 + 1 )).$(( RANDOM % 10 ))"
+        sleep "$pause"
         [[ -f "$DIR/stop" ]] && break
         pid="$(cat "$DIR/dd.pid")"
         kill -KILL "$pid" 2>/dev/null || true
         wait "$pid" 2>/dev/null || true
         kills=$((kills + 1))
         echo "$kills" > "$DIR/kills"
+        when="$(date +%T.%N | cut -c1-12) kill #$kills of $pid, ${pause}s $when"
         if (( (wipes == 0 && kills >= 2) || RANDOM % 4 == 0 )); then
             rm -rf "$STATE"
             wipes=$((wipes + 1))
             echo "$wipes" > "$DIR/wipes"
-            echo "$(date +%T) kill #$kills of $pid, state wiped" >> "$DIR/supervisor.log"
-        else
-            echo "$(date +%T) kill #$kills of $pid" >> "$DIR/supervisor.log"
+            when="$when, state wiped"
         fi
+        echo "$when" >> "$DIR/supervisor.log"
         start_dd
     done
 }

@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, ApiState};
 use crate::config::Config;
+use crate::kafka::directory::{self, Directory};
 use crate::kafka::lag::LagMonitor;
 use crate::kafka::{admin, Pipeline, PipelineStatus, Shutdown};
 use crate::ledger::Ledger;
@@ -61,6 +62,15 @@ impl Application {
         self.listener.local_addr().expect("bound")
     }
 
+    /// The address other instances reach this API at: `api.advertised_url`'s host, else the
+    /// listen address.
+    pub fn advertised_addr(&self) -> String {
+        match &self.cfg.api.advertise {
+            Some(a) => a.clone(),
+            None => self.addr().to_string(),
+        }
+    }
+
     /// The shutdown handle: `trigger()` drains, commits and stops.
     pub fn shutdown_handle(&self) -> Shutdown {
         self.shutdown.clone()
@@ -87,12 +97,33 @@ impl Application {
             .name("pipeline".into())
             .spawn(move || span.in_scope(|| pipeline.run()))
             .context("spawning the pipeline thread")?;
+        let directory = Directory::default();
+        let announcer = {
+            let (cfg, status, dir, shutdown) = (
+                self.cfg.clone(),
+                self.status.clone(),
+                directory.clone(),
+                self.shutdown.clone(),
+            );
+            let url = format!("http://{}", self.advertised_addr());
+            let span = tracing::Span::current();
+            std::thread::Builder::new()
+                .name("directory".into())
+                .spawn(move || span.in_scope(|| directory::run(cfg, url, status, dir, shutdown)))
+                .context("spawning the directory thread")?
+        };
         let state = ApiState {
             store: self.store.clone(),
             status: self.status.clone(),
             metrics,
             partitions: self.partitions,
             meters: self.ledger.meters().clone(),
+            directory: directory.clone(),
+            instance_id: self.cfg.kafka.instance_id.clone(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .context("HTTP client")?,
         };
         let (store, status) = (self.store.clone(), self.status.clone());
         let gauges = tokio::spawn(async move {
@@ -137,6 +168,10 @@ impl Application {
             .await
             .context("joining the pipeline")?
             .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
+        tokio::task::spawn_blocking(move || announcer.join())
+            .await
+            .context("joining the directory thread")?
+            .map_err(|_| anyhow::anyhow!("the directory thread panicked"))?;
         if let Some(lag) = lag {
             tokio::task::spawn_blocking(move || lag.join())
                 .await

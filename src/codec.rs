@@ -99,8 +99,10 @@ pub fn decode_usage(
 ) -> Result<Input, CodecError> {
     let bytes = payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)?;
     let usage = if is_protobuf(content_type) {
-        let m = pb::UsageEvent::decode(bytes)
-            .map_err(|e| CodecError::Undecodable { format: "protobuf", message: e.to_string() })?;
+        let m = pb::UsageEvent::decode(bytes).map_err(|e| CodecError::Undecodable {
+            format: "protobuf",
+            message: e.to_string(),
+        })?;
         Usage {
             id: EventId::parse(required(m.id, "id")?)?,
             customer: CustomerId::parse(required(m.customer_id, "customer_id")?)?,
@@ -149,8 +151,10 @@ pub fn decode_command(
 ) -> Result<Input, CodecError> {
     let bytes = payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)?;
     let input = if is_protobuf(content_type) {
-        let m = pb::CreditCommand::decode(bytes)
-            .map_err(|e| CodecError::Undecodable { format: "protobuf", message: e.to_string() })?;
+        let m = pb::CreditCommand::decode(bytes).map_err(|e| CodecError::Undecodable {
+            format: "protobuf",
+            message: e.to_string(),
+        })?;
         match m.command.ok_or(CodecError::MissingField("command"))? {
             pb::credit_command::Command::Grant(g) => Input::Grant(Grant {
                 grant_id: GrantId::parse(required(g.grant_id, "grant_id")?)?,
@@ -162,7 +166,10 @@ pub fn decode_command(
                     Ok(pb::GrantKind::TopUp) | Ok(pb::GrantKind::Unspecified) => GrantKind::TopUp,
                     Ok(pb::GrantKind::Adjustment) => GrantKind::Adjustment,
                     Err(_) => {
-                        return Err(CodecError::WrongType { field: "kind", message: format!("unknown kind {}", g.kind) })
+                        return Err(CodecError::WrongType {
+                            field: "kind",
+                            message: format!("unknown kind {}", g.kind),
+                        })
                     }
                 },
                 priority: u8::try_from(g.priority).map_err(|_| CodecError::WrongType {
@@ -172,7 +179,11 @@ pub fn decode_command(
                 effective_at: (g.effective_at_ms != 0).then_some(g.effective_at_ms),
                 expires_at: (g.expires_at_ms != 0).then_some(g.expires_at_ms),
                 subscription_id: (!g.subscription_id.is_empty()).then_some(g.subscription_id),
-                rollover: if g.rollover.is_empty() { Decimal::ZERO } else { parse_amount(&g.rollover)? },
+                rollover: if g.rollover.is_empty() {
+                    Decimal::ZERO
+                } else {
+                    parse_amount(&g.rollover)?
+                },
             }),
             pb::credit_command::Command::VoidGrant(v) => Input::VoidGrant {
                 customer: CustomerId::parse(required(v.customer_id, "customer_id")?)?,
@@ -197,21 +208,28 @@ pub fn decode_command(
                     Some("cycle") => GrantKind::Cycle,
                     Some("adjustment") => GrantKind::Adjustment,
                     Some(other) => {
-                        return Err(CodecError::WrongType { field: "kind", message: format!("unknown kind {other:?}") })
+                        return Err(CodecError::WrongType {
+                            field: "kind",
+                            message: format!("unknown kind {other:?}"),
+                        })
                     }
                 };
                 let priority = match obj.get("priority") {
                     None | Some(Value::Null) => 0,
-                    Some(p) => p
-                        .as_u64()
-                        .and_then(|p| u8::try_from(p).ok())
-                        .ok_or(CodecError::WrongType { field: "priority", message: "must be 0-255".into() })?,
+                    Some(p) => p.as_u64().and_then(|p| u8::try_from(p).ok()).ok_or(
+                        CodecError::WrongType {
+                            field: "priority",
+                            message: "must be 0-255".into(),
+                        },
+                    )?,
                 };
                 Input::Grant(Grant {
                     grant_id: GrantId::parse(json_str(obj, "grant_id")?)?,
                     customer,
                     meter: MeterName::parse(json_str(obj, "meter")?)?,
-                    amount: positive(&json_amount(obj, "amount")?.ok_or(CodecError::MissingField("amount"))?)?,
+                    amount: positive(
+                        &json_amount(obj, "amount")?.ok_or(CodecError::MissingField("amount"))?,
+                    )?,
                     kind,
                     priority,
                     effective_at: json_time(obj, "effective_at")?,
@@ -223,12 +241,20 @@ pub fn decode_command(
                     },
                 })
             }
-            "void_grant" => Input::VoidGrant { customer, grant_id: GrantId::parse(json_str(obj, "grant_id")?)? },
-            "void_usage" => Input::VoidUsage { customer, event_id: EventId::parse(json_str(obj, "event_id")?)? },
+            "void_grant" => Input::VoidGrant {
+                customer,
+                grant_id: GrantId::parse(json_str(obj, "grant_id")?)?,
+            },
+            "void_usage" => Input::VoidUsage {
+                customer,
+                event_id: EventId::parse(json_str(obj, "event_id")?)?,
+            },
             other => {
                 return Err(CodecError::WrongType {
                     field: "type",
-                    message: format!("unknown command type {other:?} (grant | void_grant | void_usage)"),
+                    message: format!(
+                        "unknown command type {other:?} (grant | void_grant | void_usage)"
+                    ),
                 })
             }
         }
@@ -239,10 +265,12 @@ pub fn decode_command(
 
 fn check_key(key: Option<&[u8]>, customer: &CustomerId) -> Result<(), CodecError> {
     match key {
-        Some(k) if !k.is_empty() && k != customer.as_str().as_bytes() => Err(CodecError::KeyMismatch {
-            key: String::from_utf8_lossy(k).into_owned(),
-            customer: customer.to_string(),
-        }),
+        Some(k) if !k.is_empty() && k != customer.as_str().as_bytes() => {
+            Err(CodecError::KeyMismatch {
+                key: String::from_utf8_lossy(k).into_owned(),
+                customer: customer.to_string(),
+            })
+        }
         _ => Ok(()),
     }
 }
@@ -264,11 +292,16 @@ fn required(s: String, field: &'static str) -> Result<String, CodecError> {
 }
 
 fn parse_json(bytes: &[u8]) -> Result<Value, CodecError> {
-    serde_json::from_slice(bytes)
-        .map_err(|e| CodecError::Undecodable { format: "json", message: e.to_string() })
+    serde_json::from_slice(bytes).map_err(|e| CodecError::Undecodable {
+        format: "json",
+        message: e.to_string(),
+    })
 }
 
-fn json_str(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<String, CodecError> {
+fn json_str(
+    obj: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<String, CodecError> {
     json_opt_str(obj, field)?.ok_or(CodecError::MissingField(field))
 }
 
@@ -279,7 +312,10 @@ fn json_opt_str(
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(other) => Err(CodecError::WrongType { field, message: format!("expected a string, got {other}") }),
+        Some(other) => Err(CodecError::WrongType {
+            field,
+            message: format!("expected a string, got {other}"),
+        }),
     }
 }
 
@@ -292,19 +328,29 @@ fn json_amount(
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Number(n)) => Ok(Some(n.to_string())),
-        Some(other) => Err(CodecError::WrongType { field, message: format!("expected a number, got {other}") }),
+        Some(other) => Err(CodecError::WrongType {
+            field,
+            message: format!("expected a number, got {other}"),
+        }),
     }
 }
 
 /// A timestamp: RFC 3339 text or integer milliseconds since the epoch.
-fn json_time(obj: &serde_json::Map<String, Value>, field: &'static str) -> Result<Option<i64>, CodecError> {
+fn json_time(
+    obj: &serde_json::Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<i64>, CodecError> {
     match obj.get(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .filter(|ms| *ms >= 0)
-            .map(Some)
-            .ok_or(CodecError::WrongType { field, message: "expected integer milliseconds >= 0".into() }),
+        Some(Value::Number(n)) => {
+            n.as_i64()
+                .filter(|ms| *ms >= 0)
+                .map(Some)
+                .ok_or(CodecError::WrongType {
+                    field,
+                    message: "expected integer milliseconds >= 0".into(),
+                })
+        }
         Some(Value::String(s)) => humantime::parse_rfc3339_weak(s.trim_end_matches('Z'))
             .or_else(|_| humantime::parse_rfc3339(s))
             .map(|t| {
@@ -314,8 +360,14 @@ fn json_time(obj: &serde_json::Map<String, Value>, field: &'static str) -> Resul
                         .unwrap_or(0),
                 )
             })
-            .map_err(|e| CodecError::WrongType { field, message: format!("not RFC 3339: {e}") }),
-        Some(_) => Err(CodecError::WrongType { field, message: "expected RFC 3339 text or milliseconds".into() }),
+            .map_err(|e| CodecError::WrongType {
+                field,
+                message: format!("not RFC 3339: {e}"),
+            }),
+        Some(_) => Err(CodecError::WrongType {
+            field,
+            message: "expected RFC 3339 text or milliseconds".into(),
+        }),
     }
 }
 
@@ -380,8 +432,22 @@ pub fn encode_transition(t: &Transition, format: OutputFormat) -> Vec<u8> {
                 t.at,
             );
             let inner = match t.kind {
-                TransitionKind::Exhausted => T::Exhausted(pb::BalanceExhausted { customer_id, meter, version, balance, cause_id, at_ms }),
-                TransitionKind::Restored => T::Restored(pb::BalanceRestored { customer_id, meter, version, balance, cause_id, at_ms }),
+                TransitionKind::Exhausted => T::Exhausted(pb::BalanceExhausted {
+                    customer_id,
+                    meter,
+                    version,
+                    balance,
+                    cause_id,
+                    at_ms,
+                }),
+                TransitionKind::Restored => T::Restored(pb::BalanceRestored {
+                    customer_id,
+                    meter,
+                    version,
+                    balance,
+                    cause_id,
+                    at_ms,
+                }),
                 TransitionKind::Low => T::Low(pb::BalanceLow {
                     customer_id,
                     meter,
@@ -392,7 +458,10 @@ pub fn encode_transition(t: &Transition, format: OutputFormat) -> Vec<u8> {
                     at_ms,
                 }),
             };
-            pb::BalanceTransition { transition: Some(inner) }.encode_to_vec()
+            pb::BalanceTransition {
+                transition: Some(inner),
+            }
+            .encode_to_vec()
         }
     }
 }
@@ -455,14 +524,38 @@ mod tests {
     fn bad_inputs_have_reasons() {
         let r = |p: &[u8]| decode_command(Some(p), None, None).unwrap_err().reason();
         assert_eq!(r(b"\xff\x00"), "undecodable");
-        assert_eq!(r(br#"{"type":"grant","customer_id":"c","meter":"m","amount":5}"#), "missing_field");
-        assert_eq!(r(br#"{"type":"grant","customer_id":"c","grant_id":"g","meter":"m","amount":-5}"#), "invalid_amount");
-        assert_eq!(r(br#"{"type":"grant","customer_id":"c","grant_id":"g","meter":"m","amount":"NaN"}"#), "invalid_amount");
-        assert_eq!(r(br#"{"type":"grant","customer_id":"c","grant_id":"g","meter":"m","amount":1e400}"#), "invalid_amount");
-        assert_eq!(r(br#"{"type":"grant","customer_id":5,"grant_id":"g","meter":"m","amount":1}"#), "wrong_type");
-        assert_eq!(decode_command(None, None, None).unwrap_err().reason(), "empty");
         assert_eq!(
-            decode_usage(Some(br#"{"id":"e","customer_id":"c","name":"n"}"#), None, Some(b"d")).unwrap_err().reason(),
+            r(br#"{"type":"grant","customer_id":"c","meter":"m","amount":5}"#),
+            "missing_field"
+        );
+        assert_eq!(
+            r(br#"{"type":"grant","customer_id":"c","grant_id":"g","meter":"m","amount":-5}"#),
+            "invalid_amount"
+        );
+        assert_eq!(
+            r(br#"{"type":"grant","customer_id":"c","grant_id":"g","meter":"m","amount":"NaN"}"#),
+            "invalid_amount"
+        );
+        assert_eq!(
+            r(br#"{"type":"grant","customer_id":"c","grant_id":"g","meter":"m","amount":1e400}"#),
+            "invalid_amount"
+        );
+        assert_eq!(
+            r(br#"{"type":"grant","customer_id":5,"grant_id":"g","meter":"m","amount":1}"#),
+            "wrong_type"
+        );
+        assert_eq!(
+            decode_command(None, None, None).unwrap_err().reason(),
+            "empty"
+        );
+        assert_eq!(
+            decode_usage(
+                Some(br#"{"id":"e","customer_id":"c","name":"n"}"#),
+                None,
+                Some(b"d")
+            )
+            .unwrap_err()
+            .reason(),
             "key_mismatch"
         );
     }

@@ -43,9 +43,11 @@ pub struct KafkaConfig {
     /// `bootstrap.servers`.
     pub bootstrap_servers: String,
     /// The consumer group; also the prefix of the changelog topic and transactional ids.
+    #[serde(deserialize_with = "text")]
     pub group_id: String,
     /// This instance's stable id; the transactional id is `<group_id>-<instance_id>`, so a
     /// restarted instance fences its own zombie.
+    #[serde(deserialize_with = "text")]
     pub instance_id: String,
     /// Partitions of the topics drawdown creates when missing.
     pub partitions: i32,
@@ -133,6 +135,13 @@ pub struct PipelineConfig {
     /// How long usage event ids are remembered for idempotency.
     #[serde(with = "humantime_serde")]
     pub dedupe_window: Duration,
+    /// How long the local state of a partition that moved to another instance is kept (a quick
+    /// return then restores from the checkpoint instead of from scratch).
+    #[serde(with = "humantime_serde")]
+    pub state_drop_delay: Duration,
+    /// The most a graceful shutdown (SIGTERM) may take before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -144,6 +153,8 @@ impl Default for PipelineConfig {
             history_len: 200,
             tick_interval: Duration::from_secs(1),
             dedupe_window: Duration::from_secs(7 * 24 * 3600),
+            state_drop_delay: Duration::from_secs(600),
+            shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -162,7 +173,11 @@ pub struct StoreConfig {
 
 impl Default for StoreConfig {
     fn default() -> Self {
-        Self { path: PathBuf::from("data/drawdown"), block_cache_mb: 128, write_buffer_mb: 64 }
+        Self {
+            path: PathBuf::from("data/drawdown"),
+            block_cache_mb: 128,
+            write_buffer_mb: 64,
+        }
     }
 }
 
@@ -172,11 +187,17 @@ impl Default for StoreConfig {
 pub struct ApiConfig {
     /// Listen address (port 0 = any free port).
     pub listen: SocketAddr,
+    /// `host:port` other instances use to reach this API (forwarding); default: the listen
+    /// address (fine on one host; set it to the pod/host name elsewhere).
+    pub advertise: Option<String>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { listen: "127.0.0.1:8080".parse().expect("valid address") }
+        Self {
+            listen: "127.0.0.1:8080".parse().expect("valid address"),
+            advertise: None,
+        }
     }
 }
 
@@ -203,14 +224,18 @@ impl Config {
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, ConfigError> {
         let text = match path {
-            Some(p) => std::fs::read_to_string(p)
-                .map_err(|source| ConfigError::Read { path: p.to_owned(), source })?,
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_owned(),
+                source,
+            })?,
             None => String::new(),
         };
         let mut root: toml::Table =
             toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for (k, v) in env {
-            let Some(rest) = k.strip_prefix("DRAWDOWN__") else { continue };
+            let Some(rest) = k.strip_prefix("DRAWDOWN__") else {
+                continue;
+            };
             let path: Vec<String> = rest.split("__").map(|s| s.to_ascii_lowercase()).collect();
             set_path(&mut root, &path, parse_scalar(&v))?;
         }
@@ -227,10 +252,14 @@ impl Config {
             return Err(ConfigError::Invalid("kafka.partitions must be >= 1".into()));
         }
         if self.pipeline.max_batch == 0 {
-            return Err(ConfigError::Invalid("pipeline.max_batch must be >= 1".into()));
+            return Err(ConfigError::Invalid(
+                "pipeline.max_batch must be >= 1".into(),
+            ));
         }
         if self.pipeline.history_len == 0 {
-            return Err(ConfigError::Invalid("pipeline.history_len must be >= 1".into()));
+            return Err(ConfigError::Invalid(
+                "pipeline.history_len must be >= 1".into(),
+            ));
         }
         Ok(())
     }
@@ -249,17 +278,38 @@ impl Config {
     }
 }
 
+/// A text field that also takes a bare number or boolean (`DRAWDOWN__KAFKA__INSTANCE_ID=0`).
+fn text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match toml::Value::deserialize(d)? {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "expected text, got {other}"
+        ))),
+    }
+}
+
 /// An env value as TOML: integers, booleans and inline arrays/tables as such, else a string.
 fn parse_scalar(v: &str) -> toml::Value {
     let doc = format!("v = {v}");
     match toml::from_str::<toml::Table>(&doc) {
-        Ok(mut t) => t.remove("v").unwrap_or_else(|| toml::Value::String(v.into())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or_else(|| toml::Value::String(v.into())),
         Err(_) => toml::Value::String(v.into()),
     }
 }
 
-fn set_path(root: &mut toml::Table, path: &[String], value: toml::Value) -> Result<(), ConfigError> {
-    let (last, parents) = path.split_last().ok_or_else(|| ConfigError::Invalid("empty key".into()))?;
+fn set_path(
+    root: &mut toml::Table,
+    path: &[String],
+    value: toml::Value,
+) -> Result<(), ConfigError> {
+    let (last, parents) = path
+        .split_last()
+        .ok_or_else(|| ConfigError::Invalid("empty key".into()))?;
     let mut table = root;
     for p in parents {
         let entry = table
@@ -278,7 +328,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -295,6 +348,7 @@ mod tests {
             env(&[
                 ("DRAWDOWN__KAFKA__PARTITIONS", "16"),
                 ("DRAWDOWN__KAFKA__GROUP_ID", "g1"),
+                ("DRAWDOWN__KAFKA__INSTANCE_ID", "0"),
                 ("DRAWDOWN__PIPELINE__COMMIT_INTERVAL", "250ms"),
                 ("OTHER", "x"),
             ]),
@@ -302,6 +356,7 @@ mod tests {
         .unwrap();
         assert_eq!(c.kafka.partitions, 16);
         assert_eq!(c.kafka.group_id, "g1");
+        assert_eq!(c.kafka.instance_id, "0");
         assert_eq!(c.pipeline.commit_interval, Duration::from_millis(250));
     }
 

@@ -462,11 +462,11 @@ impl Sender {
         }
         self.sent += 1;
         *self.counts.entry(what).or_default() += 1;
-        if self.sent % 1000 == 0 {
+        if self.sent.is_multiple_of(1000) {
             self.producer.poll(Duration::ZERO);
             self.check()?;
         }
-        if self.rate > 0.0 && self.sent % 16 == 0 {
+        if self.rate > 0.0 && self.sent.is_multiple_of(16) {
             let due = self.started + Duration::from_secs_f64(self.sent as f64 / self.rate);
             let now = Instant::now();
             if due > now {
@@ -549,14 +549,9 @@ impl Gen {
         format!("{}-{i}", self.prefix)
     }
 
-    /// A customer, skewed: a fifth of the traffic comes from a tenth of the customers.
+    /// A customer, skewed (see [`Gen::pick_index`]).
     fn pick_customer(&mut self) -> String {
-        let hot = (self.customers / 10).max(1);
-        let i = if self.rng.random_bool(0.2) {
-            self.rng.random_range(0..hot)
-        } else {
-            self.rng.random_range(0..self.customers)
-        };
+        let i = self.pick_index();
         self.customer(i)
     }
 
@@ -579,8 +574,18 @@ impl Gen {
         }
     }
 
-    fn usage_event(&mut self) -> UsageEv {
-        let customer = self.pick_customer();
+    /// The index of a customer, skewed: a fifth of the traffic comes from a tenth of them.
+    fn pick_index(&mut self) -> usize {
+        let hot = (self.customers / 10).max(1);
+        if self.rng.random_bool(0.2) {
+            self.rng.random_range(0..hot)
+        } else {
+            self.rng.random_range(0..self.customers)
+        }
+    }
+
+    fn usage_event(&mut self, i: usize) -> UsageEv {
+        let customer = self.customer(i);
         let chosen = self.meters[self.rng.random_range(0..self.meters.len())].clone();
         let mut properties = chosen.filter.clone();
         // Every sum property of the meters counting this event gets a value.
@@ -591,9 +596,8 @@ impl Gen {
             .filter_map(|m| m.sum.clone())
             .collect();
         for p in sums {
-            if !properties.contains_key(&p) {
-                let v = self.sum_value();
-                properties.insert(p, v.to_string());
+            if let std::collections::btree_map::Entry::Vacant(slot) = properties.entry(p) {
+                slot.insert(self.sum_value().to_string());
             }
         }
         properties
@@ -829,8 +833,8 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    fn send_usage(&mut self) -> anyhow::Result<()> {
-        let e = self.gen.usage_event();
+    fn send_usage(&mut self, customer: usize) -> anyhow::Result<()> {
+        let e = self.gen.usage_event(customer);
         for m in &self.gen.meters {
             if let Some(q) = m.quantity(&e.name, &e.properties) {
                 if !q.is_zero() {
@@ -871,7 +875,7 @@ impl Run<'_> {
             return Ok(());
         }
         let every = (steps / (self.bad_left + self.bad_sent + 1)).max(1);
-        if step % every == 0 || step + 1 >= steps {
+        if step.is_multiple_of(every) || step + 1 >= steps {
             let rec = self.gen.bad_record(self.bad_sent);
             self.sender.send(&rec, "bad")?;
             self.bad_left -= 1;
@@ -916,7 +920,8 @@ impl Run<'_> {
     fn phase_usage(&mut self) -> anyhow::Result<()> {
         let steps = self.gen.events;
         for step in 0..steps {
-            self.send_usage()?;
+            let i = self.gen.pick_index();
+            self.send_usage(i)?;
             self.maybe_bad(step, steps)?;
         }
         Ok(())
@@ -958,9 +963,9 @@ impl Run<'_> {
         let mut granted = vec![false; self.gen.customers];
         let steps = self.gen.events;
         for step in 0..steps {
-            // Customers get their first grants shortly before their first usage (on the other
+            // A customer gets its first grants just before its first usage event (on the other
             // topic, so not necessarily processed first), and now and then a top-up.
-            let i = self.gen.rng.random_range(0..self.gen.customers);
+            let i = self.gen.pick_index();
             if !granted[i] || self.gen.rng.random_bool(0.005) {
                 granted[i] = true;
                 let c = self.gen.customer(i);
@@ -972,7 +977,7 @@ impl Run<'_> {
                     self.send_grant(&g)?;
                 }
             }
-            self.send_usage()?;
+            self.send_usage(i)?;
             self.maybe_bad(step, steps)?;
         }
         Ok(())

@@ -9,10 +9,19 @@ use drawdown::config::Config;
 use drawdown::loadgen;
 
 #[derive(Parser)]
-#[command(version, about = "Prepaid credit balances for usage-based billing, from Kafka, exactly once")]
+#[command(
+    version,
+    about = "Prepaid credit balances for usage-based billing, from Kafka, exactly once"
+)]
 struct Cli {
     /// Config file (TOML); `DRAWDOWN__SECTION__KEY` environment variables override it.
-    #[arg(long, short, global = true, env = "DRAWDOWN_CONFIG", default_value = "config/drawdown.toml")]
+    #[arg(
+        long,
+        short,
+        global = true,
+        env = "DRAWDOWN_CONFIG",
+        default_value = "config/drawdown.toml"
+    )]
     config: PathBuf,
     /// Log format (levels from RUST_LOG, default info).
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -42,7 +51,9 @@ enum Command {
 fn init_logs(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rdkafka=warn"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => b.init(),
         LogFormat::Json => b.json().flatten_event(true).init(),
@@ -57,12 +68,22 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("loading {}", cli.config.display()))?;
     match cli.command {
         Command::Run => {
+            let limit = cfg.pipeline.shutdown_timeout;
             let app = Application::build(cfg).await?;
             let shutdown = app.shutdown_handle();
             tokio::spawn(async move {
                 wait_for_signal().await;
-                tracing::info!("signal received: draining, committing and leaving the group");
+                tracing::info!(
+                    timeout_secs = limit.as_secs(),
+                    "signal received: draining, committing and leaving the group"
+                );
                 shutdown.trigger();
+                tokio::time::sleep(limit).await;
+                tracing::error!(
+                    timeout_secs = limit.as_secs(),
+                    "graceful shutdown took too long; exiting now"
+                );
+                std::process::exit(1);
             });
             app.run_until_stopped().await?;
             tracing::info!("drawdown stopped cleanly");

@@ -8,7 +8,10 @@ use common::*;
 use serde_json::{json, Value};
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 fn cycle(customer: &str, id: &str, amount: &str, rollover: &str) -> Value {
@@ -17,7 +20,9 @@ fn cycle(customer: &str, id: &str, amount: &str, rollover: &str) -> Value {
 }
 
 fn calls(app: &TestApp, customer: &str, from: usize, n: usize) {
-    let evs: Vec<Value> = (from..from + n).map(|i| api_call(customer, &format!("e{i}"))).collect();
+    let evs: Vec<Value> = (from..from + n)
+        .map(|i| api_call(customer, &format!("e{i}")))
+        .collect();
     app.usage(&evs);
 }
 
@@ -27,7 +32,10 @@ fn transitions(topic: &str, customer: &str) -> Vec<(String, u64)> {
         .filter(|(k, _, _)| k == customer)
         .map(|(_, v, _)| {
             let v: Value = serde_json::from_slice(&v).unwrap();
-            (v["type"].as_str().unwrap().to_string(), v["version"].as_u64().unwrap())
+            (
+                v["type"].as_str().unwrap().to_string(),
+                v["version"].as_u64().unwrap(),
+            )
         })
         .collect()
 }
@@ -36,14 +44,23 @@ fn transitions(topic: &str, customer: &str) -> Vec<(String, u64)> {
 async fn a_new_cycle_without_rollover_forfeits_the_remainder() {
     let app = spawn_app(&Names::new()).await;
     app.grants(&[cycle("c1", "cy1", "100", "0")]);
-    app.meter_until("c1", "api_calls", |b| b["credited"] == "100").await;
+    app.meter_until("c1", "api_calls", |b| b["credited"] == "100")
+        .await;
     calls(&app, "c1", 0, 30);
-    app.meter_until("c1", "api_calls", |b| b["consumed"] == "30").await;
+    app.meter_until("c1", "api_calls", |b| b["consumed"] == "30")
+        .await;
     app.grants(&[cycle("c1", "cy2", "100", "0")]);
-    let m = app.meter_until("c1", "api_calls", |b| b["credited"] == "200").await;
+    let m = app
+        .meter_until("c1", "api_calls", |b| b["credited"] == "200")
+        .await;
     assert_eq!(m["balance"], "100");
     assert_eq!(m["expired"], "70");
-    let reasons: Vec<&str> = m["recent_events"].as_array().unwrap().iter().map(|e| e["reason"].as_str().unwrap()).collect();
+    let reasons: Vec<&str> = m["recent_events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
     assert_eq!(&reasons[..2], ["grant", "cycle_end"]);
     app.stop().await;
 }
@@ -52,18 +69,27 @@ async fn a_new_cycle_without_rollover_forfeits_the_remainder() {
 async fn a_new_cycle_carries_over_at_most_the_rollover_cap() {
     let app = spawn_app(&Names::new()).await;
     app.grants(&[cycle("c2", "cy1", "100", "20")]);
-    app.meter_until("c2", "api_calls", |b| b["credited"] == "100").await;
+    app.meter_until("c2", "api_calls", |b| b["credited"] == "100")
+        .await;
     calls(&app, "c2", 0, 30);
-    app.meter_until("c2", "api_calls", |b| b["consumed"] == "30").await;
+    app.meter_until("c2", "api_calls", |b| b["consumed"] == "30")
+        .await;
     app.grants(&[cycle("c2", "cy2", "100", "20")]);
-    let m = app.meter_until("c2", "api_calls", |b| b["credited"] == "200").await;
+    let m = app
+        .meter_until("c2", "api_calls", |b| b["credited"] == "200")
+        .await;
     assert_eq!(m["balance"], "120");
     assert_eq!(m["expired"], "50");
     // The carried-over 20 and the new cycle are both held; a third cycle does not roll the 20 again.
     assert_eq!(m["grants"].as_array().unwrap().len(), 2);
     app.grants(&[cycle("c2", "cy3", "100", "20")]);
-    let m = app.meter_until("c2", "api_calls", |b| b["credited"] == "300").await;
-    assert_eq!(m["balance"], "140", "20 carried from cy1 + 20 from cy2 + 100");
+    let m = app
+        .meter_until("c2", "api_calls", |b| b["credited"] == "300")
+        .await;
+    assert_eq!(
+        m["balance"], "140",
+        "20 carried from cy1 + 20 from cy2 + 100"
+    );
     app.stop().await;
 }
 
@@ -73,14 +99,22 @@ async fn a_top_up_stacked_over_a_cycle_grant_is_drawn_in_priority_order() {
     let mut top_up = grant("c3", "pack1", "api_calls", "50");
     top_up["priority"] = json!(1);
     app.grants(&[cycle("c3", "cy1", "100", "0"), top_up]);
-    app.meter_until("c3", "api_calls", |b| b["credited"] == "150").await;
+    app.meter_until("c3", "api_calls", |b| b["credited"] == "150")
+        .await;
     calls(&app, "c3", 0, 60);
-    let m = app.meter_until("c3", "api_calls", |b| b["consumed"] == "60").await;
+    let m = app
+        .meter_until("c3", "api_calls", |b| b["consumed"] == "60")
+        .await;
     assert_eq!(m["balance"], "90");
     let grants = m["grants"].as_array().unwrap();
-    assert_eq!(grants.len(), 1, "the priority-1 top-up was drained first and is gone");
-    assert_eq!(grants[0]["id"], "cy1");
-    assert_eq!(grants[0]["remaining"], "90");
+    assert_eq!(grants.len(), 2);
+    assert_eq!(
+        grants[0]["id"], "pack1",
+        "priority 1 comes first in draw-down order"
+    );
+    assert_eq!(grants[0]["remaining"], "0", "and was drained first");
+    assert_eq!(grants[1]["id"], "cy1");
+    assert_eq!(grants[1]["remaining"], "90");
     app.stop().await;
 }
 
@@ -90,17 +124,25 @@ async fn a_grant_expires_on_a_tick_without_new_events() {
     let mut g = grant("c4", "short", "api_calls", "10");
     g["expires_at"] = json!(now_ms() + 2_000);
     app.grants(&[g]);
-    app.meter_until("c4", "api_calls", |b| b["credited"] == "10").await;
+    app.meter_until("c4", "api_calls", |b| b["credited"] == "10")
+        .await;
     calls(&app, "c4", 0, 3);
-    app.meter_until("c4", "api_calls", |b| b["consumed"] == "3").await;
+    app.meter_until("c4", "api_calls", |b| b["consumed"] == "3")
+        .await;
     // No more input: the tick forfeits the remainder.
-    let m = app.meter_until("c4", "api_calls", |b| b["expired"] == "7").await;
+    let m = app
+        .meter_until("c4", "api_calls", |b| b["expired"] == "7")
+        .await;
     assert_eq!(m["balance"], "0");
     assert_eq!(m["status"], "exhausted");
     assert_eq!(m["recent_events"][0]["reason"], "expired");
     assert_eq!(m["recent_events"][0]["cause_id"], "short");
     let topic = app.cfg.topics.balance_events.clone();
-    read_until(&topic, |r| r.iter().any(|(k, _, h)| k == "c4" && h["type"] == "exhausted")).await;
+    read_until(&topic, |r| {
+        r.iter()
+            .any(|(k, _, h)| k == "c4" && h["type"] == "exhausted")
+    })
+    .await;
     app.stop().await;
 }
 
@@ -108,24 +150,40 @@ async fn a_grant_expires_on_a_tick_without_new_events() {
 async fn a_void_gives_credits_back_and_emits_restored_where_it_crosses_zero() {
     let app = spawn_app(&Names::new()).await;
     app.grants(&[grant("c5", "g1", "api_calls", "2")]);
-    app.meter_until("c5", "api_calls", |b| b["credited"] == "2").await;
+    app.meter_until("c5", "api_calls", |b| b["credited"] == "2")
+        .await;
     calls(&app, "c5", 0, 2);
-    app.meter_until("c5", "api_calls", |b| b["status"] == "exhausted").await;
+    app.meter_until("c5", "api_calls", |b| b["status"] == "exhausted")
+        .await;
     let void = json!({"type": "void_usage", "customer_id": "c5", "event_id": "e1"});
-    app.grants(&[void.clone()]);
-    let m = app.meter_until("c5", "api_calls", |b| b["voided"] == "1").await;
+    app.grants(std::slice::from_ref(&void));
+    let m = app
+        .meter_until("c5", "api_calls", |b| b["voided"] == "1")
+        .await;
     assert_eq!(m["balance"], "1");
-    assert_eq!(m["grants"][0]["id"], "g1", "given back to the grant it drew from");
+    assert_eq!(
+        m["grants"][0]["id"], "g1",
+        "given back to the grant it drew from"
+    );
     let topic = app.cfg.topics.balance_events.clone();
-    let recs = read_until(&topic, |r| r.iter().filter(|(k, _, _)| k == "c5").count() >= 2).await;
-    let kinds: Vec<String> = recs.iter().filter(|(k, _, _)| k == "c5").map(|(_, _, h)| h["type"].clone()).collect();
+    let recs = read_until(&topic, |r| {
+        r.iter().filter(|(k, _, _)| k == "c5").count() >= 2
+    })
+    .await;
+    let kinds: Vec<String> = recs
+        .iter()
+        .filter(|(k, _, _)| k == "c5")
+        .map(|(_, _, h)| h["type"].clone())
+        .collect();
     assert_eq!(kinds, ["exhausted", "restored"]);
     // Voiding twice is a no-op, reported to the DLQ.
     app.grants(&[void]);
     let dlq = app.cfg.topics.dlq.clone();
     let recs = read_until(&dlq, |r| !r.is_empty()).await;
     assert_eq!(recs[0].2["error.reason"], "void_duplicate");
-    let m = app.meter_until("c5", "api_calls", |b| b["balance"] == "1").await;
+    let m = app
+        .meter_until("c5", "api_calls", |b| b["balance"] == "1")
+        .await;
     assert_eq!(m["voided"], "1");
     app.stop().await;
 }
@@ -135,16 +193,24 @@ async fn a_low_balance_alert_fires_once_per_threshold_crossing() {
     // api_calls has a low threshold at 5 units.
     let app = spawn_app(&Names::new()).await;
     app.grants(&[grant("c6", "g1", "api_calls", "10")]);
-    app.meter_until("c6", "api_calls", |b| b["credited"] == "10").await;
+    app.meter_until("c6", "api_calls", |b| b["credited"] == "10")
+        .await;
     calls(&app, "c6", 0, 8);
-    let m = app.meter_until("c6", "api_calls", |b| b["consumed"] == "8").await;
+    let m = app
+        .meter_until("c6", "api_calls", |b| b["consumed"] == "8")
+        .await;
     assert_eq!(m["status"], "low");
     app.grants(&[grant("c6", "g2", "api_calls", "10")]);
-    app.meter_until("c6", "api_calls", |b| b["credited"] == "20").await;
+    app.meter_until("c6", "api_calls", |b| b["credited"] == "20")
+        .await;
     calls(&app, "c6", 8, 9);
-    app.meter_until("c6", "api_calls", |b| b["consumed"] == "17").await;
+    app.meter_until("c6", "api_calls", |b| b["consumed"] == "17")
+        .await;
     let topic = app.cfg.topics.balance_events.clone();
-    read_until(&topic, |r| r.iter().filter(|(k, _, _)| k == "c6").count() >= 2).await;
+    read_until(&topic, |r| {
+        r.iter().filter(|(k, _, _)| k == "c6").count() >= 2
+    })
+    .await;
     let t = transitions(&topic, "c6");
     // 10 -> 4 crosses once (version 7: balance 5 -> 4); the top-up re-arms; 12 -> 3 crosses again.
     assert_eq!(t, [("low".to_string(), 7), ("low".to_string(), 18)]);

@@ -15,20 +15,29 @@ fn dec(v: &Value) -> rust_decimal::Decimal {
 async fn grant_then_usage_gives_the_right_balance() {
     let names = Names::new();
     let app = spawn_app(&names).await;
-    app.grants(&[grant("alice", "g1", "api_calls", "10"), grant("alice", "g2", "tokens", "1000.5")]);
+    app.grants(&[
+        grant("alice", "g1", "api_calls", "10"),
+        grant("alice", "g2", "tokens", "1000.5"),
+    ]);
     app.usage(&[
         api_call("alice", "e1"),
         api_call("alice", "e2"),
         api_call("alice", "e3"),
         llm("alice", "e4", "200.25"),
     ]);
-    let m = app.meter_until("alice", "api_calls", |b| b["consumed"] == "3").await;
+    let m = app
+        .meter_until("alice", "api_calls", |b| b["consumed"] == "3")
+        .await;
     assert_eq!(dec(&m["balance"]), "7".parse().unwrap());
     assert_eq!(m["credited"], "10");
-    let t = app.meter_until("alice", "tokens", |b| b["consumed"] == "200.25").await;
+    let t = app
+        .meter_until("alice", "tokens", |b| b["consumed"] == "200.25")
+        .await;
     assert_eq!(t["balance"], "800.25");
     // The same event fed the request counter too, in overage (no credits: negative balance).
-    let r = app.meter_until("alice", "llm_requests", |b| b["consumed"] == "1").await;
+    let r = app
+        .meter_until("alice", "llm_requests", |b| b["consumed"] == "1")
+        .await;
     assert_eq!(r["balance"], "-1");
     assert_eq!(r["overage"], "1");
     let (status, state) = app.get("/v1/customers/alice/state").await;
@@ -45,13 +54,22 @@ async fn exhausted_then_restored_on_top_up() {
     let names = Names::new();
     let app = spawn_app(&names).await;
     app.grants(&[grant("bob", "g1", "api_calls", "2")]);
-    app.meter_until("bob", "api_calls", |b| b["credited"] == "2").await;
-    app.usage(&[api_call("bob", "e1"), api_call("bob", "e2"), api_call("bob", "e3")]);
-    let m = app.meter_until("bob", "api_calls", |b| b["consumed"] == "3").await;
+    app.meter_until("bob", "api_calls", |b| b["credited"] == "2")
+        .await;
+    app.usage(&[
+        api_call("bob", "e1"),
+        api_call("bob", "e2"),
+        api_call("bob", "e3"),
+    ]);
+    let m = app
+        .meter_until("bob", "api_calls", |b| b["consumed"] == "3")
+        .await;
     assert_eq!(m["status"], "exhausted");
     assert_eq!(m["balance"], "-1");
     app.grants(&[grant("bob", "g2", "api_calls", "10")]);
-    let m = app.meter_until("bob", "api_calls", |b| b["credited"] == "12").await;
+    let m = app
+        .meter_until("bob", "api_calls", |b| b["credited"] == "12")
+        .await;
     assert_eq!(m["balance"], "9", "the top-up paid the debt first");
     let topic = app.cfg.topics.balance_events.clone();
     let recs = read_until(&topic, |r| r.len() >= 2).await;
@@ -72,11 +90,20 @@ async fn exhausted_then_restored_on_top_up() {
 async fn duplicate_event_is_counted_once() {
     let names = Names::new();
     let app = spawn_app(&names).await;
-    app.grants(&[grant("carol", "g1", "api_calls", "10"), grant("carol", "g1", "api_calls", "10")]);
-    app.usage(&[api_call("carol", "e1"), api_call("carol", "e1"), api_call("carol", "e2")]);
+    app.grants(&[
+        grant("carol", "g1", "api_calls", "10"),
+        grant("carol", "g1", "api_calls", "10"),
+    ]);
+    app.usage(&[
+        api_call("carol", "e1"),
+        api_call("carol", "e1"),
+        api_call("carol", "e2"),
+    ]);
     app.usage(&[api_call("carol", "e1")]);
     app.usage(&[api_call("carol", "e3")]);
-    let m = app.meter_until("carol", "api_calls", |b| b["consumed"] == "3").await;
+    let m = app
+        .meter_until("carol", "api_calls", |b| b["consumed"] == "3")
+        .await;
     assert_eq!(m["credited"], "10", "the replayed grant id is ignored");
     assert_eq!(m["balance"], "7");
     assert_eq!(m["version"], 4, "one version per applied input");
@@ -84,7 +111,11 @@ async fn duplicate_event_is_counted_once() {
     let recs = read_until(&topic, |r| r.len() >= 4).await;
     let versions: Vec<u64> = recs
         .iter()
-        .map(|(_, v, _)| serde_json::from_slice::<Value>(v).unwrap()["version"].as_u64().unwrap())
+        .map(|(_, v, _)| {
+            serde_json::from_slice::<Value>(v).unwrap()["version"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(versions, [1, 2, 3, 4]);
     app.stop().await;
@@ -99,7 +130,10 @@ async fn bad_input_goes_to_the_dlq_and_the_pipeline_goes_on() {
         text.as_str()
             .unwrap_or("")
             .lines()
-            .filter(|l| l.starts_with("drawdown_records_rejected_total") && l.contains(&format!("reason=\"{reason}\"")))
+            .filter(|l| {
+                l.starts_with("drawdown_records_rejected_total")
+                    && l.contains(&format!("reason=\"{reason}\""))
+            })
             .map(|l| l.rsplit(' ').next().unwrap().parse::<f64>().unwrap())
             .sum()
     };
@@ -107,7 +141,14 @@ async fn bad_input_goes_to_the_dlq_and_the_pipeline_goes_on() {
     let usage = app.cfg.topics.usage.clone();
     let grants = app.cfg.topics.grants.clone();
     // Good, bad of every kind, good again: in one go, so they share batches.
-    app.send(&usage, &[("dave", serde_json::to_vec(&api_call("dave", "e1")).unwrap(), None)]);
+    app.send(
+        &usage,
+        &[(
+            "dave",
+            serde_json::to_vec(&api_call("dave", "e1")).unwrap(),
+            None,
+        )],
+    );
     let bad_usage: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
         ("dave", b"\xff\xfe not json".to_vec(), None),
         ("dave", b"\x08\x96\x01\xff".to_vec(), Some("application/x-protobuf")),
@@ -129,37 +170,80 @@ async fn bad_input_goes_to_the_dlq_and_the_pipeline_goes_on() {
         ("dave", br#"{"type":"void_usage","customer_id":"dave","event_id":"never-seen"}"#.to_vec(), None),
     ];
     app.send(&grants, &bad_grants);
-    app.send(&usage, &[("dave", serde_json::to_vec(&api_call("dave", "e2")).unwrap(), None)]);
-    let m = app.meter_until("dave", "api_calls", |b| b["consumed"] == "2").await;
+    app.send(
+        &usage,
+        &[(
+            "dave",
+            serde_json::to_vec(&api_call("dave", "e2")).unwrap(),
+            None,
+        )],
+    );
+    let m = app
+        .meter_until("dave", "api_calls", |b| b["consumed"] == "2")
+        .await;
     assert_eq!(m["balance"], "8");
     let dlq = app.cfg.topics.dlq.clone();
     let total = bad_usage.len() + bad_grants.len();
     let recs = read_until(&dlq, |r| r.len() >= total).await;
     assert_eq!(recs.len(), total);
-    let mut reasons: Vec<String> = recs.iter().map(|(_, _, h)| h["error.reason"].clone()).collect();
+    let mut reasons: Vec<String> = recs
+        .iter()
+        .map(|(_, _, h)| h["error.reason"].clone())
+        .collect();
     reasons.sort();
     let mut want = vec![
-        "undecodable", "undecodable", "wrong_type", "missing_field", "invalid_amount", "invalid_amount",
-        "invalid_amount", "missing_property", "invalid_amount", "empty", "unknown_meter", "invalid_amount",
-        "invalid_amount", "wrong_type", "void_unknown",
+        "undecodable",
+        "undecodable",
+        "wrong_type",
+        "missing_field",
+        "invalid_amount",
+        "invalid_amount",
+        "invalid_amount",
+        "missing_property",
+        "invalid_amount",
+        "empty",
+        "unknown_meter",
+        "invalid_amount",
+        "invalid_amount",
+        "wrong_type",
+        "void_unknown",
     ];
     want.sort();
     assert_eq!(reasons, want);
     for (_, payload, h) in &recs {
         assert!(h.contains_key("error.stage"));
-        assert!(h.contains_key("source.topic") && h.contains_key("source.offset") && h.contains_key("source.partition"));
+        assert!(
+            h.contains_key("source.topic")
+                && h.contains_key("source.offset")
+                && h.contains_key("source.partition")
+        );
         let src = &h["source.topic"];
         let offset: i64 = h["source.offset"].parse().unwrap();
         assert!(offset >= 0);
         if src == &usage {
-            assert!(bad_usage.iter().any(|(_, p, _)| p == payload), "the original bytes are kept");
+            assert!(
+                bad_usage.iter().any(|(_, p, _)| p == payload),
+                "the original bytes are kept"
+            );
         }
     }
     // The counters moved by at least as much (other tests may add to them concurrently).
     let after = app.get("/metrics").await.1;
-    for reason in ["undecodable", "wrong_type", "missing_field", "invalid_amount", "missing_property", "empty", "unknown_meter", "void_unknown"] {
+    for reason in [
+        "undecodable",
+        "wrong_type",
+        "missing_field",
+        "invalid_amount",
+        "missing_property",
+        "empty",
+        "unknown_meter",
+        "void_unknown",
+    ] {
         let n = want.iter().filter(|w| **w == reason).count() as f64;
-        assert!(count(&after, reason) - count(&metrics_before, reason) >= n, "counter for {reason}");
+        assert!(
+            count(&after, reason) - count(&metrics_before, reason) >= n,
+            "counter for {reason}"
+        );
     }
     app.stop().await;
 }
@@ -183,13 +267,24 @@ async fn protobuf_input_is_decoded_by_content_type() {
         customer_id: "erin".into(),
         name: "llm_completion".into(),
         timestamp_ms: 1,
-        properties: [("tokens".to_string(), "150".to_string())].into_iter().collect(),
+        properties: [("tokens".to_string(), "150".to_string())]
+            .into_iter()
+            .collect(),
     };
     let (usage, grants) = (app.cfg.topics.usage.clone(), app.cfg.topics.grants.clone());
-    app.send(&grants, &[("erin", g.encode_to_vec(), Some("application/x-protobuf"))]);
-    app.meter_until("erin", "tokens", |b| b["credited"] == "100").await;
-    app.send(&usage, &[("erin", u.encode_to_vec(), Some("application/x-protobuf"))]);
-    let m = app.meter_until("erin", "tokens", |b| b["version"] == 2).await;
+    app.send(
+        &grants,
+        &[("erin", g.encode_to_vec(), Some("application/x-protobuf"))],
+    );
+    app.meter_until("erin", "tokens", |b| b["credited"] == "100")
+        .await;
+    app.send(
+        &usage,
+        &[("erin", u.encode_to_vec(), Some("application/x-protobuf"))],
+    );
+    let m = app
+        .meter_until("erin", "tokens", |b| b["version"] == 2)
+        .await;
     assert_eq!(m["balance"], "0", "block mode floors at zero");
     assert_eq!(m["blocked"], "50");
     assert_eq!(m["consumed"], "100");
@@ -202,21 +297,32 @@ async fn state_is_restored_from_the_changelog_after_losing_the_disk() {
     let app = spawn_app(&names).await;
     app.grants(&[grant("frank", "g1", "api_calls", "5")]);
     app.usage(&[api_call("frank", "e1"), api_call("frank", "e2")]);
-    app.meter_until("frank", "api_calls", |b| b["version"] == 3).await;
+    app.meter_until("frank", "api_calls", |b| b["version"] == 3)
+        .await;
     app.stop().await;
     std::fs::remove_dir_all(names.dir.join("state")).unwrap();
     let app = spawn_app(&names).await;
-    let m = app.meter_until("frank", "api_calls", |b| b["version"] == 3).await;
+    let m = app
+        .meter_until("frank", "api_calls", |b| b["version"] == 3)
+        .await;
     assert_eq!(m["balance"], "3");
     // The duplicate is still known after the restore, and new input continues the versions.
     app.usage(&[api_call("frank", "e1"), api_call("frank", "e3")]);
-    let m = app.meter_until("frank", "api_calls", |b| b["version"] == 4).await;
+    let m = app
+        .meter_until("frank", "api_calls", |b| b["version"] == 4)
+        .await;
     assert_eq!(m["balance"], "2");
-    let (_, events) = app.get("/v1/customers/frank/meters/api_calls/events?limit=2").await;
+    let (_, events) = app
+        .get("/v1/customers/frank/meters/api_calls/events?limit=2")
+        .await;
     assert_eq!(events["events"].as_array().unwrap().len(), 2);
     assert_eq!(events["events"][0]["version"], 4);
     let cursor = events["next_cursor"].as_str().unwrap().to_string();
-    let (_, page2) = app.get(&format!("/v1/customers/frank/meters/api_calls/events?limit=2&cursor={cursor}")).await;
+    let (_, page2) = app
+        .get(&format!(
+            "/v1/customers/frank/meters/api_calls/events?limit=2&cursor={cursor}"
+        ))
+        .await;
     assert_eq!(page2["events"][0]["version"], 2);
     let _ = json!(null);
     app.stop().await;

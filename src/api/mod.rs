@@ -8,6 +8,8 @@
 //! The reference is the OpenAPI 3.1 document `docs/openapi.json`, compiled in and served at
 //! `GET /openapi.json`; `tests/ops.rs` checks live responses against it.
 
+pub mod route;
+
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,6 +42,12 @@ pub struct ApiState {
     pub partitions: i32,
     /// The configured meters.
     pub meters: Meters,
+    /// Who serves which partition (for forwarding).
+    pub directory: crate::kafka::directory::Directory,
+    /// This instance's id.
+    pub instance_id: String,
+    /// Client for forwarded requests.
+    pub http: reqwest::Client,
 }
 
 /// API errors, each mapped to an HTTP status.
@@ -184,10 +192,13 @@ pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
 /// The router.
 pub fn router(state: ApiState) -> Router {
     crate::metrics::zero_initialise_http(&routes::ALL);
-    Router::new()
+    let customer_routes = Router::new()
         .route(routes::STATE, get(customer_state))
         .route(routes::METER, get(meter_detail))
         .route(routes::EVENTS, get(meter_events))
+        .route_layer(middleware::from_fn_with_state(state.clone(), route::route));
+    Router::new()
+        .merge(customer_routes)
         .route(
             routes::HEALTHZ,
             get(|| async { Json(json!({"status": "ok"})) }),
@@ -256,11 +267,11 @@ fn customer(id: &str) -> Result<CustomerId, ApiError> {
 }
 
 /// The partitions to look in for a customer: murmur2's first, then the others.
+/// The partition holding a customer: murmur2 of the id, as producers key it. Only that one is
+/// read (and only once [`route::route`] checked this instance serves it), so state left behind
+/// by a partition that moved away is never shown.
 fn partitions_for(s: &ApiState, c: &CustomerId) -> Vec<i32> {
-    let first = partition_for(c.as_str().as_bytes(), s.partitions);
-    std::iter::once(first)
-        .chain((0..s.partitions).filter(|p| *p != first))
-        .collect()
+    vec![partition_for(c.as_str().as_bytes(), s.partitions)]
 }
 
 async fn blocking<T: Send + 'static>(

@@ -36,13 +36,28 @@ pub async fn ensure_topics(cfg: &Config) -> Result<i32, AdminError> {
     let rf = cfg.kafka.replication_factor;
     let changelog = cfg.changelog_topic();
     let t = &cfg.topics;
-    let plain = [&t.usage, &t.grants, &t.balance_changed, &t.balance_events, &t.dlq];
-    let mut topics: Vec<NewTopic> = plain.iter().map(|name| NewTopic::new(name, n, TopicReplication::Fixed(rf))).collect();
+    let plain = [
+        &t.usage,
+        &t.grants,
+        &t.balance_changed,
+        &t.balance_events,
+        &t.dlq,
+    ];
+    let mut topics: Vec<NewTopic> = plain
+        .iter()
+        .map(|name| NewTopic::new(name, n, TopicReplication::Fixed(rf)))
+        .collect();
     topics.push(
         NewTopic::new(&changelog, n, TopicReplication::Fixed(rf))
             .set("cleanup.policy", "compact")
             .set("min.compaction.lag.ms", "0")
             .set("segment.bytes", "67108864"),
+    );
+    let directory = super::directory::topic(cfg);
+    topics.push(
+        NewTopic::new(&directory, 1, TopicReplication::Fixed(rf))
+            .set("cleanup.policy", "compact")
+            .set("segment.ms", "600000"),
     );
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for r in admin.create_topics(topics.iter(), &opts).await? {
@@ -68,13 +83,21 @@ pub async fn ensure_topics(cfg: &Config) -> Result<i32, AdminError> {
 /// Partition counts of the inputs and the changelog (waiting for new topics' metadata).
 fn partition_counts(cfg: &Config) -> Result<Vec<(String, i32)>, AdminError> {
     let consumer: BaseConsumer = super::client_config(&cfg.kafka).create()?;
-    let names = [cfg.topics.usage.clone(), cfg.topics.grants.clone(), cfg.changelog_topic()];
+    let names = [
+        cfg.topics.usage.clone(),
+        cfg.topics.grants.clone(),
+        cfg.changelog_topic(),
+    ];
     let mut out = Vec::new();
     for name in names {
         let mut tries = 0;
         loop {
             let md = consumer.fetch_metadata(Some(&name), Duration::from_secs(10))?;
-            let c = md.topics().first().map(|t| t.partitions().len() as i32).unwrap_or(0);
+            let c = md
+                .topics()
+                .first()
+                .map(|t| t.partitions().len() as i32)
+                .unwrap_or(0);
             if c > 0 || tries > 50 {
                 out.push((name, c));
                 break;

@@ -29,12 +29,13 @@
 //! records is processed, from the poll loop, never inside the rebalance callback.
 
 pub mod admin;
+pub mod directory;
 pub mod lag;
 mod pipeline;
 mod restore;
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use rdkafka::ClientConfig;
@@ -63,20 +64,27 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
 /// What the pipeline tells the API: readiness and ownership.
 #[derive(Debug, Default)]
 pub struct PipelineStatus {
-    ready: AtomicBool,
-    restoring: AtomicUsize,
+    running: AtomicBool,
     owned: Mutex<BTreeSet<i32>>,
+    restoring: Mutex<BTreeMap<i32, i64>>,
 }
 
 impl PipelineStatus {
-    /// Ready: the pipeline is consuming and no partition is restoring.
+    /// Ready: the pipeline runs, owns partitions and none of them is restoring.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && self.restoring.load(Ordering::Acquire) == 0
+        self.running.load(Ordering::Acquire)
+            && !self.owned.lock().expect("not poisoned").is_empty()
+            && self.restoring.lock().expect("not poisoned").is_empty()
     }
 
-    /// Partitions currently restoring.
-    pub fn restoring(&self) -> usize {
-        self.restoring.load(Ordering::Acquire)
+    /// Whether the pipeline is connected and consuming (false while it restarts after an error).
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// Partitions restoring, with the changelog records left to replay.
+    pub fn restoring(&self) -> BTreeMap<i32, i64> {
+        self.restoring.lock().expect("not poisoned").clone()
     }
 
     /// The state partitions this instance owns.
@@ -84,14 +92,34 @@ impl PipelineStatus {
         self.owned.lock().expect("not poisoned").clone()
     }
 
-    fn set_ready(&self, ready: bool) {
-        self.ready.store(ready, Ordering::Release);
-        metrics::gauge!(crate::metrics::READY).set(if ready { 1.0 } else { 0.0 });
+    /// Whether this instance serves partition `p` now: owned and restored, pipeline running.
+    pub fn serves(&self, p: i32) -> bool {
+        self.is_running()
+            && self.owned.lock().expect("not poisoned").contains(&p)
+            && !self
+                .restoring
+                .lock()
+                .expect("not poisoned")
+                .contains_key(&p)
+    }
+
+    fn set_running(&self, running: bool) {
+        self.running.store(running, Ordering::Release);
+        metrics::gauge!(crate::metrics::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
     }
 
     fn set_owned(&self, owned: BTreeSet<i32>) {
         metrics::gauge!(crate::metrics::PARTITIONS_OWNED).set(owned.len() as f64);
         *self.owned.lock().expect("not poisoned") = owned;
+        metrics::gauge!(crate::metrics::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
+    }
+
+    fn set_restoring(&self, restoring: BTreeMap<i32, i64>) {
+        metrics::gauge!(crate::metrics::RESTORING_PARTITIONS).set(restoring.len() as f64);
+        metrics::gauge!(crate::metrics::RESTORE_REMAINING)
+            .set(restoring.values().sum::<i64>() as f64);
+        *self.restoring.lock().expect("not poisoned") = restoring;
+        metrics::gauge!(crate::metrics::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
     }
 }
 
@@ -120,9 +148,18 @@ mod tests {
     #[test]
     fn partitioner_matches_the_java_client() {
         // Values from the Java client's DefaultPartitioner / Utils.murmur2 test vectors.
-        assert_eq!(murmur2::murmur2(b"21", murmur2::KAFKA_SEED) as i32, -973932308);
-        assert_eq!(murmur2::murmur2(b"foobar", murmur2::KAFKA_SEED) as i32, -790332482);
-        assert_eq!(murmur2::murmur2(b"a-little-bit-long-string", murmur2::KAFKA_SEED) as i32, -985981536);
+        assert_eq!(
+            murmur2::murmur2(b"21", murmur2::KAFKA_SEED) as i32,
+            -973932308
+        );
+        assert_eq!(
+            murmur2::murmur2(b"foobar", murmur2::KAFKA_SEED) as i32,
+            -790332482
+        );
+        assert_eq!(
+            murmur2::murmur2(b"a-little-bit-long-string", murmur2::KAFKA_SEED) as i32,
+            -985981536
+        );
         assert_eq!(partition_for(b"21", 8), ((-973932308i32 & 0x7fffffff) % 8));
     }
 }

@@ -11,7 +11,7 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders};
 use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
-use super::restore::{restore_partition, RestoreError};
+use super::restore::{RestoreError, Restored, Restorer};
 use super::{partition_for, PipelineStatus, Shutdown};
 use crate::codec::{self, CodecError};
 use crate::config::{Config, OutputFormat};
@@ -36,6 +36,21 @@ pub enum PipelineError {
     Delivery(String),
 }
 
+/// A client context that does not log end-of-partition as an error (the restorer asks for it).
+pub(super) struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_))
+            && error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        {
+            tracing::error!(error = %error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
 /// Rebalance events, handed from librdkafka's callback to the loop.
 #[derive(Debug)]
 enum RebalanceEvent {
@@ -53,7 +68,10 @@ impl ConsumerContext for ConsumerCtx {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
         if let Rebalance::Revoke(_) = r {
             metrics::counter!(m::REBALANCES, "kind" => "revoke").increment(1);
-            self.events.lock().expect("not poisoned").push(RebalanceEvent::Revoke);
+            self.events
+                .lock()
+                .expect("not poisoned")
+                .push(RebalanceEvent::Revoke);
         }
     }
 
@@ -61,7 +79,10 @@ impl ConsumerContext for ConsumerCtx {
         if let Rebalance::Assign(tpl) = r {
             metrics::counter!(m::REBALANCES, "kind" => "assign").increment(1);
             let parts = tpl.elements().iter().map(|e| e.partition()).collect();
-            self.events.lock().expect("not poisoned").push(RebalanceEvent::Assign(parts));
+            self.events
+                .lock()
+                .expect("not poisoned")
+                .push(RebalanceEvent::Assign(parts));
         }
     }
 }
@@ -90,7 +111,10 @@ impl ProducerContext for ProducerCtx {
                 }
             }
             Err((e, _)) => {
-                self.failure.lock().expect("not poisoned").get_or_insert_with(|| e.to_string());
+                self.failure
+                    .lock()
+                    .expect("not poisoned")
+                    .get_or_insert_with(|| e.to_string());
             }
         }
         self.delivered.fetch_add(1, Ordering::AcqRel);
@@ -114,7 +138,12 @@ impl Rec {
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| (h.key.to_string(), h.value.map(|v| v.to_vec()).unwrap_or_default()))
+                    .map(|h| {
+                        (
+                            h.key.to_string(),
+                            h.value.map(|v| v.to_vec()).unwrap_or_default(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -198,6 +227,9 @@ impl DueIndex {
     }
 }
 
+/// A batch is folded per (partition, customer).
+type GroupKey = (i32, CustomerId);
+
 /// Work that is not driven by input records.
 #[derive(Default)]
 struct Housekeeping {
@@ -222,11 +254,13 @@ pub struct Pipeline {
 struct Clients {
     consumer: BaseConsumer<ConsumerCtx>,
     producer: BaseProducer<ProducerCtx>,
-    restorer: BaseConsumer,
 }
 
 fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 impl Pipeline {
@@ -239,8 +273,21 @@ impl Pipeline {
         shutdown: Shutdown,
         partitions: i32,
     ) -> Self {
-        let meter_names = ledger.meters().all().iter().map(|d| d.name.clone()).collect();
-        Self { cfg, ledger, store, status, shutdown, meter_names, partitions }
+        let meter_names = ledger
+            .meters()
+            .all()
+            .iter()
+            .map(|d| d.name.clone())
+            .collect();
+        Self {
+            cfg,
+            ledger,
+            store,
+            status,
+            shutdown,
+            meter_names,
+            partitions,
+        }
     }
 
     /// Runs until shutdown, rebuilding the clients (with backoff) after any error.
@@ -251,7 +298,7 @@ impl Pipeline {
             match self.run_once() {
                 Ok(()) => break,
                 Err(e) => {
-                    self.status.set_ready(false);
+                    self.status.set_running(false);
                     let reason = match &e {
                         PipelineError::Kafka(k) if is_fenced(k) => "fenced",
                         PipelineError::Kafka(_) => "kafka",
@@ -269,7 +316,7 @@ impl Pipeline {
                 }
             }
         }
-        self.status.set_ready(false);
+        self.status.set_running(false);
         if let Err(e) = self.store.flush() {
             tracing::warn!(error = %e, "flushing the store at shutdown failed");
         }
@@ -279,8 +326,14 @@ impl Pipeline {
     fn clients(&self) -> Result<Clients, PipelineError> {
         let k = &self.cfg.kafka;
         let producer: BaseProducer<ProducerCtx> = super::client_config(k)
-            .set("transactional.id", format!("{}-{}", k.group_id, k.instance_id))
-            .set("transaction.timeout.ms", k.transaction_timeout.as_millis().to_string())
+            .set(
+                "transactional.id",
+                format!("{}-{}", k.group_id, k.instance_id),
+            )
+            .set(
+                "transaction.timeout.ms",
+                k.transaction_timeout.as_millis().to_string(),
+            )
             .set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "5")
@@ -288,7 +341,10 @@ impl Pipeline {
             .set("compression.type", "lz4")
             .set("queue.buffering.max.messages", "2000000")
             .set("queue.buffering.max.kbytes", "1048576")
-            .create_with_context(ProducerCtx { changelog: self.cfg.changelog_topic(), ..Default::default() })?;
+            .create_with_context(ProducerCtx {
+                changelog: self.cfg.changelog_topic(),
+                ..Default::default()
+            })?;
         producer.init_transactions(Duration::from_secs(60))?;
         let consumer: BaseConsumer<ConsumerCtx> = super::client_config(k)
             .set("group.id", &k.group_id)
@@ -301,58 +357,98 @@ impl Pipeline {
             .set("heartbeat.interval.ms", "1000")
             .set("max.poll.interval.ms", "600000")
             .set("fetch.wait.max.ms", "50")
-            .create_with_context(ConsumerCtx { events: Mutex::new(Vec::new()) })?;
-        let restorer: BaseConsumer = super::client_config(k)
-            .set("group.id", format!("{}-restore", k.group_id))
-            .set("enable.auto.commit", "false")
-            .set("isolation.level", "read_committed")
-            .set("enable.partition.eof", "true")
-            .set("auto.offset.reset", "earliest")
-            .create()?;
+            .create_with_context(ConsumerCtx {
+                events: Mutex::new(Vec::new()),
+            })?;
         consumer.subscribe(&[&self.cfg.topics.usage, &self.cfg.topics.grants])?;
-        Ok(Clients { consumer, producer, restorer })
+        Ok(Clients { consumer, producer })
     }
 
     fn run_once(&self) -> Result<(), PipelineError> {
         let c = self.clients()?;
-        let changelog = self.cfg.changelog_topic();
+        let mut restorer = Restorer::new(
+            super::client_config(&self.cfg.kafka)
+                .set("group.id", format!("{}-restore", self.cfg.kafka.group_id))
+                .set("enable.auto.commit", "false")
+                .set("isolation.level", "read_committed")
+                .set("enable.partition.eof", "true")
+                .set("auto.offset.reset", "earliest")
+                .set("fetch.wait.max.ms", "20")
+                .create_with_context(QuietEof)?,
+            self.cfg.changelog_topic(),
+        );
         let mut owned: BTreeSet<i32> = BTreeSet::new();
+        // Input positions of records polled for a partition still restoring: they were not
+        // processed, so the partition is rewound there when its restore is done.
+        let mut skipped: HashMap<(bool, i32), i64> = HashMap::new();
+        // Partitions that moved away, and since when: their local state is dropped after a delay
+        // (it is kept a while so a quick return restores from the checkpoint, not from scratch).
+        let mut released: HashMap<i32, Instant> = HashMap::new();
         self.status.set_owned(owned.clone());
+        self.status.set_restoring(restorer.remaining());
+        self.status.set_running(true);
         let interval = self.cfg.pipeline.commit_interval;
         let max_batch = self.cfg.pipeline.max_batch;
         let tick_interval = self.cfg.pipeline.tick_interval;
-        let purge_interval = (self.cfg.pipeline.dedupe_window / 10).clamp(Duration::from_secs(1), Duration::from_secs(600));
+        let purge_interval = (self.cfg.pipeline.dedupe_window / 10)
+            .clamp(Duration::from_secs(1), Duration::from_secs(600));
+        let drop_delay = self.cfg.pipeline.state_drop_delay;
         let mut due = DueIndex::default();
         let mut last_tick = Instant::now();
         let mut last_purge = Instant::now();
         tracing::info!(group = %self.cfg.kafka.group_id, "pipeline started");
         loop {
             if self.shutdown.is_triggered() {
-                tracing::info!("shutdown: stopping the pipeline after the last committed batch");
+                tracing::info!("shutdown: last batch committed; leaving the group");
                 c.consumer.unsubscribe();
                 return Ok(());
             }
+            if !restorer.is_idle() {
+                for r in restorer.step(&self.store, Duration::from_millis(50))? {
+                    self.finish_restore(&c, r, &mut due, &mut skipped)?;
+                }
+                self.status.set_restoring(restorer.remaining());
+            }
             let mut batch: Vec<Rec> = Vec::new();
-            let deadline = Instant::now() + interval;
+            let window = if restorer.is_idle() {
+                interval
+            } else {
+                Duration::from_millis(10)
+            };
+            let deadline = Instant::now() + window;
             let mut rebalanced = false;
+            let restoring = restorer.remaining();
             while batch.len() < max_batch {
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() && !batch.is_empty() {
                     break;
                 }
                 let polled = c.consumer.poll(left.max(Duration::from_millis(1)));
-                if !c.consumer.context().events.lock().expect("not poisoned").is_empty() {
+                if !c
+                    .consumer
+                    .context()
+                    .events
+                    .lock()
+                    .expect("not poisoned")
+                    .is_empty()
+                {
                     rebalanced = true;
                     break;
                 }
                 match polled {
-                    Some(Ok(msg)) => batch.push(Rec::from_message(&msg, &self.cfg.topics.usage)),
-                    Some(Err(e)) => {
-                        if e.rdkafka_error_code().is_some_and(|c| c == rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition) {
-                            tracing::warn!(error = %e, "consumer error");
+                    Some(Ok(msg)) => {
+                        let rec = Rec::from_message(&msg, &self.cfg.topics.usage);
+                        if restoring.contains_key(&rec.partition) {
+                            let e = skipped
+                                .entry((rec.usage, rec.partition))
+                                .or_insert(rec.offset);
+                            *e = (*e).min(rec.offset);
                         } else {
-                            tracing::debug!(error = %e, "consumer error (librdkafka retries)");
+                            batch.push(rec);
                         }
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(error = %e, "consumer error (librdkafka retries)");
                     }
                     None => {}
                 }
@@ -363,48 +459,73 @@ impl Pipeline {
             if rebalanced {
                 // Whatever was polled is not committed: drop it; the new assignment starts from
                 // the committed offsets.
-                let events = std::mem::take(&mut *c.consumer.context().events.lock().expect("not poisoned"));
+                let events =
+                    std::mem::take(&mut *c.consumer.context().events.lock().expect("not poisoned"));
                 for ev in events {
                     match ev {
                         RebalanceEvent::Revoke => {
-                            owned.clear();
+                            let now = Instant::now();
+                            for p in std::mem::take(&mut owned) {
+                                released.insert(p, now);
+                            }
                             due.clear();
-                            self.status.set_ready(false);
+                            skipped.clear();
+                            restorer.cancel_all()?;
+                            self.status.set_owned(BTreeSet::new());
+                            tracing::info!("partitions revoked");
                         }
                         RebalanceEvent::Assign(parts) => {
-                            self.status.set_ready(false);
-                            let fresh: Vec<i32> = parts.iter().copied().filter(|p| !owned.contains(p)).collect();
-                            self.status.restoring.store(fresh.len(), Ordering::Release);
-                            metrics::gauge!(m::RESTORING_PARTITIONS).set(fresh.len() as f64);
-                            for p in fresh {
-                                restore_partition(&c.restorer, &self.store, &changelog, p)?;
-                                for (d, customer, meter) in self.store.due_meters(p)? {
-                                    due.set(p, &customer, &meter, Some(d));
-                                }
-                                self.status.restoring.fetch_sub(1, Ordering::AcqRel);
-                                metrics::gauge!(m::RESTORING_PARTITIONS).decrement(1.0);
+                            tracing::info!(partitions = ?parts, "partitions assigned");
+                            owned = parts.clone();
+                            self.status.set_owned(owned.clone());
+                            for p in &parts {
+                                released.remove(p);
                             }
-                            owned = parts;
+                            self.pause(&c, &parts, true)?;
+                            for p in parts {
+                                if let Some(r) = restorer.begin(&self.store, p)? {
+                                    self.finish_restore(&c, r, &mut due, &mut skipped)?;
+                                }
+                            }
                         }
                     }
                 }
-                self.status.set_owned(owned.clone());
-                self.status.set_ready(!owned.is_empty());
+                self.status.set_restoring(restorer.remaining());
                 continue;
+            }
+            if !released.is_empty() {
+                let expired: Vec<i32> = released
+                    .iter()
+                    .filter(|(_, t)| t.elapsed() >= drop_delay)
+                    .map(|(p, _)| *p)
+                    .collect();
+                for p in expired {
+                    released.remove(&p);
+                    self.store.drop_partition(p)?;
+                    tracing::info!(
+                        partition = p,
+                        "dropped the local state of a partition owned elsewhere"
+                    );
+                }
             }
             let mut chores = Housekeeping::default();
             if last_tick.elapsed() >= tick_interval {
                 last_tick = Instant::now();
                 chores.ticks = due.due(now_ms(), 10_000);
             }
-            if last_purge.elapsed() >= purge_interval {
+            if last_purge.elapsed() >= purge_interval && restorer.is_idle() {
                 last_purge = Instant::now();
                 let cutoff = now_ms() - self.cfg.pipeline.dedupe_window.as_millis() as i64;
                 for p in &owned {
-                    chores.forget.extend(self.store.expired_events(*p, cutoff, 10_000)?);
+                    chores
+                        .forget
+                        .extend(self.store.expired_events(*p, cutoff, 10_000)?);
                 }
                 if !chores.forget.is_empty() {
-                    tracing::info!(records = chores.forget.len(), "forgetting usage ids older than the dedupe window");
+                    tracing::info!(
+                        records = chores.forget.len(),
+                        "forgetting usage ids older than the dedupe window"
+                    );
                 }
             }
             if batch.is_empty() && chores.ticks.is_empty() && chores.forget.is_empty() {
@@ -414,9 +535,64 @@ impl Pipeline {
         }
     }
 
+    /// Pauses (or resumes) both input topics' partition `p`s.
+    fn pause(&self, c: &Clients, parts: &BTreeSet<i32>, pause: bool) -> Result<(), PipelineError> {
+        let mut tpl = TopicPartitionList::new();
+        for p in parts {
+            tpl.add_partition(&self.cfg.topics.usage, *p);
+            tpl.add_partition(&self.cfg.topics.grants, *p);
+        }
+        if pause {
+            c.consumer.pause(&tpl)?;
+        } else {
+            c.consumer.resume(&tpl)?;
+        }
+        Ok(())
+    }
+
+    /// A partition's state is restored: index its due times, rewind its input to anything
+    /// skipped meanwhile, and resume it.
+    fn finish_restore(
+        &self,
+        c: &Clients,
+        r: Restored,
+        due: &mut DueIndex,
+        skipped: &mut HashMap<(bool, i32), i64>,
+    ) -> Result<(), PipelineError> {
+        let p = r.partition;
+        for (d, customer, meter) in self.store.due_meters(p)? {
+            due.set(p, &customer, &meter, Some(d));
+        }
+        for usage in [true, false] {
+            if let Some(off) = skipped.remove(&(usage, p)) {
+                let topic = if usage {
+                    &self.cfg.topics.usage
+                } else {
+                    &self.cfg.topics.grants
+                };
+                c.consumer
+                    .seek(topic, p, Offset::Offset(off), Duration::from_secs(10))?;
+            }
+        }
+        self.pause(c, &BTreeSet::from([p]), false)?;
+        tracing::info!(
+            partition = p,
+            restored_records = r.records,
+            secs_since_assignment = r.secs,
+            "partition ready"
+        );
+        Ok(())
+    }
+
     /// Folds a batch, commits it in one transaction, then writes the store.
     #[tracing::instrument(skip_all, fields(records = batch.len()))]
-    fn process(&self, c: &Clients, batch: Vec<Rec>, chores: Housekeeping, due: &mut DueIndex) -> Result<(), PipelineError> {
+    fn process(
+        &self,
+        c: &Clients,
+        batch: Vec<Rec>,
+        chores: Housekeeping,
+        due: &mut DueIndex,
+    ) -> Result<(), PipelineError> {
         let started = Instant::now();
         let now = now_ms();
         let format = self.cfg.pipeline.output_format;
@@ -427,7 +603,7 @@ impl Pipeline {
         // Next offsets to commit per (usage?, partition).
         let mut offsets: BTreeMap<(bool, i32), i64> = BTreeMap::new();
         // Decode, then group by (partition, customer), keeping order.
-        let mut groups: Vec<((i32, CustomerId), Vec<(usize, Input)>)> = Vec::new();
+        let mut groups: Vec<(GroupKey, Vec<(usize, Input)>)> = Vec::new();
         let mut index: HashMap<(i32, CustomerId), usize> = HashMap::new();
         let mut counts: HashMap<(bool, &'static str), u64> = HashMap::new();
         for (i, r) in batch.iter().enumerate() {
@@ -467,14 +643,18 @@ impl Pipeline {
             for (_, input) in &inputs {
                 input.refs(&mut refs);
             }
-            let mut book: Book = self.store.load_book(p, &customer, &self.meter_names, &refs)?;
+            let mut book: Book = self
+                .store
+                .load_book(p, &customer, &self.meter_names, &refs)?;
             // Time first: what expired or became active by now, for every meter of the customer.
             self.ledger.advance(&mut book, now, &mut results);
             for (i, input) in &inputs {
                 let r = &batch[*i];
                 match self.ledger.apply(&mut book, input, now, &mut results) {
                     Ok(Applied::Applied) => *counts.entry((r.usage, "applied")).or_default() += 1,
-                    Ok(Applied::Duplicate) => *counts.entry((r.usage, "duplicate")).or_default() += 1,
+                    Ok(Applied::Duplicate) => {
+                        *counts.entry((r.usage, "duplicate")).or_default() += 1
+                    }
                     Ok(Applied::NoMeter) => metrics::counter!(m::RECORDS_UNMETERED).increment(1),
                     Err(e) => {
                         let e = CodecError::Invalid(e);
@@ -486,7 +666,10 @@ impl Pipeline {
                 match out {
                     Output::Changed(ch) => {
                         let slot = (ch.version % history_len) as u32;
-                        mutations.push((store::history_key(p, &customer, &ch.meter, slot), Some(store::encode(&ch))));
+                        mutations.push((
+                            store::history_key(p, &customer, &ch.meter, slot),
+                            Some(store::encode(&ch)),
+                        ));
                         outs.push(Out {
                             topic: Topic::Changed,
                             key: customer.as_str().as_bytes().to_vec(),
@@ -515,16 +698,30 @@ impl Pipeline {
                 let (key, value) = match &d {
                     Dirty::Meter(name) => {
                         let state = book.meters.get(name);
-                        due_updates.push((p, customer.clone(), name.clone(), state.and_then(|s| s.next_due())));
-                        (store::meter_key(p, &customer, name), state.map(store::encode))
+                        due_updates.push((
+                            p,
+                            customer.clone(),
+                            name.clone(),
+                            state.and_then(|s| s.next_due()),
+                        ));
+                        (
+                            store::meter_key(p, &customer, name),
+                            state.map(store::encode),
+                        )
                     }
                     Dirty::Event(id) => (
                         store::event_key(p, &customer, id.as_str()),
-                        book.events.get(id).and_then(|r| r.as_ref()).map(store::encode),
+                        book.events
+                            .get(id)
+                            .and_then(|r| r.as_ref())
+                            .map(store::encode),
                     ),
                     Dirty::Grant(id) => (
                         store::grant_key(p, &customer, id.as_str()),
-                        book.grants.get(id).and_then(|r| r.as_ref()).map(store::encode),
+                        book.grants
+                            .get(id)
+                            .and_then(|r| r.as_ref())
+                            .map(store::encode),
                     ),
                 };
                 mutations.push((key, value));
@@ -533,7 +730,13 @@ impl Pipeline {
         // Changelog: every mutation, to the partition it belongs to (encoded in the key).
         for (k, v) in &mutations {
             let p = i32::from(u16::from_be_bytes([k[1], k[2]]));
-            outs.push(Out { topic: Topic::Changelog, key: k.clone(), payload: v.clone(), partition: Some(p), headers: vec![] });
+            outs.push(Out {
+                topic: Topic::Changelog,
+                key: k.clone(),
+                payload: v.clone(),
+                partition: Some(p),
+                headers: vec![],
+            });
         }
         let checkpoints = self.transact(c, &outs, &offsets)?;
         self.store.write(&mutations, &checkpoints)?;
@@ -546,7 +749,8 @@ impl Pipeline {
         let done = now_ms();
         for r in &batch {
             if let Some(ts) = r.timestamp {
-                metrics::histogram!(m::E2E_LATENCY_SECONDS).record((done - ts).max(0) as f64 / 1000.0);
+                metrics::histogram!(m::E2E_LATENCY_SECONDS)
+                    .record((done - ts).max(0) as f64 / 1000.0);
             }
         }
         for ((usage, what), n) in counts {
@@ -574,7 +778,13 @@ impl Pipeline {
                 // counted per reason in dead_letter
             }
         }
-        tracing::debug!(records = batch.len(), outputs = outs.len(), secs = elapsed, due = due.len(), "batch committed");
+        tracing::debug!(
+            records = batch.len(),
+            outputs = outs.len(),
+            secs = elapsed,
+            due = due.len(),
+            "batch committed"
+        );
         Ok(())
     }
 
@@ -603,9 +813,13 @@ impl Pipeline {
                 };
                 let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
                 for (k, v) in &o.headers {
-                    headers = headers.insert(Header { key: k, value: Some(v.as_slice()) });
+                    headers = headers.insert(Header {
+                        key: k,
+                        value: Some(v.as_slice()),
+                    });
                 }
-                let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).key(o.key.as_slice()).headers(headers);
+                let mut rec: BaseRecord<'_, [u8], [u8]> =
+                    BaseRecord::to(topic).key(o.key.as_slice()).headers(headers);
                 if let Some(p) = &o.payload {
                     rec = rec.payload(p.as_slice());
                 }
@@ -615,7 +829,12 @@ impl Pipeline {
                 loop {
                     match c.producer.send(rec) {
                         Ok(()) => break,
-                        Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                        Err((
+                            KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull,
+                            ),
+                            back,
+                        )) => {
                             rec = back;
                             c.producer.poll(Duration::from_millis(10));
                         }
@@ -628,7 +847,9 @@ impl Pipeline {
             let deadline = Instant::now() + self.cfg.kafka.transaction_timeout;
             while ctx.delivered.load(Ordering::Acquire) < want {
                 if Instant::now() > deadline {
-                    return Err(PipelineError::Delivery("timed out waiting for delivery reports".into()));
+                    return Err(PipelineError::Delivery(
+                        "timed out waiting for delivery reports".into(),
+                    ));
                 }
                 c.producer.poll(Duration::from_millis(5));
             }
@@ -645,7 +866,8 @@ impl Pipeline {
                     .consumer
                     .group_metadata()
                     .ok_or_else(|| PipelineError::Delivery("no consumer group metadata".into()))?;
-                c.producer.send_offsets_to_transaction(&tpl, &meta, Duration::from_secs(30))?;
+                c.producer
+                    .send_offsets_to_transaction(&tpl, &meta, Duration::from_secs(30))?;
             }
             c.producer.commit_transaction(Duration::from_secs(60))?;
             Ok(())
@@ -666,10 +888,27 @@ impl Pipeline {
         Ok(offs.iter().map(|(p, o)| (*p, o + 1)).collect())
     }
 
-    fn dead_letter(&self, r: &Rec, stage: &'static str, message: &str, reason: &'static str) -> Out {
+    fn dead_letter(
+        &self,
+        r: &Rec,
+        stage: &'static str,
+        message: &str,
+        reason: &'static str,
+    ) -> Out {
         metrics::counter!(m::RECORDS_REJECTED, "reason" => reason, "stage" => stage).increment(1);
-        tracing::debug!(partition = r.partition, offset = r.offset, reason, stage, message, "record rejected");
-        let source = if r.usage { &self.cfg.topics.usage } else { &self.cfg.topics.grants };
+        tracing::debug!(
+            partition = r.partition,
+            offset = r.offset,
+            reason,
+            stage,
+            message,
+            "record rejected"
+        );
+        let source = if r.usage {
+            &self.cfg.topics.usage
+        } else {
+            &self.cfg.topics.grants
+        };
         let mut headers: Vec<(&'static str, Vec<u8>)> = vec![
             ("error.reason", reason.as_bytes().to_vec()),
             ("error.stage", stage.as_bytes().to_vec()),

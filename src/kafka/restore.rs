@@ -1,70 +1,19 @@
-//! Restoring a partition's state from the changelog.
+//! Restoring partitions' state from the changelog, incrementally, from the poll loop.
+//!
+//! The loop calls [`Restorer::step`] between polls of the group consumer, so a long restore
+//! never stops the member from heartbeating or handling a rebalance (restoring inside the
+//! rebalance callback, or for longer than `max.poll.interval.ms` without polling, gets the member
+//! evicted). The partition's input stays paused until its restore is done.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use crate::metrics as m;
 use crate::store::{Mutation, Store};
-
-/// Replays changelog partition `p` from the store's checkpoint (or the start, after dropping
-/// any stale local state) to its end (`read_committed`, so aborted records are skipped), writing
-/// into the store with the checkpoint in the same batch. Returns the records applied.
-#[tracing::instrument(skip_all, fields(partition = p))]
-pub(super) fn restore_partition(
-    consumer: &BaseConsumer,
-    store: &Store,
-    changelog: &str,
-    p: i32,
-) -> Result<u64, RestoreError> {
-    let started = Instant::now();
-    let checkpoint = store.checkpoint(p)?;
-    if checkpoint.is_none() {
-        store.drop_partition(p)?;
-    }
-    let (low, high) = consumer.fetch_watermarks(changelog, p, Duration::from_secs(30))?;
-    let start = checkpoint.unwrap_or(low).max(low);
-    if start >= high {
-        tracing::info!(partition = p, checkpoint = ?checkpoint, high, "state up to date, nothing to restore");
-        if checkpoint.is_none() {
-            store.write(&[], &[(p, start)])?;
-        }
-        return Ok(0);
-    }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(changelog, p, Offset::Offset(start))?;
-    consumer.assign(&tpl)?;
-    let mut batch: Vec<Mutation> = Vec::with_capacity(10_000);
-    let mut next = start;
-    let mut applied = 0u64;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        match consumer.poll(Duration::from_millis(500)) {
-            Some(Ok(m)) => {
-                let key = m.key().unwrap_or_default().to_vec();
-                batch.push((key, m.payload().map(|v| v.to_vec())));
-                next = m.offset() + 1;
-                applied += 1;
-                if batch.len() >= 10_000 {
-                    store.write(&batch, &[(p, next)])?;
-                    metrics::counter!(crate::metrics::RESTORE_RECORDS).increment(batch.len() as u64);
-                    batch.clear();
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            Some(Err(e)) => return Err(e.into()),
-            None if Instant::now() > deadline => return Err(RestoreError::Timeout(p)),
-            None => {}
-        }
-    }
-    store.write(&batch, &[(p, next.max(start))])?;
-    metrics::counter!(crate::metrics::RESTORE_RECORDS).increment(batch.len() as u64);
-    consumer.unassign()?;
-    let secs = started.elapsed().as_secs_f64();
-    tracing::info!(partition = p, from = start, to = next, records = applied, secs, "restored from changelog");
-    Ok(applied)
-}
 
 /// Restore failures.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +24,176 @@ pub enum RestoreError {
     /// Writing the store failed.
     #[error("store: {0}")]
     Store(#[from] crate::store::StoreError),
-    /// The end was not reached in time.
-    #[error("restore of partition {0} timed out")]
-    Timeout(i32),
+}
+
+struct Progress {
+    /// Next changelog offset to apply.
+    next: i64,
+    /// The end seen when the restore began (progress reporting only: the restore runs to EOF).
+    high: i64,
+    records: u64,
+    started: Instant,
+    pending: Vec<Mutation>,
+}
+
+/// A finished restore.
+#[derive(Debug, Clone, Copy)]
+pub struct Restored {
+    /// The partition.
+    pub partition: i32,
+    /// Changelog records applied.
+    pub records: u64,
+    /// Time from assignment to done.
+    pub secs: f64,
+}
+
+/// Replays changelog partitions into the store.
+pub(super) struct Restorer {
+    consumer: BaseConsumer<super::pipeline::QuietEof>,
+    changelog: String,
+    active: BTreeMap<i32, Progress>,
+}
+
+const FLUSH_EVERY: usize = 20_000;
+
+impl Restorer {
+    pub(super) fn new(
+        consumer: BaseConsumer<super::pipeline::QuietEof>,
+        changelog: String,
+    ) -> Self {
+        Self {
+            consumer,
+            changelog,
+            active: BTreeMap::new(),
+        }
+    }
+
+    /// Partitions still restoring, with the records left (as of the start).
+    pub(super) fn remaining(&self) -> BTreeMap<i32, i64> {
+        self.active
+            .iter()
+            .map(|(p, pr)| (*p, (pr.high - pr.next).max(0)))
+            .collect()
+    }
+
+    pub(super) fn is_idle(&self) -> bool {
+        self.active.is_empty()
+    }
+
+    /// Starts restoring `p` from the store's checkpoint (or from the start, after dropping any
+    /// stale local state). Returns `Some` when there is nothing to replay.
+    pub(super) fn begin(
+        &mut self,
+        store: &Store,
+        p: i32,
+    ) -> Result<Option<Restored>, RestoreError> {
+        let started = Instant::now();
+        let checkpoint = store.checkpoint(p)?;
+        if checkpoint.is_none() {
+            store.drop_partition(p)?;
+        }
+        let (low, high) =
+            self.consumer
+                .fetch_watermarks(&self.changelog, p, Duration::from_secs(30))?;
+        let start = checkpoint.unwrap_or(low).max(low);
+        if start >= high {
+            if checkpoint.is_none() {
+                store.write(&[], &[(p, start)])?;
+            }
+            tracing::info!(partition = p, checkpoint = ?checkpoint, high, "state up to date, nothing to restore");
+            return Ok(Some(Restored {
+                partition: p,
+                records: 0,
+                secs: started.elapsed().as_secs_f64(),
+            }));
+        }
+        tracing::info!(
+            partition = p,
+            from = start,
+            to = high,
+            "restoring from the changelog"
+        );
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&self.changelog, p, Offset::Offset(start))?;
+        self.consumer.incremental_assign(&tpl)?;
+        self.active.insert(
+            p,
+            Progress {
+                next: start,
+                high,
+                records: 0,
+                started,
+                pending: Vec::with_capacity(FLUSH_EVERY),
+            },
+        );
+        Ok(None)
+    }
+
+    /// Applies changelog records for up to `budget`; returns the partitions that reached the end.
+    pub(super) fn step(
+        &mut self,
+        store: &Store,
+        budget: Duration,
+    ) -> Result<Vec<Restored>, RestoreError> {
+        let deadline = Instant::now() + budget;
+        let mut done = Vec::new();
+        while !self.active.is_empty() && Instant::now() < deadline {
+            match self.consumer.poll(Duration::from_millis(20)) {
+                Some(Ok(msg)) => {
+                    let p = msg.partition();
+                    let Some(pr) = self.active.get_mut(&p) else {
+                        continue;
+                    };
+                    pr.pending.push((
+                        msg.key().unwrap_or_default().to_vec(),
+                        msg.payload().map(|v| v.to_vec()),
+                    ));
+                    pr.next = msg.offset() + 1;
+                    pr.records += 1;
+                    if pr.pending.len() >= FLUSH_EVERY {
+                        store.write(&pr.pending, &[(p, pr.next)])?;
+                        metrics::counter!(m::RESTORE_RECORDS).increment(pr.pending.len() as u64);
+                        pr.pending.clear();
+                    }
+                }
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    let Some(pr) = self.active.remove(&p) else {
+                        continue;
+                    };
+                    store.write(&pr.pending, &[(p, pr.next)])?;
+                    metrics::counter!(m::RESTORE_RECORDS).increment(pr.pending.len() as u64);
+                    let mut tpl = TopicPartitionList::new();
+                    tpl.add_partition(&self.changelog, p);
+                    self.consumer.incremental_unassign(&tpl)?;
+                    let secs = pr.started.elapsed().as_secs_f64();
+                    let rate = pr.records as f64 / secs.max(1e-9);
+                    tracing::info!(
+                        partition = p,
+                        records = pr.records,
+                        secs,
+                        records_per_sec = rate as u64,
+                        "restored from the changelog"
+                    );
+                    done.push(Restored {
+                        partition: p,
+                        records: pr.records,
+                        secs,
+                    });
+                }
+                Some(Err(e)) => return Err(e.into()),
+                None => {}
+            }
+        }
+        Ok(done)
+    }
+
+    /// Abandons every restore in progress (on revocation). What was written stays valid: each
+    /// write carried its checkpoint.
+    pub(super) fn cancel_all(&mut self) -> Result<(), RestoreError> {
+        if !self.active.is_empty() {
+            self.active.clear();
+            self.consumer.unassign()?;
+        }
+        Ok(())
+    }
 }

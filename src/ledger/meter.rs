@@ -120,7 +120,10 @@ impl Meters {
                 }
             }
             if d.low_balance.len() > 32 {
-                return Err(format!("meter {}: at most 32 low-balance thresholds", d.name));
+                return Err(format!(
+                    "meter {}: at most 32 low-balance thresholds",
+                    d.name
+                ));
             }
         }
         Ok(Self { defs })

@@ -338,7 +338,11 @@ impl MeterState {
     /// cycle ends or they are voided; beyond [`MAX_DRAINED`] drained grants, the oldest drained
     /// ones are dropped so the projection stays bounded.
     fn prune_drained(&mut self) {
-        let drained = self.grants.iter().filter(|g| g.active && g.remaining.is_zero()).count();
+        let drained = self
+            .grants
+            .iter()
+            .filter(|g| g.active && g.remaining.is_zero())
+            .count();
         if drained <= MAX_DRAINED {
             return;
         }
@@ -349,15 +353,27 @@ impl MeterState {
             .map(|g| (g.effective_at, g.id.clone()))
             .collect();
         by_age.sort();
-        let drop: BTreeSet<GrantId> = by_age.into_iter().take(drained - MAX_DRAINED).map(|(_, id)| id).collect();
-        self.grants.retain(|g| !drop.contains(&g.id));
+        let drop: BTreeSet<GrantId> = by_age
+            .into_iter()
+            .take(drained - MAX_DRAINED)
+            .map(|(_, id)| id)
+            .collect();
+        // Only drained slots: an adjustment may share its id with another slot (`void`).
+        self.grants
+            .retain(|g| !(g.active && g.remaining.is_zero() && drop.contains(&g.id)));
     }
 
     /// The earliest time at which [`Ledger::advance`] would change this meter.
     pub fn next_due(&self) -> Option<i64> {
         self.grants
             .iter()
-            .filter_map(|g| if g.active { g.expires_at } else { Some(g.effective_at) })
+            .filter_map(|g| {
+                if g.active {
+                    g.expires_at
+                } else {
+                    Some(g.effective_at)
+                }
+            })
             .min()
     }
 }
@@ -635,7 +651,9 @@ impl Change<'_> {
             out.push(Output::Transition(base(TransitionKind::Restored, None)));
         }
         for (i, t) in self.meter.low_balance.iter().enumerate() {
-            let Some(t) = t.units(state.cycle_credited) else { continue };
+            let Some(t) = t.units(state.cycle_credited) else {
+                continue;
+            };
             let bit = 1u32 << i;
             if state.low_fired & bit == 0 && before >= t && after < t {
                 state.low_fired |= bit;
@@ -668,8 +686,12 @@ impl Ledger {
     }
 
     fn advance_meter(&self, book: &mut Book, name: &MeterName, now: i64, out: &mut Vec<Output>) {
-        let Some(def) = self.meters.get(name) else { return };
-        let Some(state) = book.meters.get_mut(name) else { return };
+        let Some(def) = self.meters.get(name) else {
+            return;
+        };
+        let Some(state) = book.meters.get_mut(name) else {
+            return;
+        };
         if state.next_due().is_none_or(|due| due > now) {
             return;
         }
@@ -687,7 +709,12 @@ impl Ledger {
         pending.sort_by_key(|g| (g.effective_at, g.id.clone()));
         for g in pending {
             let id = g.id.clone();
-            let change = Change { customer: &book.customer, meter: def, now, cause_id: id.as_str() };
+            let change = Change {
+                customer: &book.customer,
+                meter: def,
+                now,
+                cause_id: id.as_str(),
+            };
             activate(state, g, &change, Reason::Activated, out);
         }
         let expiring: Vec<GrantId> = state
@@ -698,13 +725,22 @@ impl Ledger {
             .collect();
         for id in expiring {
             let before = state.balance();
-            let pos = state.grants.iter().position(|g| g.id == id).expect("listed above");
+            let pos = state
+                .grants
+                .iter()
+                .position(|g| g.id == id)
+                .expect("listed above");
             let g = state.grants.remove(pos);
             if g.remaining.is_zero() {
                 continue;
             }
             state.expired += g.remaining;
-            let change = Change { customer: &book.customer, meter: def, now, cause_id: id.as_str() };
+            let change = Change {
+                customer: &book.customer,
+                meter: def,
+                now,
+                cause_id: id.as_str(),
+            };
             change.emit(state, before, Reason::Expired, out);
         }
         book.dirty.insert(Dirty::Meter(name.clone()));
@@ -780,12 +816,29 @@ impl Ledger {
                     (Decimal::ZERO, left)
                 }
             };
-            let change = Change { customer: &book.customer, meter: def, now, cause_id: u.id.as_str() };
+            let change = Change {
+                customer: &book.customer,
+                meter: def,
+                now,
+                cause_id: u.id.as_str(),
+            };
             change.emit(state, before, Reason::Usage, out);
             book.dirty.insert(Dirty::Meter(def.name.clone()));
-            draws.push(MeterDraw { meter: def.name.clone(), grants: drawn, debt, blocked });
+            draws.push(MeterDraw {
+                meter: def.name.clone(),
+                grants: drawn,
+                debt,
+                blocked,
+            });
         }
-        book.events.insert(u.id.clone(), Some(EventRecord { at: now, draws, voided: false }));
+        book.events.insert(
+            u.id.clone(),
+            Some(EventRecord {
+                at: now,
+                draws,
+                voided: false,
+            }),
+        );
         book.dirty.insert(Dirty::Event(u.id.clone()));
         Ok(Applied::Applied)
     }
@@ -803,7 +856,10 @@ impl Ledger {
         now: i64,
         out: &mut Vec<Output>,
     ) -> Result<Applied, LedgerError> {
-        let seen = book.grants.get(&g.grant_id).expect("grant record not loaded");
+        let seen = book
+            .grants
+            .get(&g.grant_id)
+            .expect("grant record not loaded");
         if seen.is_some() {
             return Ok(Applied::Duplicate);
         }
@@ -812,14 +868,21 @@ impl Ledger {
             .get(&g.meter)
             .ok_or_else(|| LedgerError::UnknownMeter(g.meter.to_string()))?;
         if g.amount <= Decimal::ZERO {
-            return Err(LedgerError::InvalidAmount(format!("grant amount must be > 0, got {}", g.amount)));
+            return Err(LedgerError::InvalidAmount(format!(
+                "grant amount must be > 0, got {}",
+                g.amount
+            )));
         }
         if g.kind == GrantKind::Cycle && g.subscription_id.is_none() {
-            return Err(LedgerError::InvalidGrant("a cycle grant needs a subscription_id".into()));
+            return Err(LedgerError::InvalidGrant(
+                "a cycle grant needs a subscription_id".into(),
+            ));
         }
         if let (Some(e), Some(x)) = (g.effective_at, g.expires_at) {
             if x <= e {
-                return Err(LedgerError::InvalidGrant("expires_at must be after effective_at".into()));
+                return Err(LedgerError::InvalidGrant(
+                    "expires_at must be after effective_at".into(),
+                ));
             }
         }
         self.ensure_meter(book, &def.name, now, out);
@@ -828,7 +891,10 @@ impl Ledger {
             id: g.grant_id.clone(),
             kind: g.kind,
             priority: g.priority,
-            effective_at: g.effective_at.unwrap_or(now).min(now.max(g.effective_at.unwrap_or(now))),
+            effective_at: g
+                .effective_at
+                .unwrap_or(now)
+                .min(now.max(g.effective_at.unwrap_or(now))),
             expires_at: g.expires_at,
             subscription_id: g.subscription_id.clone(),
             rollover: g.rollover,
@@ -837,7 +903,12 @@ impl Ledger {
             active: false,
             cycle_ended: false,
         };
-        let change = Change { customer: &book.customer, meter: def, now, cause_id: g.grant_id.as_str() };
+        let change = Change {
+            customer: &book.customer,
+            meter: def,
+            now,
+            cause_id: g.grant_id.as_str(),
+        };
         if g.expires_at.is_some_and(|x| x <= now) {
             // Already expired on arrival: recorded (for idempotency), credited and forfeited.
             let before = state.balance();
@@ -855,7 +926,11 @@ impl Ledger {
         book.dirty.insert(Dirty::Meter(def.name.clone()));
         book.grants.insert(
             g.grant_id.clone(),
-            Some(GrantRecord { meter: def.name.clone(), at: now, voided: false }),
+            Some(GrantRecord {
+                meter: def.name.clone(),
+                at: now,
+                voided: false,
+            }),
         );
         book.dirty.insert(Dirty::Grant(g.grant_id.clone()));
         Ok(Applied::Applied)
@@ -893,10 +968,21 @@ impl Ledger {
                 }
             }
         }
-        let change = Change { customer: &book.customer, meter: def, now, cause_id: grant_id.as_str() };
+        let change = Change {
+            customer: &book.customer,
+            meter: def,
+            now,
+            cause_id: grant_id.as_str(),
+        };
         change.emit(state, before, Reason::VoidGrant, out);
         book.dirty.insert(Dirty::Meter(def.name.clone()));
-        book.grants.insert(grant_id.clone(), Some(GrantRecord { voided: true, ..rec }));
+        book.grants.insert(
+            grant_id.clone(),
+            Some(GrantRecord {
+                voided: true,
+                ..rec
+            }),
+        );
         book.dirty.insert(Dirty::Grant(grant_id.clone()));
         Ok(Applied::Applied)
     }
@@ -918,7 +1004,9 @@ impl Ledger {
             return Err(LedgerError::AlreadyVoided("usage event"));
         }
         for d in &rec.draws {
-            let Some(def) = self.meters.get(&d.meter) else { continue };
+            let Some(def) = self.meters.get(&d.meter) else {
+                continue;
+            };
             self.ensure_meter(book, &def.name, now, out);
             let state = book.meters.get_mut(&def.name).expect("ensured");
             let before = state.balance();
@@ -940,9 +1028,8 @@ impl Ledger {
             state.voided += returned;
             if orphan > Decimal::ZERO {
                 state.grants.push(GrantSlot {
-                    id: GrantId::parse(format!("void:{event_id}")).unwrap_or_else(|_| {
-                        GrantId::parse("void").expect("valid id")
-                    }),
+                    id: GrantId::parse(format!("void:{event_id}"))
+                        .unwrap_or_else(|_| GrantId::parse("void").expect("valid id")),
                     kind: GrantKind::Adjustment,
                     priority: 255,
                     effective_at: now,
@@ -956,11 +1043,22 @@ impl Ledger {
                 });
             }
             state.sort_grants();
-            let change = Change { customer: &book.customer, meter: def, now, cause_id: event_id.as_str() };
+            let change = Change {
+                customer: &book.customer,
+                meter: def,
+                now,
+                cause_id: event_id.as_str(),
+            };
             change.emit(state, before, Reason::VoidUsage, out);
             book.dirty.insert(Dirty::Meter(def.name.clone()));
         }
-        book.events.insert(event_id.clone(), Some(EventRecord { voided: true, ..rec }));
+        book.events.insert(
+            event_id.clone(),
+            Some(EventRecord {
+                voided: true,
+                ..rec
+            }),
+        );
         book.dirty.insert(Dirty::Event(event_id.clone()));
         Ok(Applied::Applied)
     }
@@ -978,17 +1076,26 @@ fn activate(
     if slot.kind == GrantKind::Cycle {
         let before = state.balance();
         let mut forfeited = Decimal::ZERO;
+        let mut gone: BTreeSet<GrantId> = BTreeSet::new();
         for g in state.grants.iter_mut().filter(|g| {
-            g.active && g.kind == GrantKind::Cycle && !g.cycle_ended && g.subscription_id == slot.subscription_id
+            g.active
+                && g.kind == GrantKind::Cycle
+                && !g.cycle_ended
+                && g.subscription_id == slot.subscription_id
         }) {
             let keep = g.remaining.min(g.rollover);
             forfeited += g.remaining - keep;
             g.remaining = keep;
             g.cycle_ended = true;
+            if keep.is_zero() {
+                gone.insert(g.id.clone());
+            }
         }
-        // An ended cycle grant with nothing carried over is gone; one that carries credits stays
-        // active (drained or not) until its own expiry.
-        state.grants.retain(|g| !(g.cycle_ended && g.remaining.is_zero()));
+        // A cycle grant ended now with nothing carried over is gone; one that carries credits
+        // stays active (drained or not, even through later cycles) until its own expiry.
+        state
+            .grants
+            .retain(|g| !(g.cycle_ended && g.remaining.is_zero() && gone.contains(&g.id)));
         state.cycle_credited = Decimal::ZERO;
         if forfeited > Decimal::ZERO {
             state.expired += forfeited;

@@ -15,10 +15,16 @@ fn check_id(kind: &'static str, s: &str) -> Result<(), LedgerError> {
         return Err(LedgerError::InvalidId { kind, why: "empty" });
     }
     if s.len() > MAX_ID_LEN {
-        return Err(LedgerError::InvalidId { kind, why: "longer than 200 bytes" });
+        return Err(LedgerError::InvalidId {
+            kind,
+            why: "longer than 200 bytes",
+        });
     }
     if s.chars().any(|c| c.is_control()) {
-        return Err(LedgerError::InvalidId { kind, why: "contains control characters" });
+        return Err(LedgerError::InvalidId {
+            kind,
+            why: "contains control characters",
+        });
     }
     Ok(())
 }
@@ -85,11 +91,17 @@ pub fn parse_amount(s: &str) -> Result<Decimal, LedgerError> {
     let t = s.trim();
     let bad = || LedgerError::InvalidAmount(format!("not an exact decimal: {s:?}"));
     // `Decimal::from_str` also accepts exponents ("1e3") and `_` separators: plain digits only.
-    if !t.bytes().all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+')) {
+    if !t
+        .bytes()
+        .all(|b| b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'+'))
+    {
         return Err(bad());
     }
     // It also rounds past 28 digits ("0.000…0001" parses as 0): judge the precision on the text.
-    let decimals = t.split_once('.').map_or("", |(_, f)| f).trim_end_matches('0');
+    let decimals = t
+        .split_once('.')
+        .map_or("", |(_, f)| f)
+        .trim_end_matches('0');
     if decimals.len() > MAX_SCALE as usize {
         return Err(LedgerError::InvalidAmount(format!(
             "more than {MAX_SCALE} decimal places: {s:?}"
@@ -121,7 +133,10 @@ mod tests {
 
     #[test]
     fn amounts_are_exact_and_bounded() {
-        assert_eq!(parse_amount("0.1").unwrap() + parse_amount("0.2").unwrap(), parse_amount("0.3").unwrap());
+        assert_eq!(
+            parse_amount("0.1").unwrap() + parse_amount("0.2").unwrap(),
+            parse_amount("0.3").unwrap()
+        );
         assert!(parse_amount("-1").is_err());
         assert!(parse_amount("NaN").is_err());
         assert!(parse_amount("inf").is_err());

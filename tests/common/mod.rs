@@ -57,17 +57,29 @@ impl Names {
     pub fn config(&self) -> Config {
         let id = &self.id;
         let env = vec![
-            ("DRAWDOWN__KAFKA__BOOTSTRAP_SERVERS".to_string(), bootstrap()),
+            (
+                "DRAWDOWN__KAFKA__BOOTSTRAP_SERVERS".to_string(),
+                bootstrap(),
+            ),
             ("DRAWDOWN__KAFKA__GROUP_ID".into(), format!("{id}-group")),
             ("DRAWDOWN__KAFKA__PARTITIONS".into(), "3".into()),
             ("DRAWDOWN__KAFKA__TRANSACTION_TIMEOUT".into(), "10s".into()),
             ("DRAWDOWN__TOPICS__USAGE".into(), format!("{id}-usage")),
             ("DRAWDOWN__TOPICS__GRANTS".into(), format!("{id}-grants")),
-            ("DRAWDOWN__TOPICS__BALANCE_CHANGED".into(), format!("{id}-changed")),
-            ("DRAWDOWN__TOPICS__BALANCE_EVENTS".into(), format!("{id}-exhausted")),
+            (
+                "DRAWDOWN__TOPICS__BALANCE_CHANGED".into(),
+                format!("{id}-changed"),
+            ),
+            (
+                "DRAWDOWN__TOPICS__BALANCE_EVENTS".into(),
+                format!("{id}-exhausted"),
+            ),
             ("DRAWDOWN__TOPICS__DLQ".into(), format!("{id}-dlq")),
             ("DRAWDOWN__PIPELINE__COMMIT_INTERVAL".into(), "50ms".into()),
-            ("DRAWDOWN__STORE__PATH".into(), self.dir.join("state").display().to_string()),
+            (
+                "DRAWDOWN__STORE__PATH".into(),
+                self.dir.join("state").display().to_string(),
+            ),
             ("DRAWDOWN__STORE__BLOCK_CACHE_MB".into(), "8".into()),
             ("DRAWDOWN__STORE__WRITE_BUFFER_MB".into(), "8".into()),
             ("DRAWDOWN__API__LISTEN".into(), "127.0.0.1:0".into()),
@@ -95,7 +107,14 @@ pub async fn spawn_app(names: &Names) -> TestApp {
     let base = format!("http://{}", app.addr());
     let shutdown = app.shutdown_handle();
     let task = tokio::spawn(app.run_until_stopped());
-    let t = TestApp { names: names.clone(), cfg, base, shutdown, task, http: reqwest::Client::new() };
+    let t = TestApp {
+        names: names.clone(),
+        cfg,
+        base,
+        shutdown,
+        task,
+        http: reqwest::Client::new(),
+    };
     t.wait_ready().await;
     t
 }
@@ -120,21 +139,39 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self.http.get(format!("{}{}", self.base, path)).send().await.unwrap();
+        let r = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .send()
+            .await
+            .unwrap();
         let status = r.status().as_u16();
         let body = r.text().await.unwrap();
-        (status, serde_json::from_str(&body).unwrap_or(Value::String(body)))
+        (
+            status,
+            serde_json::from_str(&body).unwrap_or(Value::String(body)),
+        )
     }
 
     /// Polls the meter endpoint until `check` holds (30 s at most), returning the last body.
-    pub async fn meter_until(&self, customer: &str, meter: &str, check: impl Fn(&Value) -> bool) -> Value {
+    pub async fn meter_until(
+        &self,
+        customer: &str,
+        meter: &str,
+        check: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let (status, body) = self.get(&format!("/v1/customers/{customer}/meters/{meter}")).await;
+            let (status, body) = self
+                .get(&format!("/v1/customers/{customer}/meters/{meter}"))
+                .await;
             if status == 200 && check(&body) {
                 return body;
             }
-            assert!(Instant::now() < deadline, "condition not met for {customer}/{meter}; last: {status} {body}");
+            assert!(
+                Instant::now() < deadline,
+                "condition not met for {customer}/{meter}; last: {status} {body}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
@@ -152,9 +189,14 @@ impl TestApp {
     pub fn send(&self, topic: &str, records: &[(&str, Vec<u8>, Option<&str>)]) {
         let p = self.producer();
         for (key, payload, ct) in records {
-            let mut rec = BaseRecord::<str, [u8]>::to(topic).key(*key).payload(payload.as_slice());
+            let mut rec = BaseRecord::<str, [u8]>::to(topic)
+                .key(*key)
+                .payload(payload.as_slice());
             if let Some(ct) = ct {
-                rec = rec.headers(OwnedHeaders::new().insert(Header { key: "content-type", value: Some(*ct) }));
+                rec = rec.headers(OwnedHeaders::new().insert(Header {
+                    key: "content-type",
+                    value: Some(*ct),
+                }));
             }
             p.send(rec).map_err(|(e, _)| e).unwrap();
         }
@@ -164,7 +206,13 @@ impl TestApp {
     pub fn usage(&self, records: &[Value]) {
         let recs: Vec<_> = records
             .iter()
-            .map(|v| (v["customer_id"].as_str().unwrap(), serde_json::to_vec(v).unwrap(), None))
+            .map(|v| {
+                (
+                    v["customer_id"].as_str().unwrap(),
+                    serde_json::to_vec(v).unwrap(),
+                    None,
+                )
+            })
             .collect();
         self.send(&self.cfg.topics.usage, &recs);
     }
@@ -172,7 +220,13 @@ impl TestApp {
     pub fn grants(&self, records: &[Value]) {
         let recs: Vec<_> = records
             .iter()
-            .map(|v| (v["customer_id"].as_str().unwrap(), serde_json::to_vec(v).unwrap(), None))
+            .map(|v| {
+                (
+                    v["customer_id"].as_str().unwrap(),
+                    serde_json::to_vec(v).unwrap(),
+                    None,
+                )
+            })
             .collect();
         self.send(&self.cfg.topics.grants, &recs);
     }
@@ -192,11 +246,14 @@ pub fn read_all(topic: &str) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)>
         .set("enable.partition.eof", "true")
         .create()
         .unwrap();
-    let md = c.fetch_metadata(Some(topic), Duration::from_secs(10)).unwrap();
+    let md = c
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
     let parts = md.topics()[0].partitions().len();
     let mut tpl = TopicPartitionList::new();
     for p in 0..parts {
-        tpl.add_partition_offset(topic, p as i32, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(topic, p as i32, Offset::Beginning)
+            .unwrap();
     }
     c.assign(&tpl).unwrap();
     let mut eof = 0;
@@ -208,7 +265,10 @@ pub fn read_all(topic: &str) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)>
                 let mut h = BTreeMap::new();
                 if let Some(hs) = m.headers() {
                     for x in hs.iter() {
-                        h.insert(x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned());
+                        h.insert(
+                            x.key.to_string(),
+                            String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned(),
+                        );
                     }
                 }
                 out.push((
@@ -232,11 +292,17 @@ pub async fn read_until(
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let t = topic.to_string();
-        let recs = tokio::task::spawn_blocking(move || read_all(&t)).await.unwrap();
+        let recs = tokio::task::spawn_blocking(move || read_all(&t))
+            .await
+            .unwrap();
         if check(&recs) {
             return recs;
         }
-        assert!(Instant::now() < deadline, "{topic}: condition not met; {} records", recs.len());
+        assert!(
+            Instant::now() < deadline,
+            "{topic}: condition not met; {} records",
+            recs.len()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
