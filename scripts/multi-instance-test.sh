@@ -64,6 +64,9 @@ trap cleanup EXIT
 
 $KAFKA status > /dev/null 2>&1 || $KAFKA start
 [[ -x "$BIN" ]] || cargo build --bins
+# A private copy: a rebuild of the shared target dir mid-test must not change what restarts.
+cp "$BIN" "$DIR/drawdown"
+BIN="$DIR/drawdown"
 
 EXPECT="$DIR/expect.json"
 gen() { "$BIN" produce --customers "$CUSTOMERS" --prefix "$RUN" --seed 7 --expect "$EXPECT" "$@"; }

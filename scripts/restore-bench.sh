@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}"
-BIN="$CARGO_TARGET_DIR/debug/drawdown"
+BIN="${BIN:-$CARGO_TARGET_DIR/debug/drawdown}"
 PROJECTIONS="${PROJECTIONS:-100000}"
 RUN="rb-$(date +%s)-$$"
 DIR="$(mktemp -d /tmp/drawdown-rb.XXXXXX)"
@@ -36,8 +36,9 @@ t0=$(date +%s.%N)
 DD=$!
 ready
 t1=$(date +%s.%N)
-line=$(grep "restored from the changelog" "$DIR/restore.log" | tail -1)
-ready_line=$(grep "partition ready" "$DIR/restore.log" | tail -1)
+plain() { sed 's/\x1b\[[0-9;]*m//g' "$DIR/restore.log"; }
+line=$(plain | grep "restored from the changelog" | tail -1)
+ready_line=$(plain | grep "partition ready" | tail -1)
 records=$(sed -n 's/.*records=\([0-9]*\).*/\1/p' <<< "$line")
 secs=$(sed -n 's/.* secs=\([0-9.]*\).*/\1/p' <<< "$line")
 to_ready=$(sed -n 's/.*secs_since_assignment=\([0-9.]*\).*/\1/p' <<< "$ready_line")

@@ -48,6 +48,8 @@ pub const RESTORE_RECORDS: &str = "drawdown_restore_records_total";
 pub const RESTORING_PARTITIONS: &str = "drawdown_restore_partitions_in_progress";
 /// Changelog records left to replay by the restores in progress.
 pub const RESTORE_REMAINING: &str = "drawdown_restore_remaining_records";
+/// Broker connection failures seen by the pipeline's clients.
+pub const BROKER_ERRORS: &str = "drawdown_broker_errors_total";
 /// Pipeline restarts after an error, by `reason`.
 pub const PIPELINE_RESTARTS: &str = "drawdown_pipeline_restarts_total";
 /// Whether the instance is ready (restored, consuming): 1 or 0.
@@ -166,6 +168,7 @@ fn zero_initialise() {
     counter!(RESTORE_RECORDS).increment(0);
     for reason in ["fenced", "kafka", "store", "restore", "delivery"] {
         counter!(PIPELINE_RESTARTS, "reason" => reason).increment(0);
+        counter!(BROKER_ERRORS).increment(0);
     }
     counter!(CONSUMER_LAG_ERRORS).increment(0);
     // Histograms are rendered (with zero counts) once registered.
@@ -286,6 +289,11 @@ fn describe() {
         PIPELINE_RESTARTS,
         Unit::Count,
         "Pipeline restarts after an error, by reason."
+    );
+    describe_counter!(
+        BROKER_ERRORS,
+        Unit::Count,
+        "Broker connection failures seen by the pipeline's clients (librdkafka retries)."
     );
     describe_gauge!(
         READY,

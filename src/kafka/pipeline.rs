@@ -62,7 +62,24 @@ struct ConsumerCtx {
     events: Mutex<Vec<RebalanceEvent>>,
 }
 
-impl ClientContext for ConsumerCtx {}
+impl ClientContext for ConsumerCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        broker_trouble(error, reason);
+    }
+}
+
+/// Connection trouble is expected while a broker restarts: librdkafka retries and the pipeline
+/// rebuilds itself on a transaction error, so it is a warning (and a metric), not an error.
+fn broker_trouble(error: KafkaError, reason: &str) {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(C::AllBrokersDown) | Some(C::BrokerTransportFailure) | Some(C::Resolve) => {
+            metrics::counter!(m::BROKER_ERRORS).increment(1);
+            tracing::warn!(error = %error, reason, "broker unreachable; librdkafka retries");
+        }
+        _ => tracing::error!(error = %error, reason, "librdkafka error"),
+    }
+}
 
 impl ConsumerContext for ConsumerCtx {
     fn pre_rebalance(&self, _: &BaseConsumer<Self>, r: &Rebalance<'_>) {
@@ -96,7 +113,11 @@ struct ProducerCtx {
     failure: Mutex<Option<String>>,
 }
 
-impl ClientContext for ProducerCtx {}
+impl ClientContext for ProducerCtx {
+    fn error(&self, error: KafkaError, reason: &str) {
+        broker_trouble(error, reason);
+    }
+}
 
 impl ProducerContext for ProducerCtx {
     type DeliveryOpaque = ();
