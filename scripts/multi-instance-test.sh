@@ -4,7 +4,8 @@
 # cleanly within the shutdown timeout); then the broker is stopped for 20 s in the middle of a
 # load run and restarted. At the end every balance, read through the API of *any* instance
 # (requests for partitions owned elsewhere are forwarded), equals the generator's expectation, and
-# `balance-changed` has exactly one record per (customer, meter, version), gapless.
+# `balance-changed` has exactly one record per (customer, meter, version), gapless. An instance
+# is also frozen (SIGSTOP) past its session timeout and thawed, to check zombie fencing.
 #
 # Env: EVENTS (default 60000), CUSTOMERS (500), RATE (events/s, 1500), OUTAGE (seconds, 20).
 set -euo pipefail
@@ -94,6 +95,13 @@ t1=$(date +%s)
 grep -q "drawdown stopped cleanly" "$DIR/instance-1.log" || { log "instance 1 did not log a clean stop"; exit 1; }
 log "instance 1 stopped cleanly in $(( t1 - t0 ))s after SIGTERM"
 unset 'PIDS[1]'
+# A zombie: instance 2 is frozen past its session timeout while the group moves on, then thawed;
+# its in-flight transaction must be fenced (KIP-447) and it must rejoin without double counting.
+kill -STOP "${PIDS[2]}"
+log "instance 2 frozen (SIGSTOP) for 15s"
+sleep 15
+kill -CONT "${PIDS[2]}"
+log "instance 2 thawed"
 wait "$GEN"; GEN=""
 "$BIN" wait-idle --timeout 300
 
@@ -119,4 +127,4 @@ done
 for i in 2 3; do
     grep -h "restored from the changelog\|partition ready" "$DIR/instance-$i.log" | tail -3 || true
 done
-log "OK instances=4 kills=1 sigterms=1 outage=${OUTAGE}s events=$EVENTS customers=$CUSTOMERS elapsed=$(( $(date +%s) - started ))s"
+log "OK instances=4 kills=1 sigterms=1 zombies=1 outage=${OUTAGE}s events=$EVENTS customers=$CUSTOMERS elapsed=$(( $(date +%s) - started ))s"
