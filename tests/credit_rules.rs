@@ -216,3 +216,28 @@ async fn a_low_balance_alert_fires_once_per_threshold_crossing() {
     assert_eq!(t, [("low".to_string(), 7), ("low".to_string(), 18)]);
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_ids_are_forgotten_after_the_dedupe_window() {
+    let names = Names::new();
+    let mut cfg = names.config();
+    cfg.pipeline.dedupe_window = std::time::Duration::from_secs(2);
+    let app = spawn_app_with(&names, cfg).await;
+    app.grants(&[grant("c7", "g1", "api_calls", "10")]);
+    calls(&app, "c7", 0, 1);
+    app.meter_until("c7", "api_calls", |b| b["consumed"] == "1").await;
+    // Within the window a replay is a duplicate.
+    calls(&app, "c7", 0, 1);
+    calls(&app, "c7", 1, 1);
+    app.meter_until("c7", "api_calls", |b| b["consumed"] == "2").await;
+    // Past the window (the purge runs every window/10, at least every second) the id is
+    // forgotten: a void of it is reported as unknown and changes nothing.
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
+    app.grants(&[json!({"type": "void_usage", "customer_id": "c7", "event_id": "e0"})]);
+    let dlq = app.cfg.topics.dlq.clone();
+    let recs = read_until(&dlq, |r| !r.is_empty()).await;
+    assert_eq!(recs[0].2["error.reason"], "void_unknown");
+    let m = app.meter_until("c7", "api_calls", |b| b["consumed"] == "2").await;
+    assert_eq!(m["voided"], "0");
+    app.stop().await;
+}

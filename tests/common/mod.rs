@@ -102,7 +102,11 @@ pub struct TestApp {
 }
 
 pub async fn spawn_app(names: &Names) -> TestApp {
-    let cfg = names.config();
+    spawn_app_with(names, names.config()).await
+}
+
+/// Like [`spawn_app`], with a config the test adjusted.
+pub async fn spawn_app_with(names: &Names, cfg: Config) -> TestApp {
     let app = Application::build(cfg.clone()).await.expect("app builds");
     let base = format!("http://{}", app.addr());
     let shutdown = app.shutdown_handle();
