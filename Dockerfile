@@ -32,8 +32,11 @@ RUN apt-get update \
 COPY --from=build /usr/local/bin/drawdown /usr/local/bin/drawdown
 COPY config/drawdown.toml /etc/drawdown/drawdown.toml
 # Container defaults; every config key stays overridable as DRAWDOWN__SECTION__KEY.
+# The API is reachable from outside the container: no unauthenticated mode (the example config's
+# local-development setting); set DRAWDOWN__API__KEYS (and DRAWDOWN__API__PORTAL_SECRET).
 ENV DRAWDOWN_CONFIG=/etc/drawdown/drawdown.toml \
     DRAWDOWN__API__LISTEN=0.0.0.0:8080 \
+    DRAWDOWN__API__ALLOW_UNAUTHENTICATED=false \
     DRAWDOWN__STORE__PATH=/var/lib/drawdown/state \
     RUST_LOG=info,rdkafka=warn
 USER 10001:10001

@@ -4,7 +4,7 @@ export CARGO_TARGET_DIR ?= $(HOME)/.cache/drawdown/target
 KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 
-.PHONY: ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -46,6 +46,12 @@ restore-bench: build kafka-start
 ## 1M events end to end (generator -> broker -> drawdown -> outputs committed).
 throughput: build kafka-start
 	scripts/throughput.sh
+
+## The customer portal in headless Chromium (Debian `chromium`, playwright-core from npm) against
+## drawdown and the broker: meters, live usage, "Top up" -> TopUpRequested. Screenshots in
+## $(CARGO_TARGET_DIR)/browser-test.
+browser-test: build kafka-start
+	scripts/browser-test.sh
 
 ## Alert rules, their unit tests and the Prometheus config (Debian package `prometheus`).
 ops-check:

@@ -17,6 +17,8 @@ fn ledger() -> Ledger {
         aggregation,
         on_exhausted,
         low_balance: vec![],
+        top_up_packs: vec![],
+        auto_top_up: None,
     };
     Ledger::new(
         Meters::new(vec![

@@ -8,7 +8,12 @@ CONFIG="${DRAWDOWN_CONFIG:-config/drawdown.toml}"
 RATE="${RATE:-200}"
 CUSTOMERS="${CUSTOMERS:-50}"
 mkdir -p data
-"$BIN" -c "$CONFIG" run > data/drawdown.log 2>&1 &
+# An API key and a portal secret for this run (the config keeps only the key's SHA-256).
+API_KEY="$("$BIN" -c "$CONFIG" api-key --name demo | sed -n 's/^key: *//p')"
+KEY_SHA=$(printf %s "$API_KEY" | sha256sum | cut -c1-64)
+DRAWDOWN__API__KEYS="[{ name = \"demo\", sha256 = \"$KEY_SHA\" }]" \
+DRAWDOWN__API__PORTAL_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
+    "$BIN" -c "$CONFIG" run > data/drawdown.log 2>&1 &
 DD=$!
 trap 'kill $DD $GEN 2>/dev/null || true; wait 2>/dev/null || true; echo "demo stopped"' EXIT INT TERM
 GEN=""
@@ -17,17 +22,25 @@ for _ in $(seq 1 120); do
     kill -0 $DD 2>/dev/null || { echo "drawdown exited; see data/drawdown.log"; tail -20 data/drawdown.log; exit 1; }
     sleep 0.5
 done
+PORTAL=$(curl -fs -H "Authorization: Bearer $API_KEY" -H 'Content-Type: application/json' \
+    -d '{"customer_id": "cus-1", "ttl": "8h"}' http://127.0.0.1:8080/v1/portal-sessions \
+    | sed -n 's/.*"url":"\([^"]*\)".*/\1/p' || true)
 cat <<MSG
 
 drawdown is running (log: data/drawdown.log); the load generator sends ~$RATE events/s for $CUSTOMERS customers.
 
-  API:      curl -s http://127.0.0.1:8080/v1/customers/cus-1/state
-            curl -s http://127.0.0.1:8080/v1/customers/cus-1/meters/api_calls
+  API (key for this run: $API_KEY):
+            curl -s -H "Authorization: Bearer $API_KEY" http://127.0.0.1:8080/v1/customers/cus-1/state
+            curl -s -H "Authorization: Bearer $API_KEY" http://127.0.0.1:8080/v1/customers/cus-1/meters/api_calls
+  Portal of cus-1 (8 h):
+            $PORTAL
   Metrics:  curl -s http://127.0.0.1:8080/metrics | grep ^drawdown_
   Watch exhausted / restored / low transitions:
             kcat -b 127.0.0.1:9092 -C -t balance-exhausted -X isolation.level=read_committed -f '%k %s\n'
   Dead letters:
             kcat -b 127.0.0.1:9092 -C -t drawdown-dlq -f '%k %h %s\n'
+  Top-up requests (portal "Top up" and automatic ones below 50 api_calls):
+            kcat -b 127.0.0.1:9092 -C -t top-up-requests -X isolation.level=read_committed -f '%k %s\n'
 
 Ctrl-C to stop.
 MSG

@@ -8,10 +8,13 @@ use anyhow::Context;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
+use crate::api::auth::Access;
+use crate::api::portal::Portal;
 use crate::api::{self, ApiState};
 use crate::config::Config;
 use crate::kafka::directory::{self, Directory};
 use crate::kafka::lag::LagMonitor;
+use crate::kafka::top_up::TopUpPublisher;
 use crate::kafka::{admin, Pipeline, PipelineStatus, Shutdown};
 use crate::ledger::Ledger;
 use crate::store::Store;
@@ -26,6 +29,8 @@ pub fn metrics_handle() -> PrometheusHandle {
 pub struct Application {
     cfg: Arc<Config>,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    access: Arc<Access>,
     store: Store,
     ledger: Ledger,
     partitions: i32,
@@ -34,9 +39,19 @@ pub struct Application {
 }
 
 impl Application {
-    /// Creates missing topics, checks co-partitioning, opens the store, binds the API port.
+    /// Checks access control, creates missing topics, checks co-partitioning, opens the store,
+    /// binds the API port(s).
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         let meters = cfg.meter_set().context("meters")?;
+        cfg.api.check_access().context("api")?;
+        let access = Access::new(&cfg.api)
+            .map_err(anyhow::Error::msg)
+            .context("api.keys")?;
+        if access.is_open() {
+            tracing::warn!(
+                "the API is open: no api.keys and api.allow_unauthenticated = true (local development only)"
+            );
+        }
         let partitions = admin::ensure_topics(&cfg)
             .await
             .context("preparing topics")?;
@@ -46,9 +61,19 @@ impl Application {
         let listener = TcpListener::bind(cfg.api.listen)
             .await
             .with_context(|| format!("binding {}", cfg.api.listen))?;
+        let metrics_listener = match cfg.api.metrics_listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr} (api.metrics_listen)"))?,
+            ),
+            None => None,
+        };
         Ok(Self {
             cfg: Arc::new(cfg),
             listener,
+            metrics_listener,
+            access: Arc::new(access),
             store,
             ledger: Ledger::new(meters),
             partitions,
@@ -60,6 +85,13 @@ impl Application {
     /// The API's bound address.
     pub fn addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound")
+    }
+
+    /// The bound address of `api.metrics_listen`, if set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("bound"))
     }
 
     /// The address other instances reach this API at: `api.advertised_url`'s host, else the
@@ -124,6 +156,14 @@ impl Application {
                 .timeout(Duration::from_secs(10))
                 .build()
                 .context("HTTP client")?,
+            access: self.access.clone(),
+            portal: Arc::new(Portal::new(
+                self.cfg.api.public_url.clone(),
+                self.addr().to_string(),
+                self.cfg.api.portal_max_ttl,
+                TopUpPublisher::new(&self.cfg).context("the top-up producer")?,
+            )),
+            metrics_on_main: self.metrics_listener.is_none(),
         };
         let (store, status) = (self.store.clone(), self.status.clone());
         let gauges = tokio::spawn(async move {
@@ -159,10 +199,32 @@ impl Application {
             }
         };
         tracing::info!(addr = %self.addr(), "API listening");
+        let metrics_server = match self.metrics_listener {
+            Some(listener) => {
+                let shutdown = self.shutdown.clone();
+                let app = api::metrics_router(state.clone());
+                tracing::info!(addr = %listener.local_addr().expect("bound"), "metrics listening");
+                Some(tokio::spawn(async move {
+                    axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            while !shutdown.is_triggered() {
+                                tokio::time::sleep(Duration::from_millis(50)).await;
+                            }
+                        })
+                        .await
+                }))
+            }
+            None => None,
+        };
         axum::serve(self.listener, api::router(state))
             .with_graceful_shutdown(stopped)
             .await
             .context("HTTP server")?;
+        if let Some(m) = metrics_server {
+            m.await
+                .context("joining the metrics server")?
+                .context("metrics server")?;
+        }
         gauges.abort();
         tokio::task::spawn_blocking(move || worker.join())
             .await

@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::config::OutputFormat;
 use crate::ledger::{
     parse_amount, BalanceChanged, CustomerId, EventId, Grant, GrantId, GrantKind, Input,
-    LedgerError, MeterName, Transition, TransitionKind, Usage,
+    LedgerError, MeterName, TopUpRequested, TopUpSource, Transition, TransitionKind, Usage,
 };
 
 /// Generated protobuf types (`proto/drawdown/v1`).
@@ -463,6 +463,34 @@ pub fn encode_transition(t: &Transition, format: OutputFormat) -> Vec<u8> {
             }
             .encode_to_vec()
         }
+    }
+}
+
+/// Encodes a top-up request for the `top-up-requests` topic (JSON: the fields of
+/// [`TopUpRequested`], `requested_at` in ms, `balance` and `threshold` only on automatic ones).
+pub fn encode_top_up(t: &TopUpRequested, format: OutputFormat) -> Vec<u8> {
+    match format {
+        OutputFormat::Json => serde_json::to_vec(t).expect("serialisable"),
+        OutputFormat::Protobuf => pb::TopUpRequested {
+            request_id: t.request_id.clone(),
+            customer_id: t.customer_id.to_string(),
+            meter: t.meter.to_string(),
+            pack: t.pack.clone(),
+            requested_at_ms: t.requested_at,
+            source: top_up_source_label(t.source).into(),
+            balance: t.balance.map(|d| d.to_string()).unwrap_or_default(),
+            threshold: t.threshold.map(|d| d.to_string()).unwrap_or_default(),
+        }
+        .encode_to_vec(),
+    }
+}
+
+/// The `source` label of a top-up request (`auto | portal | api`), also a metric label.
+pub fn top_up_source_label(source: TopUpSource) -> &'static str {
+    match source {
+        TopUpSource::Auto => "auto",
+        TopUpSource::Portal => "portal",
+        TopUpSource::Api => "api",
     }
 }
 

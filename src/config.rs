@@ -89,6 +89,8 @@ pub struct TopicsConfig {
     pub balance_events: String,
     /// Rejected input out.
     pub dlq: String,
+    /// `TopUpRequested` out (portal, API and automatic top-ups), for the billing system.
+    pub top_up_requests: String,
     /// The changelog; default `<group_id>-changelog`.
     pub changelog: Option<String>,
 }
@@ -101,6 +103,7 @@ impl Default for TopicsConfig {
             balance_changed: "balance-changed".into(),
             balance_events: "balance-exhausted".into(),
             dlq: "drawdown-dlq".into(),
+            top_up_requests: "top-up-requests".into(),
             changelog: None,
         }
     }
@@ -190,6 +193,33 @@ pub struct ApiConfig {
     /// `host:port` other instances use to reach this API (forwarding); default: the listen
     /// address (fine on one host; set it to the pod/host name elsewhere).
     pub advertise: Option<String>,
+    /// Bearer API keys for services, stored as SHA-256 hashes; several, so a key can be rotated
+    /// (add the new one, move the clients, remove the old one).
+    pub keys: Vec<ApiKey>,
+    /// With no `keys`, drawdown refuses to start unless this is true, and then every route is
+    /// open. Local development only.
+    pub allow_unauthenticated: bool,
+    /// The HMAC-SHA256 key of portal tokens (at least 32 bytes); the same on every instance.
+    /// Without it, portal sessions are disabled.
+    pub portal_secret: Option<String>,
+    /// The longest portal session a service may ask for.
+    #[serde(with = "humantime_serde")]
+    pub portal_max_ttl: Duration,
+    /// The base URL of portal links (`<public_url>/portal?token=...`); default: the `Host` the
+    /// session was requested at.
+    pub public_url: Option<String>,
+    /// Serve `/metrics` on this address instead of `listen` (e.g. a port only Prometheus reaches).
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// One API key: a name (for logs) and the hex SHA-256 of the key (`drawdown api-key` makes one).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    /// Who holds it (shown in logs, never the key).
+    pub name: String,
+    /// Hex SHA-256 of the key (64 hex digits).
+    pub sha256: String,
 }
 
 impl Default for ApiConfig {
@@ -197,7 +227,39 @@ impl Default for ApiConfig {
         Self {
             listen: "127.0.0.1:8080".parse().expect("valid address"),
             advertise: None,
+            keys: Vec::new(),
+            allow_unauthenticated: false,
+            portal_secret: None,
+            portal_max_ttl: Duration::from_secs(24 * 3600),
+            public_url: None,
+            metrics_listen: None,
         }
+    }
+}
+
+/// The smallest `api.portal_secret` accepted, in bytes.
+pub const MIN_PORTAL_SECRET: usize = 32;
+
+impl ApiConfig {
+    /// Checks that the API is not left open by accident: keys are required unless
+    /// `allow_unauthenticated` is set, and a portal secret must be long enough. Checked when the
+    /// service starts (not when a tool such as the load generator loads the same file).
+    pub fn check_access(&self) -> Result<(), ConfigError> {
+        if self.keys.is_empty() && !self.allow_unauthenticated {
+            return Err(ConfigError::Invalid(
+                "api.keys is empty: add a key (`drawdown api-key` makes one) or set \
+                 api.allow_unauthenticated = true (local development only)"
+                    .into(),
+            ));
+        }
+        if let Some(s) = &self.portal_secret {
+            if s.len() < MIN_PORTAL_SECRET {
+                return Err(ConfigError::Invalid(format!(
+                    "api.portal_secret must be at least {MIN_PORTAL_SECRET} bytes"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -255,6 +317,15 @@ impl Config {
             return Err(ConfigError::Invalid(
                 "pipeline.max_batch must be >= 1".into(),
             ));
+        }
+        for k in &self.api.keys {
+            let ok = k.sha256.len() == 64 && k.sha256.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok {
+                return Err(ConfigError::Invalid(format!(
+                    "api.keys: {:?}: sha256 must be 64 hex digits (the SHA-256 of the key)",
+                    k.name
+                )));
+            }
         }
         if self.pipeline.history_len == 0 {
             return Err(ConfigError::Invalid(
@@ -363,6 +434,44 @@ mod tests {
     #[test]
     fn unknown_keys_are_errors() {
         assert!(Config::load(None, env(&[("DRAWDOWN__KAFKA__NOPE", "1")])).is_err());
+    }
+
+    #[test]
+    fn an_api_without_keys_needs_an_explicit_opt_out() {
+        let c = Config::load(None, env(&[])).unwrap();
+        assert!(c.api.check_access().is_err(), "no keys, no opt-out");
+        let open = Config::load(
+            None,
+            env(&[("DRAWDOWN__API__ALLOW_UNAUTHENTICATED", "true")]),
+        );
+        assert!(open.unwrap().api.check_access().is_ok());
+        let hash = "ab".repeat(32);
+        let keyed = Config::load(
+            None,
+            env(&[(
+                "DRAWDOWN__API__KEYS",
+                &format!(r#"[{{ name = "svc", sha256 = "{hash}" }}]"#),
+            )]),
+        )
+        .unwrap();
+        assert!(keyed.api.check_access().is_ok());
+        assert!(Config::load(
+            None,
+            env(&[(
+                "DRAWDOWN__API__KEYS",
+                r#"[{ name = "svc", sha256 = "nothex" }]"#
+            )])
+        )
+        .is_err());
+        let short = Config::load(
+            None,
+            env(&[
+                ("DRAWDOWN__API__ALLOW_UNAUTHENTICATED", "true"),
+                ("DRAWDOWN__API__PORTAL_SECRET", "short"),
+            ]),
+        )
+        .unwrap();
+        assert!(short.api.check_access().is_err(), "a short portal secret");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - [`codec`]: JSON / protobuf records <-> domain types, validated once at the edge.
 //! - [`store`]: RocksDB, the local materialisation of the changelog, with checkpoints.
 //! - [`kafka`]: topics, the exactly-once consume-fold-transact loop, restore.
-//! - [`api`]: the HTTP API (balances, history, health, readiness, metrics).
+//! - [`api`]: the HTTP API (balances, history, health, readiness, metrics), access control,
+//!   the customer portal and top-up requests.
+//! - [`auth`]: API keys (hashed) and signed, customer-scoped portal tokens, without HTTP.
 //! - [`metrics`]: every metric name and description.
 //! - [`config`]: one `Config` tree: TOML + `DRAWDOWN__*` environment overrides.
 //! - [`app`]: wiring and graceful shutdown.
@@ -15,6 +17,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auth;
 pub mod codec;
 pub mod config;
 pub mod kafka;

@@ -46,6 +46,12 @@ enum Command {
     Verify(loadgen::VerifyArgs),
     /// Wait until the consumer group has committed every input record.
     WaitIdle(loadgen::WaitIdleArgs),
+    /// Make a new API key: prints the key (give it to the service) and its `api.keys` entry.
+    ApiKey {
+        /// The name the key goes by in the config and the logs.
+        #[arg(long, default_value = "service")]
+        name: String,
+    },
 }
 
 fn init_logs(format: LogFormat) {
@@ -65,6 +71,16 @@ fn init_logs(format: LogFormat) {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::ApiKey { name } = &cli.command {
+        // Needs no config: the key is random, the config keeps only its hash.
+        let key = drawdown::auth::new_key();
+        println!("key:    {key}");
+        println!(
+            "config: keys = [{{ name = {name:?}, sha256 = \"{}\" }}]",
+            drawdown::auth::hash_key(&key)
+        );
+        return Ok(());
+    }
     init_logs(cli.log_format);
     let cfg = Config::load(Some(&cli.config), std::env::vars())
         .with_context(|| format!("loading {}", cli.config.display()))?;
@@ -94,6 +110,7 @@ async fn main() -> anyhow::Result<()> {
         Command::Produce(args) => loadgen::produce(&cfg, args).await,
         Command::Verify(args) => loadgen::verify(&cfg, args).await,
         Command::WaitIdle(args) => loadgen::wait_idle(&cfg, args).await,
+        Command::ApiKey { .. } => unreachable!("handled above"),
     }
 }
 

@@ -26,6 +26,9 @@ pub const RECORDS_REJECTED: &str = "drawdown_records_rejected_total";
 pub const RECORDS_MISROUTED: &str = "drawdown_records_misrouted_total";
 /// Output records produced (committed), by `topic`.
 pub const OUTPUTS_PRODUCED: &str = "drawdown_outputs_produced_total";
+/// Top-up requests published, by `source` (`auto`: in the pipeline's transaction; `portal`,
+/// `api`: through the HTTP API).
+pub const TOP_UP_REQUESTS: &str = "drawdown_top_up_requests_total";
 /// Transitions emitted, by `kind`.
 pub const TRANSITIONS: &str = "drawdown_transitions_total";
 /// Transactions committed.
@@ -112,7 +115,13 @@ pub fn install() -> PrometheusHandle {
 /// Topic labels of the input topics.
 pub const INPUT_TOPICS: [&str; 2] = ["usage", "grants"];
 /// Topic labels of the output topics.
-pub const OUTPUT_TOPICS: [&str; 4] = ["balance_changed", "balance_events", "dlq", "changelog"];
+pub const OUTPUT_TOPICS: [&str; 5] = [
+    "balance_changed",
+    "balance_events",
+    "dlq",
+    "changelog",
+    "top_up_requests",
+];
 /// `reason` labels of records rejected while decoding (`codec::CodecError::reason`).
 pub const DECODE_REASONS: [&str; 9] = [
     "empty",
@@ -157,6 +166,9 @@ fn zero_initialise() {
     }
     for kind in ["exhausted", "restored", "low"] {
         counter!(TRANSITIONS, "kind" => kind).increment(0);
+    }
+    for source in ["auto", "portal", "api"] {
+        counter!(TOP_UP_REQUESTS, "source" => source).increment(0);
     }
     counter!(TXN_COMMITTED).increment(0);
     for reason in ["fenced", "error"] {
@@ -242,6 +254,11 @@ fn describe() {
         TRANSITIONS,
         Unit::Count,
         "Balance transitions emitted, by kind."
+    );
+    describe_counter!(
+        TOP_UP_REQUESTS,
+        Unit::Count,
+        "Top-up requests published, by source (auto, portal, api)."
     );
     describe_counter!(TXN_COMMITTED, Unit::Count, "Kafka transactions committed.");
     describe_counter!(

@@ -367,7 +367,18 @@ fn strict(v: &Value) -> Value {
 
 struct Checked {
     template: &'static str,
+    method: String,
     status: u16,
+}
+
+/// The credential a checked request carries.
+enum Cred {
+    /// The test API key (`TestApp::http`).
+    Key,
+    /// None.
+    Anonymous,
+    /// This bearer token (a portal token).
+    Bearer(String),
 }
 
 async fn check_response(
@@ -378,12 +389,34 @@ async fn check_response(
     method: reqwest::Method,
     want: u16,
 ) -> Checked {
-    let resp = app
-        .http
-        .request(method.clone(), format!("{}{}", app.base, path))
-        .send()
-        .await
-        .unwrap();
+    check_request(app, doc, template, path, method, want, Cred::Key, None).await
+}
+
+/// Sends a request and checks its answer against the operation `template` + `method` of the
+/// document (`template` "-": outside the documented routes, the error shape).
+#[allow(clippy::too_many_arguments)]
+async fn check_request(
+    app: &TestApp,
+    doc: &Value,
+    template: &'static str,
+    path: &str,
+    method: reqwest::Method,
+    want: u16,
+    cred: Cred,
+    body: Option<Value>,
+) -> Checked {
+    let url = format!("{}{}", app.base, path);
+    let mut req = match &cred {
+        Cred::Key => app.http.request(method.clone(), url),
+        Cred::Anonymous | Cred::Bearer(_) => reqwest::Client::new().request(method.clone(), url),
+    };
+    if let Cred::Bearer(t) = &cred {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
     let ctype = resp
         .headers()
@@ -392,8 +425,8 @@ async fn check_response(
         .unwrap_or_default();
     let body = resp.text().await.unwrap();
     assert_eq!(status, want, "{method} {path}: {body}");
-    let op = &doc["paths"][template]["get"];
-    let spec = if method == reqwest::Method::GET && template != "-" {
+    let op = &doc["paths"][template][method.as_str().to_lowercase()];
+    let spec = if template != "-" {
         let r = &op["responses"][status.to_string()];
         assert!(r.is_object(), "{path}: status {status} is not documented");
         if let Some(reference) = r["$ref"].as_str() {
@@ -431,7 +464,11 @@ async fn check_response(
         "{path} ({status}) does not match its schema:\n{}\n{instance:#}",
         errors.join("\n")
     );
-    Checked { template, status }
+    Checked {
+        template,
+        method: method.as_str().to_lowercase(),
+        status,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -629,19 +666,168 @@ async fn every_route_answers_what_the_openapi_document_says() {
     check_response(&app, &doc, "-", "/v2/nothing", Method::GET, 404).await;
     check_response(&app, &doc, "-", "/healthz", Method::POST, 405).await;
 
+    // Access control, portal sessions, top-ups and the portal page.
+    let (status, session) = {
+        let r = app
+            .http
+            .post(format!("{}/v1/portal-sessions", app.base))
+            .json(&json!({"customer_id": "oa-1", "ttl": 600}))
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!(status, 201);
+    let own = session["token"].as_str().unwrap().to_string();
+    let other = app
+        .http
+        .post(format!("{}/v1/portal-sessions", app.base))
+        .json(&json!({"customer_id": "oa-2"}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let bearer = |t: &str| Cred::Bearer(t.to_string());
+    for (template, path) in [
+        (state, "/v1/customers/oa-1/state"),
+        (meter, "/v1/customers/oa-1/meters/api_calls"),
+        (events, "/v1/customers/oa-1/meters/api_calls/events"),
+    ] {
+        checked.push(
+            check_request(
+                &app,
+                &doc,
+                template,
+                path,
+                Method::GET,
+                401,
+                Cred::Anonymous,
+                None,
+            )
+            .await,
+        );
+        checked.push(
+            check_request(
+                &app,
+                &doc,
+                template,
+                path,
+                Method::GET,
+                403,
+                bearer(&other),
+                None,
+            )
+            .await,
+        );
+        checked.push(
+            check_request(
+                &app,
+                &doc,
+                template,
+                path,
+                Method::GET,
+                200,
+                bearer(&own),
+                None,
+            )
+            .await,
+        );
+    }
+    let top_ups = "/v1/customers/{id}/meters/{meter}/top-ups";
+    let top_up = "/v1/customers/oa-1/meters/api_calls/top-ups";
+    let pack = || Some(json!({"pack": "calls-100", "request_id": "oa-req-1"}));
+    for (path, want, cred, body) in [
+        (top_up, 202, Cred::Key, pack()),
+        (top_up, 202, bearer(&own), pack()),
+        (top_up, 400, Cred::Key, Some(json!({"pack": "nope"}))),
+        (top_up, 401, Cred::Anonymous, pack()),
+        (top_up, 403, bearer(&other), pack()),
+        (
+            "/v1/customers/oa-1/meters/nope/top-ups",
+            404,
+            Cred::Key,
+            pack(),
+        ),
+    ] {
+        checked
+            .push(check_request(&app, &doc, top_ups, path, Method::POST, want, cred, body).await);
+    }
+    let sessions = "/v1/portal-sessions";
+    for (want, cred, body) in [
+        (201, Cred::Key, json!({"customer_id": "oa-1", "ttl": "5m"})),
+        (400, Cred::Key, json!({"customer_id": "oa-1", "ttl": -5})),
+        (401, Cred::Anonymous, json!({"customer_id": "oa-1"})),
+        (403, bearer(&own), json!({"customer_id": "oa-1"})),
+    ] {
+        checked.push(
+            check_request(
+                &app,
+                &doc,
+                sessions,
+                sessions,
+                Method::POST,
+                want,
+                cred,
+                Some(body),
+            )
+            .await,
+        );
+    }
+    let current = "/v1/portal-sessions/current";
+    for (want, cred) in [
+        (200, bearer(&own)),
+        (401, Cred::Anonymous),
+        (403, Cred::Key),
+    ] {
+        checked
+            .push(check_request(&app, &doc, current, current, Method::GET, want, cred, None).await);
+    }
+    for (template, path, want) in [
+        ("/portal", "/portal", 200),
+        ("/portal", "/portal?token=x", 200),
+        ("/portal/{asset}", "/portal/app.js", 200),
+        ("/portal/{asset}", "/portal/app.css", 200),
+        ("/portal/{asset}", "/portal/nope.js", 404),
+    ] {
+        checked.push(
+            check_request(
+                &app,
+                &doc,
+                template,
+                path,
+                Method::GET,
+                want,
+                Cred::Anonymous,
+                None,
+            )
+            .await,
+        );
+    }
+    check_response(&app, &doc, "-", "/v1/portal-sessions", Method::GET, 405).await;
+
     // Every documented status was seen, but the ones a healthy instance cannot give.
     for (template, item) in doc["paths"].as_object().unwrap() {
-        for status in item["get"]["responses"].as_object().unwrap().keys() {
-            let status: u16 = status.parse().unwrap();
-            if status >= 500 {
+        for (method, op) in item.as_object().unwrap() {
+            let Some(responses) = op["responses"].as_object() else {
                 continue;
+            };
+            for status in responses.keys() {
+                let status: u16 = status.parse().unwrap();
+                if status >= 500 {
+                    continue;
+                }
+                assert!(
+                    checked.iter().any(|c| c.template == template
+                        && &c.method == method
+                        && c.status == status),
+                    "{method} {template} {status} documented but not exercised"
+                );
             }
-            assert!(
-                checked
-                    .iter()
-                    .any(|c| c.template == template && c.status == status),
-                "{template} {status} documented but not exercised"
-            );
         }
     }
     app.stop().await;

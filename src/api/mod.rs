@@ -1,4 +1,5 @@
-//! HTTP API: balances per customer and meter, health, readiness and metrics.
+//! HTTP API: balances per customer and meter, health, readiness and metrics; access control
+//! ([`auth`]), the customer portal and top-up requests ([`portal`]).
 //!
 //! Reads come from RocksDB, which holds only committed state (it is written after each
 //! transaction commits), so an answer never shows an uncommitted change. Errors are one JSON
@@ -8,17 +9,19 @@
 //! The reference is the OpenAPI 3.1 document `docs/openapi.json`, compiled in and served at
 //! `GET /openapi.json`; `tests/ops.rs` checks live responses against it.
 
+pub mod auth;
+pub mod portal;
 pub mod route;
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{MatchedPath, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rust_decimal::Decimal;
@@ -48,6 +51,12 @@ pub struct ApiState {
     pub instance_id: String,
     /// Client for forwarded requests.
     pub http: reqwest::Client,
+    /// API keys and the portal token signer.
+    pub access: Arc<auth::Access>,
+    /// Portal settings and the top-up producer.
+    pub portal: Arc<portal::Portal>,
+    /// Whether `/metrics` is served here (false when `api.metrics_listen` is set).
+    pub metrics_on_main: bool,
 }
 
 /// API errors, each mapped to an HTTP status.
@@ -62,6 +71,23 @@ pub enum ApiError {
     /// The route exists, the method does not.
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// No valid credentials.
+    #[error("{message}")]
+    Unauthorized {
+        /// Why (never naming a customer).
+        message: String,
+        /// Whether a credential was sent (then `WWW-Authenticate` says `invalid_token`).
+        token_presented: bool,
+    },
+    /// Valid credentials that do not reach this resource.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A dependency (the broker) failed; retry.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A feature this instance is not configured for.
+    #[error("{0}")]
+    NotImplemented(String),
     /// The store failed.
     #[error("store: {0}")]
     Store(#[from] StoreError),
@@ -69,6 +95,12 @@ pub enum ApiError {
 
 impl From<PathRejection> for ApiError {
     fn from(r: PathRejection) -> Self {
+        ApiError::BadRequest(r.body_text())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
         ApiError::BadRequest(r.body_text())
     }
 }
@@ -85,16 +117,43 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
             ApiError::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::Unauthorized { .. } => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::NotImplemented(_) => (StatusCode::NOT_IMPLEMENTED, "not_implemented"),
             ApiError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
-        if status.is_server_error() {
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %self, "request failed");
         }
-        (
+        let mut resp = (
             status,
             Json(json!({"error": {"code": code, "message": self.to_string()}})),
         )
-            .into_response()
+            .into_response();
+        match &self {
+            ApiError::Unauthorized {
+                token_presented, ..
+            } => {
+                let challenge = if *token_presented {
+                    r#"Bearer realm="drawdown", error="invalid_token""#
+                } else {
+                    r#"Bearer realm="drawdown""#
+                };
+                resp.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static(challenge),
+                );
+            }
+            ApiError::Unavailable(_) => {
+                resp.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    axum::http::HeaderValue::from_static("1"),
+                );
+            }
+            _ => {}
+        }
+        resp
     }
 }
 
@@ -182,39 +241,92 @@ pub mod routes {
     pub const METRICS: &str = "/metrics";
     /// This API's OpenAPI document.
     pub const OPENAPI: &str = "/openapi.json";
+    /// Request a top-up of a meter (publishes `TopUpRequested`).
+    pub const TOP_UPS: &str = "/v1/customers/{id}/meters/{meter}/top-ups";
+    /// Create a portal session (API key).
+    pub const PORTAL_SESSIONS: &str = "/v1/portal-sessions";
+    /// The session of the presented portal token.
+    pub const PORTAL_SESSION: &str = "/v1/portal-sessions/current";
+    /// The portal page.
+    pub const PORTAL: &str = "/portal";
+    /// The portal page's script and style sheet.
+    pub const PORTAL_ASSET: &str = "/portal/{asset}";
     /// All of them.
-    pub const ALL: [&str; 7] = [STATE, METER, EVENTS, HEALTHZ, READYZ, METRICS, OPENAPI];
+    pub const ALL: [&str; 12] = [
+        STATE,
+        METER,
+        EVENTS,
+        TOP_UPS,
+        PORTAL_SESSIONS,
+        PORTAL_SESSION,
+        PORTAL,
+        PORTAL_ASSET,
+        HEALTHZ,
+        READYZ,
+        METRICS,
+        OPENAPI,
+    ];
 }
 
 /// The OpenAPI 3.1 document of this API (`docs/openapi.json`).
 pub const OPENAPI_JSON: &str = include_str!("../../docs/openapi.json");
 
-/// The router.
+/// The router. Layers run outside in: metrics (`track`), then on the `/v1` routes access
+/// control ([`auth::authorize`]), then, on the customer routes, forwarding ([`route::route`]),
+/// so a request without valid credentials is never forwarded.
 pub fn router(state: ApiState) -> Router {
     crate::metrics::zero_initialise_http(&routes::ALL);
+    let authorize = middleware::from_fn_with_state(state.clone(), auth::authorize);
     let customer_routes = Router::new()
         .route(routes::STATE, get(customer_state))
         .route(routes::METER, get(meter_detail))
         .route(routes::EVENTS, get(meter_events))
-        .route_layer(middleware::from_fn_with_state(state.clone(), route::route));
-    Router::new()
+        .route(routes::TOP_UPS, post(portal::request_top_up))
+        .route_layer(middleware::from_fn_with_state(state.clone(), route::route))
+        .route_layer(authorize.clone());
+    let session_routes = Router::new()
+        .route(routes::PORTAL_SESSIONS, post(portal::create_session))
+        .route(routes::PORTAL_SESSION, get(portal::current_session))
+        .route_layer(authorize);
+    let mut r = Router::new()
         .merge(customer_routes)
+        .merge(session_routes)
+        .route(routes::PORTAL, get(portal::page))
+        .route(routes::PORTAL_ASSET, get(portal::asset))
         .route(
             routes::HEALTHZ,
             get(|| async { Json(json!({"status": "ok"})) }),
         )
         .route(routes::READYZ, get(readyz))
-        .route(routes::METRICS, get(metrics))
         .route(
             routes::OPENAPI,
             get(|| async { ([(header::CONTENT_TYPE, "application/json")], OPENAPI_JSON) }),
-        )
-        .fallback(|req: Request| async move {
-            ApiError::NotFound(format!("no route for {}", req.uri().path()))
-        })
-        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
-        .layer(middleware::from_fn(track))
-        .with_state(state)
+        );
+    if state.metrics_on_main {
+        r = r.route(routes::METRICS, get(metrics));
+    }
+    with_fallbacks(r).with_state(state)
+}
+
+/// The router of `api.metrics_listen`: `/metrics` only.
+pub fn metrics_router(state: ApiState) -> Router {
+    with_fallbacks(Router::new().route(routes::METRICS, get(metrics))).with_state(state)
+}
+
+fn with_fallbacks(r: Router<ApiState>) -> Router<ApiState> {
+    r.fallback(|req: Request| async move {
+        ApiError::NotFound(format!("no route for {}", req.uri().path()))
+    })
+    .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+    .layer(middleware::from_fn(track))
+}
+
+/// Processing time for token expiry (ms since the epoch).
+pub(crate) fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {

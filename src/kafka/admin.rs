@@ -42,6 +42,7 @@ pub async fn ensure_topics(cfg: &Config) -> Result<i32, AdminError> {
         &t.balance_changed,
         &t.balance_events,
         &t.dlq,
+        &t.top_up_requests,
     ];
     let mut topics: Vec<NewTopic> = plain
         .iter()

@@ -6,7 +6,8 @@
 //! 1. Poll input records (`usage-events`, `credit-grants`, `read_committed`) for up to
 //!    `commit_interval` or `max_batch` records; decode them; load the touched customers' books
 //!    from RocksDB in one `multi_get` per customer; fold the batch in memory with the pure rules.
-//! 2. `begin_transaction`; produce the outputs (`balance-changed`, `balance-exhausted`, DLQ) and
+//! 2. `begin_transaction`; produce the outputs (`balance-changed`, `balance-exhausted`,
+//!    `top-up-requests` for automatic top-ups, DLQ) and
 //!    one changelog record per touched state key (partition = input partition);
 //!    `send_offsets_to_transaction(next offsets, consumer group metadata)` (KIP-447 fencing);
 //!    `commit_transaction`.
@@ -33,6 +34,7 @@ pub mod directory;
 pub mod lag;
 mod pipeline;
 mod restore;
+pub mod top_up;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -202,6 +202,7 @@ enum Topic {
     Events,
     Dlq,
     Changelog,
+    TopUps,
 }
 
 /// When each owned meter next has a time-driven change (activation or expiry), so the tick
@@ -713,6 +714,20 @@ impl Pipeline {
                             ],
                         });
                     }
+                    Output::TopUp(t) => {
+                        let source = codec::top_up_source_label(t.source);
+                        metrics::counter!(m::TOP_UP_REQUESTS, "source" => source).increment(1);
+                        outs.push(Out {
+                            topic: Topic::TopUps,
+                            key: customer.as_str().as_bytes().to_vec(),
+                            payload: Some(codec::encode_top_up(&t, format)),
+                            partition: None,
+                            headers: vec![
+                                ("content-type", content_type(format).into()),
+                                ("request-id", t.request_id.into_bytes()),
+                            ],
+                        });
+                    }
                 }
             }
             for d in book.take_dirty() {
@@ -793,6 +808,7 @@ impl Pipeline {
                 Topic::Events => "balance_events",
                 Topic::Dlq => "dlq",
                 Topic::Changelog => "changelog",
+                Topic::TopUps => "top_up_requests",
             };
             metrics::counter!(m::OUTPUTS_PRODUCED, "topic" => label).increment(n);
             if t == Topic::Dlq {
@@ -831,6 +847,7 @@ impl Pipeline {
                     Topic::Events => t.balance_events.as_str(),
                     Topic::Dlq => t.dlq.as_str(),
                     Topic::Changelog => changelog.as_str(),
+                    Topic::TopUps => t.top_up_requests.as_str(),
                 };
                 let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
                 for (k, v) in &o.headers {

@@ -54,6 +54,17 @@ impl Threshold {
     }
 }
 
+/// Automatic top-up: when the balance crosses below `below`, drawdown itself publishes one
+/// `TopUpRequested` for `pack` (re-armed once the balance is back at or above `below`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoTopUp {
+    /// The threshold, in units (>= 0).
+    pub below: Decimal,
+    /// The pack the billing system is asked to charge and grant.
+    pub pack: String,
+}
+
 /// One meter, as configured.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -72,6 +83,13 @@ pub struct MeterDef {
     /// Low-balance thresholds; `BalanceLow` fires once per threshold crossed downwards.
     #[serde(default)]
     pub low_balance: Vec<Threshold>,
+    /// Packs a customer may request from the portal ("Top up"); the billing system knows what
+    /// each one costs and grants.
+    #[serde(default)]
+    pub top_up_packs: Vec<String>,
+    /// Automatic top-up when the balance crosses below a threshold.
+    #[serde(default)]
+    pub auto_top_up: Option<AutoTopUp>,
 }
 
 impl MeterDef {
@@ -82,6 +100,17 @@ impl MeterDef {
                 .filter
                 .iter()
                 .all(|(k, v)| properties.get(k).is_some_and(|p| p == v))
+    }
+
+    /// The packs offered for this meter: `top_up_packs`, then the automatic top-up's pack.
+    pub fn packs(&self) -> Vec<&str> {
+        let mut out: Vec<&str> = self.top_up_packs.iter().map(String::as_str).collect();
+        if let Some(a) = &self.auto_top_up {
+            if !out.contains(&a.pack.as_str()) {
+                out.push(&a.pack);
+            }
+        }
+        out
     }
 
     /// The units a matching event adds to this meter.
@@ -117,6 +146,19 @@ impl Meters {
                     if *f <= Decimal::ZERO || *f >= Decimal::ONE {
                         return Err(format!("meter {}: fraction {f} is not in (0, 1)", d.name));
                     }
+                }
+            }
+            for pack in d.packs() {
+                if pack.is_empty()
+                    || pack.len() > super::MAX_ID_LEN
+                    || pack.chars().any(char::is_control)
+                {
+                    return Err(format!("meter {}: invalid top-up pack {pack:?}", d.name));
+                }
+            }
+            if let Some(a) = &d.auto_top_up {
+                if a.below.is_sign_negative() && !a.below.is_zero() {
+                    return Err(format!("meter {}: auto_top_up.below must be >= 0", d.name));
                 }
             }
             if d.low_balance.len() > 32 {

@@ -37,6 +37,12 @@
 //! | `exhausted` | balance > 0 | `BalanceRestored` |
 //! | balance >= t (armed) | balance < t | `BalanceLow{t}`, threshold disarmed |
 //! | disarmed | balance >= t | (re-armed, nothing emitted) |
+//! | balance >= `auto_top_up.below` (armed) | balance < `below` | [`TopUpRequested`] (`source: auto`), disarmed |
+//! | auto top-up disarmed | balance >= `below` | (re-armed, nothing emitted) |
+//!
+//! An automatic top-up request's `request_id` is `auto:<customer>:<meter>:<version>` (the version
+//! of the change that crossed), so it is the same on every replay, and a billing system that
+//! grants with `grant_id = request_id` makes the whole loop idempotent.
 //!
 //! A meter that was never funded is not "exhausted" (it never crossed from > 0); its status still
 //! reads `exhausted` while its balance is <= 0. A cycle's end and the grant opening the next cycle
@@ -52,7 +58,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-pub use meter::{Aggregation, MeterDef, Meters, OnExhausted, Threshold};
+pub use meter::{Aggregation, AutoTopUp, MeterDef, Meters, OnExhausted, Threshold};
 pub use types::{
     check_amount, parse_amount, CustomerId, EventId, GrantId, MeterName, MAX_AMOUNT, MAX_ID_LEN,
     MAX_SCALE,
@@ -300,6 +306,9 @@ pub struct MeterState {
     pub exhausted: bool,
     /// Bit i set: low threshold i has fired and is disarmed.
     pub low_fired: u32,
+    /// The automatic top-up has fired and is disarmed until the balance is back at `below`.
+    #[serde(default)]
+    pub auto_top_up_fired: bool,
     /// Processing time of the last change (ms).
     pub updated_at: i64,
 }
@@ -514,6 +523,55 @@ pub enum TransitionKind {
     Low,
 }
 
+/// Who asked for a top-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TopUpSource {
+    /// The meter's `auto_top_up` threshold was crossed.
+    Auto,
+    /// A customer pressed "Top up" in the portal.
+    Portal,
+    /// A service called the API with an API key.
+    Api,
+}
+
+/// A request to the billing system: charge `pack` and grant it (published on
+/// `top-up-requests`, keyed by customer). The billing system dedupes on `request_id` and grants
+/// with `grant_id = request_id`, so a replayed request is never charged or granted twice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopUpRequested {
+    /// The idempotency key (`auto:<customer>:<meter>:<version>` for automatic ones).
+    pub request_id: String,
+    /// Whose.
+    pub customer_id: CustomerId,
+    /// Which meter.
+    pub meter: MeterName,
+    /// Which pack.
+    pub pack: String,
+    /// When (ms since the epoch; processing time for automatic ones).
+    pub requested_at: i64,
+    /// Who asked.
+    pub source: TopUpSource,
+    /// Automatic: the balance after the change that crossed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balance: Option<Decimal>,
+    /// Automatic: the `below` threshold crossed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<Decimal>,
+}
+
+/// The `request_id` of an automatic top-up: `auto:<customer>:<meter>:<version>`, or, when that
+/// would be longer than an id may be, `auto:<sha-256 prefix>:<version>` (still deterministic).
+pub fn auto_top_up_request_id(customer: &CustomerId, meter: &MeterName, version: u64) -> String {
+    let full = format!("auto:{customer}:{meter}:{version}");
+    if full.len() <= MAX_ID_LEN {
+        return full;
+    }
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{customer}\0{meter}").as_bytes());
+    format!("auto:{}:{version}", hex::encode(&digest[..16]))
+}
+
 /// An output of the rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Output {
@@ -521,6 +579,8 @@ pub enum Output {
     Changed(BalanceChanged),
     /// A state transition.
     Transition(Transition),
+    /// An automatic top-up request (the meter's `auto_top_up` threshold was crossed).
+    TopUp(TopUpRequested),
 }
 
 /// What became of an input.
@@ -660,6 +720,27 @@ impl Change<'_> {
                 out.push(Output::Transition(base(TransitionKind::Low, Some(t))));
             } else if state.low_fired & bit != 0 && after >= t {
                 state.low_fired &= !bit;
+            }
+        }
+        if let Some(auto) = &self.meter.auto_top_up {
+            if !state.auto_top_up_fired && before >= auto.below && after < auto.below {
+                state.auto_top_up_fired = true;
+                out.push(Output::TopUp(TopUpRequested {
+                    request_id: auto_top_up_request_id(
+                        self.customer,
+                        &self.meter.name,
+                        state.version,
+                    ),
+                    customer_id: self.customer.clone(),
+                    meter: self.meter.name.clone(),
+                    pack: auto.pack.clone(),
+                    requested_at: self.now,
+                    source: TopUpSource::Auto,
+                    balance: Some(after),
+                    threshold: Some(auto.below),
+                }));
+            } else if state.auto_top_up_fired && after >= auto.below {
+                state.auto_top_up_fired = false;
             }
         }
     }

@@ -98,6 +98,8 @@ fn meters() -> Meters {
                     }
                 })
                 .collect(),
+            top_up_packs: Vec::new(),
+            auto_top_up: None,
         })
         .collect();
     Meters::new(defs).unwrap()
@@ -243,7 +245,7 @@ impl Sim {
             .into_iter()
             .filter_map(|o| match o {
                 Output::Transition(t) => Some((t.meter.to_string(), t.kind, t.threshold)),
-                Output::Changed(_) => None,
+                Output::Changed(_) | Output::TopUp(_) => None,
             })
             .collect()
     }
@@ -254,7 +256,7 @@ impl Sim {
             .into_iter()
             .filter_map(|o| match o {
                 Output::Changed(c) => Some((c.meter.to_string(), c.reason, c.delta)),
-                Output::Transition(_) => None,
+                Output::Transition(_) | Output::TopUp(_) => None,
             })
             .collect()
     }
@@ -703,7 +705,7 @@ fn cycle_renewal_does_not_flap_through_exhausted_or_low() {
         .iter()
         .filter_map(|o| match o {
             Output::Changed(c) => Some(c.reason),
-            Output::Transition(_) => None,
+            Output::Transition(_) | Output::TopUp(_) => None,
         })
         .collect();
     assert_eq!(reasons, [Reason::CycleEnd, Reason::Grant]);
@@ -1426,7 +1428,7 @@ fn versions_increase_by_one_per_change() {
         .into_iter()
         .filter_map(|o| match o {
             Output::Changed(c) => Some(c.version),
-            Output::Transition(_) => None,
+            Output::Transition(_) | Output::TopUp(_) => None,
         })
         .collect();
     assert_eq!(versions, (1..=9).collect::<Vec<u64>>());
@@ -2502,6 +2504,7 @@ fn check_outputs(
                     t
                 );
             }
+            Output::TopUp(_) => {}
         }
     }
     Ok(())
@@ -2717,4 +2720,144 @@ proptest! {
     ) {
         check_against_the_model(&ops, &cuts)?;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Automatic top-up
+// ---------------------------------------------------------------------------------------------
+
+/// A simulator whose `api` meter asks for `pack-100` when its balance crosses below 5.
+fn auto_sim() -> Sim {
+    let mut defs = meters().all().to_vec();
+    defs[0].auto_top_up = Some(AutoTopUp {
+        below: dec("5"),
+        pack: "pack-100".into(),
+    });
+    Sim {
+        ledger: Ledger::new(Meters::new(defs).unwrap()),
+        ..Sim::new()
+    }
+}
+
+impl Sim {
+    /// Takes the top-up requests so far.
+    fn top_ups(&mut self) -> Vec<TopUpRequested> {
+        self.take()
+            .into_iter()
+            .filter_map(|o| match o {
+                Output::TopUp(t) => Some(t),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn auto_top_up_fires_once_when_the_balance_crosses_below() {
+    let mut s = auto_sim();
+    s.grant(grant("g1", "api", "10"));
+    for i in 0..5 {
+        s.use_api(&format!("e{i}"));
+    }
+    assert_eq!(s.balance("api"), dec("5"));
+    assert!(s.top_ups().is_empty(), "at the threshold is not below it");
+    s.use_api("e5");
+    let fired = s.top_ups();
+    assert_eq!(fired.len(), 1);
+    let t = &fired[0];
+    let version = s.state("api").version;
+    assert_eq!(t.request_id, format!("auto:cus_1:api:{version}"));
+    assert_eq!(
+        (t.pack.as_str(), t.source, t.balance, t.threshold),
+        (
+            "pack-100",
+            TopUpSource::Auto,
+            Some(dec("4")),
+            Some(dec("5"))
+        )
+    );
+    assert_eq!(t.requested_at, s.now);
+    // Further usage, down into debt and back up just short of the threshold: no new request.
+    for i in 6..12 {
+        s.use_api(&format!("e{i}"));
+    }
+    s.grant(grant("g2", "api", "6"));
+    assert_eq!(s.balance("api"), dec("4"));
+    assert!(
+        s.top_ups().is_empty(),
+        "disarmed until the balance is back at 5"
+    );
+    assert!(s.state("api").auto_top_up_fired);
+}
+
+#[test]
+fn auto_top_up_rearms_at_the_threshold_and_fires_again_on_the_next_crossing() {
+    let mut s = auto_sim();
+    s.grant(grant("g1", "api", "6"));
+    s.use_api("e1");
+    s.use_api("e2");
+    let first = s.top_ups();
+    assert_eq!(first.len(), 1);
+    // The billing system grants the pack with grant_id = request_id: re-armed, nothing emitted.
+    s.grant(grant(&first[0].request_id, "api", "100"));
+    assert_eq!(s.balance("api"), dec("104"));
+    assert!(!s.state("api").auto_top_up_fired);
+    assert!(s.top_ups().is_empty());
+    for i in 0..100 {
+        s.use_api(&format!("u{i}"));
+    }
+    let second = s.top_ups();
+    assert_eq!(second.len(), 1, "exactly once for the second crossing");
+    assert_ne!(second[0].request_id, first[0].request_id);
+    assert_eq!(second[0].balance, Some(dec("4")));
+}
+
+#[test]
+fn auto_top_up_fires_when_an_expiry_crosses_and_not_for_a_meter_never_funded() {
+    let mut s = auto_sim();
+    s.use_api("e1");
+    assert_eq!(s.balance("api"), dec("-1"));
+    assert!(s.top_ups().is_empty(), "never at or above the threshold");
+    s.grant(Grant {
+        expires_at: Some(5_000),
+        ..grant("g1", "api", "20")
+    });
+    assert!(s.top_ups().is_empty());
+    s.advance_to(5_000);
+    let fired = s.top_ups();
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0].requested_at, 5_000);
+    assert_eq!(fired[0].balance, Some(Decimal::ZERO));
+}
+
+#[test]
+fn auto_top_up_request_ids_are_deterministic_and_bounded() {
+    let c = CustomerId::parse("c".repeat(MAX_ID_LEN)).unwrap();
+    let m = meter("api");
+    let id = auto_top_up_request_id(&c, &m, 7);
+    assert!(id.len() <= MAX_ID_LEN && id.starts_with("auto:") && id.ends_with(":7"));
+    assert_eq!(id, auto_top_up_request_id(&c, &m, 7));
+    assert_ne!(id, auto_top_up_request_id(&c, &meter("other"), 7));
+    assert_eq!(
+        auto_top_up_request_id(&customer(), &m, 3),
+        "auto:cus_1:api:3"
+    );
+}
+
+#[test]
+fn auto_top_up_config_is_validated() {
+    let mut defs = meters().all().to_vec();
+    defs[0].auto_top_up = Some(AutoTopUp {
+        below: dec("-1"),
+        pack: "p".into(),
+    });
+    assert!(Meters::new(defs.clone()).is_err(), "negative threshold");
+    defs[0].auto_top_up = Some(AutoTopUp {
+        below: dec("1"),
+        pack: String::new(),
+    });
+    assert!(Meters::new(defs.clone()).is_err(), "empty pack");
+    defs[0].auto_top_up = None;
+    defs[0].top_up_packs = vec!["a\nb".into()];
+    assert!(Meters::new(defs).is_err(), "control characters");
 }

@@ -15,6 +15,13 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use serde_json::Value;
 
+/// The API key every test app accepts (its SHA-256 is configured); `TestApp::http` sends it.
+pub const API_KEY: &str = "test-api-key-1";
+/// A second configured key (rotation).
+pub const API_KEY_2: &str = "test-api-key-2";
+/// The portal secret of the test apps.
+pub const PORTAL_SECRET: &str = "test-portal-secret-of-at-least-32-bytes";
+
 pub fn bootstrap() -> String {
     std::env::var("DRAWDOWN_TEST_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
 }
@@ -26,6 +33,7 @@ event = "api_call"
 aggregation = { type = "count" }
 on_exhausted = "overage"
 low_balance = [{ units = "5" }]
+top_up_packs = ["calls-100"]
 
 [[meters]]
 name = "tokens"
@@ -55,8 +63,18 @@ impl Names {
     }
 
     pub fn config(&self) -> Config {
+        self.config_with(METERS, &[])
+    }
+
+    /// The config with these meters (TOML) and extra `DRAWDOWN__*` overrides.
+    pub fn config_with(&self, meters: &str, extra: &[(&str, &str)]) -> Config {
         let id = &self.id;
-        let env = vec![
+        let keys = format!(
+            r#"[{{ name = "test", sha256 = "{}" }}, {{ name = "test-2", sha256 = "{}" }}]"#,
+            drawdown::auth::hash_key(API_KEY),
+            drawdown::auth::hash_key(API_KEY_2)
+        );
+        let mut env = vec![
             (
                 "DRAWDOWN__KAFKA__BOOTSTRAP_SERVERS".to_string(),
                 bootstrap(),
@@ -75,6 +93,12 @@ impl Names {
                 format!("{id}-exhausted"),
             ),
             ("DRAWDOWN__TOPICS__DLQ".into(), format!("{id}-dlq")),
+            (
+                "DRAWDOWN__TOPICS__TOP_UP_REQUESTS".into(),
+                format!("{id}-top-ups"),
+            ),
+            ("DRAWDOWN__API__KEYS".into(), keys),
+            ("DRAWDOWN__API__PORTAL_SECRET".into(), PORTAL_SECRET.into()),
             ("DRAWDOWN__PIPELINE__COMMIT_INTERVAL".into(), "50ms".into()),
             (
                 "DRAWDOWN__STORE__PATH".into(),
@@ -84,9 +108,10 @@ impl Names {
             ("DRAWDOWN__STORE__WRITE_BUFFER_MB".into(), "8".into()),
             ("DRAWDOWN__API__LISTEN".into(), "127.0.0.1:0".into()),
         ];
+        env.extend(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         let file = self.dir.join("drawdown.toml");
         std::fs::create_dir_all(&self.dir).unwrap();
-        std::fs::write(&file, METERS).unwrap();
+        std::fs::write(&file, meters).unwrap();
         Config::load(Some(&file), env).unwrap()
     }
 }
@@ -99,6 +124,19 @@ pub struct TestApp {
     pub shutdown: Shutdown,
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
     pub http: reqwest::Client,
+}
+
+/// A client that authenticates with `API_KEY`.
+pub fn authed_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {API_KEY}").parse().unwrap(),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 pub async fn spawn_app(names: &Names) -> TestApp {
@@ -117,7 +155,7 @@ pub async fn spawn_app_with(names: &Names, cfg: Config) -> TestApp {
         base,
         shutdown,
         task,
-        http: reqwest::Client::new(),
+        http: authed_client(),
     };
     t.wait_ready().await;
     t

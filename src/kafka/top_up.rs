@@ -1,0 +1,99 @@
+//! The producer of top-up requests made through the API (the portal's "Top up" button, or a
+//! service with an API key). Automatic top-ups are not produced here: the pipeline produces them
+//! in its transaction, with the change that crossed the threshold.
+//!
+//! Not transactional: a request is one record with nothing to be atomic with. It is idempotent
+//! per `request_id` downstream (the billing system dedupes on it and grants with
+//! `grant_id = request_id`), so a retried click or a redelivery is harmless.
+
+use std::time::Duration;
+
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
+use tokio::sync::oneshot;
+
+use crate::codec;
+use crate::config::{Config, OutputFormat};
+use crate::ledger::TopUpRequested;
+
+/// Hands each delivery report to the request waiting for it.
+struct Ctx;
+
+impl ClientContext for Ctx {}
+
+impl ProducerContext for Ctx {
+    type DeliveryOpaque = Box<oneshot::Sender<Result<(), String>>>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, tx: Self::DeliveryOpaque) {
+        let _ = tx.send(result.as_ref().map(|_| ()).map_err(|(e, _)| e.to_string()));
+    }
+}
+
+/// Why a request was not published.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// The record could not be queued or was not acknowledged.
+    #[error("publishing the top-up request failed: {0}")]
+    Kafka(String),
+    /// No acknowledgement in time.
+    #[error("publishing the top-up request timed out")]
+    Timeout,
+}
+
+/// Publishes [`TopUpRequested`] records to `topics.top_up_requests`.
+pub struct TopUpPublisher {
+    producer: ThreadedProducer<Ctx>,
+    topic: String,
+    format: OutputFormat,
+}
+
+impl TopUpPublisher {
+    /// An idempotent producer for the configured topic (keyed by customer, murmur2).
+    pub fn new(cfg: &Config) -> Result<Self, KafkaError> {
+        let producer = super::client_config(&cfg.kafka)
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "0")
+            .set("message.timeout.ms", "10000")
+            .create_with_context(Ctx)?;
+        Ok(Self {
+            producer,
+            topic: cfg.topics.top_up_requests.clone(),
+            format: cfg.pipeline.output_format,
+        })
+    }
+
+    /// Publishes `t` and waits for the broker's acknowledgement.
+    pub async fn publish(&self, t: &TopUpRequested) -> Result<(), PublishError> {
+        let payload = codec::encode_top_up(t, self.format);
+        let content_type = match self.format {
+            OutputFormat::Json => codec::JSON,
+            OutputFormat::Protobuf => codec::PROTOBUF,
+        };
+        let headers = OwnedHeaders::new_with_capacity(2)
+            .insert(Header {
+                key: "content-type",
+                value: Some(content_type),
+            })
+            .insert(Header {
+                key: "request-id",
+                value: Some(t.request_id.as_str()),
+            });
+        let (tx, rx) = oneshot::channel();
+        let record = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
+            .key(t.customer_id.as_str())
+            .payload(payload.as_slice())
+            .headers(headers);
+        self.producer
+            .send(record)
+            .map_err(|(e, _)| PublishError::Kafka(e.to_string()))?;
+        match tokio::time::timeout(Duration::from_secs(15), rx).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(PublishError::Kafka(e)),
+            Ok(Err(_)) => Err(PublishError::Kafka("producer closed".into())),
+            Err(_) => Err(PublishError::Timeout),
+        }
+    }
+}
