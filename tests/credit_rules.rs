@@ -225,11 +225,13 @@ async fn usage_ids_are_forgotten_after_the_dedupe_window() {
     let app = spawn_app_with(&names, cfg).await;
     app.grants(&[grant("c7", "g1", "api_calls", "10")]);
     calls(&app, "c7", 0, 1);
-    app.meter_until("c7", "api_calls", |b| b["consumed"] == "1").await;
+    app.meter_until("c7", "api_calls", |b| b["consumed"] == "1")
+        .await;
     // Within the window a replay is a duplicate.
     calls(&app, "c7", 0, 1);
     calls(&app, "c7", 1, 1);
-    app.meter_until("c7", "api_calls", |b| b["consumed"] == "2").await;
+    app.meter_until("c7", "api_calls", |b| b["consumed"] == "2")
+        .await;
     // Past the window (the purge runs every window/10, at least every second) the id is
     // forgotten: a void of it is reported as unknown and changes nothing.
     tokio::time::sleep(std::time::Duration::from_secs(4)).await;
@@ -237,7 +239,9 @@ async fn usage_ids_are_forgotten_after_the_dedupe_window() {
     let dlq = app.cfg.topics.dlq.clone();
     let recs = read_until(&dlq, |r| !r.is_empty()).await;
     assert_eq!(recs[0].2["error.reason"], "void_unknown");
-    let m = app.meter_until("c7", "api_calls", |b| b["consumed"] == "2").await;
+    let m = app
+        .meter_until("c7", "api_calls", |b| b["consumed"] == "2")
+        .await;
     assert_eq!(m["voided"], "0");
     app.stop().await;
 }

@@ -23,11 +23,24 @@
 //!
 //! # Rebalancing
 //! Eager, with the `range` assignor, so partition p of both input topics lands on the same
-//! member (co-partitioning, as Kafka Streams does). The loop never has a transaction open while it
-//! polls, so a rebalance only ever discards the uncommitted in-memory batch; the fresh assignment
-//! starts from the committed offsets. On assignment, each partition's state is restored from the
-//! changelog (from the RocksDB checkpoint, or from the start when there is none) before any of its
-//! records is processed, from the poll loop, never inside the rebalance callback.
+//! member (co-partitioning, as Kafka Streams does). Eager because the loop never has a
+//! transaction open while it polls, so a revocation only discards the uncommitted in-memory batch
+//! and every assignment restarts from the committed offsets: simple to reason about, at the cost
+//! of a short stop of all partitions per rebalance. On assignment each partition's input is
+//! paused and its state restored from the changelog (from the RocksDB checkpoint, or from the
+//! start after dropping stale local state), incrementally from the poll loop (never inside the
+//! rebalance callback), then resumed; records fetched meanwhile are skipped and re-read. On
+//! revocation the partition's local state is kept for `state_drop_delay` (a quick return restores
+//! from the checkpoint), then dropped.
+//!
+//! # Failures
+//! Any transaction or client error aborts the open transaction if possible, drops the in-memory
+//! work and rebuilds the clients with exponential backoff (200 ms to 10 s), reported in
+//! `drawdown_pipeline_restarts_total{reason}` and `/readyz`; a broker that is away is retried until
+//! it returns. A fenced producer (a zombie: an instance that stalled past its session while the
+//! group moved on) fails its commit (KIP-447: the offsets carry the group generation), drops its
+//! work and rejoins as a new member. Which instance serves which partition, for the API, is in
+//! [`directory`].
 
 pub mod admin;
 pub mod directory;

@@ -317,9 +317,13 @@ impl Pipeline {
     pub fn run(self) {
         let mut backoff = Duration::from_millis(200);
         while !self.shutdown.is_triggered() {
+            let started = Instant::now();
             match self.run_once() {
                 Ok(()) => break,
                 Err(e) => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_millis(200); // it had recovered: start over
+                    }
                     self.status.set_running(false);
                     let reason = match &e {
                         PipelineError::Kafka(k) if is_fenced(k) => "fenced",
