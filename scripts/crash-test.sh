@@ -1,15 +1,30 @@
 #!/usr/bin/env bash
-# `make crash-test`: exactly-once under SIGKILL. drawdown runs in the background and a
-# supervisor SIGKILLs it at random moments (1-6 s after it is ready, or during start-up and
-# restore), sometimes deleting its RocksDB directory too, and restarts it, while the load
-# generator sends four phases (grants, usage, top-ups, usage) and keeps its own expectation.
+# `make crash-test`: exactly-once under SIGKILL, with the credit rules. drawdown runs in the
+# background and a supervisor SIGKILLs it at random moments (1-6 s after it is ready, or during
+# start-up and restore), sometimes deleting its RocksDB directory too, and restarts it, while the
+# load generator sends its phases and keeps its own model of what drawdown must end with:
+#   grants    cycle grants (rollover caps, two subscriptions for some), top-ups and adjustments
+#             stacked on them at varied priorities, replayed grant ids, malformed records;
+#   expiring  top-ups expiring after the next usage phase, grants scheduled to start then (some
+#             of them cycle grants);
+#   usage     usage at RATE, duplicates (same record, and ids of earlier phases), malformed;
+#   expire    the barrier: every input so far was processed before the first activation/expiry
+#             (else the test fails: raise EXPIRE_IN), sleep past the last one, the tick applies
+#             them without new events;
+#   voids     VoidGrant, VoidUsage (some returned as void:<event> adjustments), repeated voids
+#             and unknown ids (DLQ void_duplicate / void_unknown), replayed grant ids;
+#   topups, renewal (a new cycle for every subscription: remainders carried up to the rollover,
+#             the rest forfeited), usage (protobuf) and voids (protobuf) again.
 # When at least KILLS kills happened and every input is committed, `drawdown verify` compares
-# the API, balance-changed (one record per version, no gaps) and balance-exhausted (transitions
-# one for one) with the expectation.
+# the API (totals, expired, voided, version, each grant's remainder in draw-down order),
+# balance-changed (one record per version, no gaps, each version's reason), balance-exhausted
+# (transitions one for one) and the DLQ (reason counts) with the model.
 #
 # Environment: EVENTS (200000 usage events in all), CUSTOMERS (1000), KILLS (minimum, 10),
 # RATE (records/s of the usage phases; default sized so they span the kills), SEED (42),
-# DRAWDOWN_CONFIG (config/drawdown.toml), KEEP=1 keeps the temp dir and topics even on success.
+# EXPIRE_IN (seconds from the expiring phase to the expiries; default the usage phase's
+# duration + 45), DRAWDOWN_CONFIG (config/drawdown.toml), KEEP=1 keeps the temp dir and topics
+# even on success.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,9 +35,12 @@ CUSTOMERS="${CUSTOMERS:-1000}"
 KILLS="${KILLS:-10}"
 SEED="${SEED:-42}"
 CONFIG="${DRAWDOWN_CONFIG:-config/drawdown.toml}"
-# A cycle (SIGKILL, the group's session timeout of 10 s, restore, 1-6 s of work) takes ~20 s;
-# the two usage phases together should span most of the KILLS cycles.
-RATE="${RATE:-$(( EVENTS / (KILLS * 20) > 200 ? EVENTS / (KILLS * 20) : 200 ))}"
+# A cycle (SIGKILL, restart, restore, 1-6 s of work) takes ~10-20 s; the two usage phases
+# together should span most of the KILLS cycles.
+RATE="${RATE:-$(( EVENTS / (KILLS * 15) > 200 ? EVENTS / (KILLS * 15) : 200 ))}"
+# The expiries must come after the usage phase that follows them has been processed, kills and
+# restores included (the expire phase checks it exactly, and fails rather than guess).
+EXPIRE_IN="${EXPIRE_IN:-$(( EVENTS / 2 / RATE + 45 ))}"
 T0=$(date +%s)
 
 log() { echo "crash-test: $*" >&2; }
@@ -36,9 +54,12 @@ cargo build --bins --quiet
 RUN="crash-$(date +%s)-$$"
 DIR="$(mktemp -d "${TMPDIR:-/tmp}/drawdown-crash.XXXXXX")"
 STATE="$DIR/state"
-# A private copy: others may rebuild the shared target dir while the test restarts drawdown.
+# Private copies: others may rebuild the shared target dir or edit the config while the test
+# restarts drawdown.
 cp "$BIN" "$DIR/drawdown"
 BIN="$DIR/drawdown"
+cp "$CONFIG" "$DIR/drawdown.toml"
+CONFIG="$DIR/drawdown.toml"
 deploy/kafka/kafka.sh status >/dev/null 2>&1 || deploy/kafka/kafka.sh start
 
 PORT="$(free_port)"
@@ -56,7 +77,7 @@ API="http://127.0.0.1:$PORT"
 EXPECT="$DIR/expect.json"
 echo 0 > "$DIR/kills"
 echo 0 > "$DIR/wipes"
-log "run $RUN: events=$EVENTS customers=$CUSTOMERS kills>=$KILLS rate=$RATE/s dir=$DIR api=$API"
+log "run $RUN: events=$EVENTS customers=$CUSTOMERS kills>=$KILLS rate=$RATE/s expire-in=${EXPIRE_IN}s dir=$DIR api=$API"
 
 OK=0
 SUP=""
@@ -144,9 +165,14 @@ phase() {
 
 HALF=$(( EVENTS / 2 ))
 phase --phase grants --events "$HALF" --bad 20
+phase --phase expiring --events "$HALF" --expire-in "$EXPIRE_IN" --bad 5
 phase --phase usage --events "$HALF" --rate "$RATE" --duplicates 0.01 --bad 50
+phase --phase expire
+phase --phase voids --bad 10
 phase --phase topups --events "$HALF" --format protobuf --bad 20
+phase --phase renewal --events "$HALF" --format protobuf --bad 10
 phase --phase usage --events $(( EVENTS - HALF )) --rate "$RATE" --duplicates 0.01 --format protobuf --bad 50
+phase --phase voids --format protobuf --bad 10
 
 deadline=$(( $(date +%s) + 60 * KILLS ))
 while (( $(cat "$DIR/kills") < KILLS )); do
