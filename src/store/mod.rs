@@ -63,11 +63,16 @@ const KIND_EVENT: u8 = b'e';
 const KIND_GRANT: u8 = b'g';
 const KIND_HISTORY: u8 = b'h';
 
-fn prefix(p: i32, kind: u8, customer: &CustomerId) -> Vec<u8> {
-    let mut k = Vec::with_capacity(4 + customer.as_str().len() + 24);
-    k.push(b'S');
+/// `S p kind`: every key of one kind in partition `p`.
+fn kind_prefix(p: i32, kind: u8) -> Vec<u8> {
+    let mut k = vec![b'S'];
     k.extend_from_slice(&(p as u16).to_be_bytes());
     k.push(kind);
+    k
+}
+
+fn prefix(p: i32, kind: u8, customer: &CustomerId) -> Vec<u8> {
+    let mut k = kind_prefix(p, kind);
     k.extend_from_slice(customer.as_str().as_bytes());
     k.push(0);
     k
@@ -272,6 +277,25 @@ impl Store {
         self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
     }
 
+    /// Calls `f(key, value)` for every key starting with `pre`, in order, until it returns
+    /// `Ok(false)`.
+    fn scan(
+        &self,
+        pre: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        for item in self
+            .db
+            .iterator(IteratorMode::From(pre, Direction::Forward))
+        {
+            let (k, v) = item?;
+            if !k.starts_with(pre) || !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     /// All meter projections of a customer in partition `p`.
     pub fn meters(
         &self,
@@ -280,21 +304,13 @@ impl Store {
     ) -> Result<BTreeMap<MeterName, MeterState>, StoreError> {
         let pre = prefix(p, KIND_METER, customer);
         let mut out = BTreeMap::new();
-        let mut ro = ReadOptions::default();
-        ro.set_prefix_same_as_start(false);
-        for item in self
-            .db
-            .iterator_opt(IteratorMode::From(&pre, Direction::Forward), ro)
-        {
-            let (k, v) = item?;
-            if !k.starts_with(&pre) {
-                break;
-            }
+        self.scan(&pre, |k, v| {
             let name = String::from_utf8_lossy(&k[pre.len()..]).into_owned();
             if let Ok(m) = MeterName::parse(name) {
-                out.insert(m, decode(&k, &v)?);
+                out.insert(m, decode(k, v)?);
             }
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -309,19 +325,13 @@ impl Store {
     ) -> Result<Vec<BalanceChanged>, StoreError> {
         let pre = history_prefix(p, customer, meter);
         let mut all = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&pre, Direction::Forward))
-        {
-            let (k, v) = item?;
-            if !k.starts_with(&pre) {
-                break;
-            }
-            let c: BalanceChanged = decode(&k, &v)?;
+        self.scan(&pre, |k, v| {
+            let c: BalanceChanged = decode(k, v)?;
             if before.is_none_or(|b| c.version < b) {
                 all.push(c);
             }
-        }
+            Ok(true)
+        })?;
         all.sort_by_key(|c| std::cmp::Reverse(c.version));
         all.truncate(limit);
         Ok(all)
@@ -330,32 +340,24 @@ impl Store {
     /// Every meter projection of partition `p` with a time-driven change pending: (due, customer,
     /// meter). Used to rebuild the tick index after a restore.
     pub fn due_meters(&self, p: i32) -> Result<Vec<(i64, CustomerId, MeterName)>, StoreError> {
-        let mut pre = vec![b'S'];
-        pre.extend_from_slice(&(p as u16).to_be_bytes());
-        pre.push(KIND_METER);
+        let pre = kind_prefix(p, KIND_METER);
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&pre, Direction::Forward))
-        {
-            let (k, v) = item?;
-            if !k.starts_with(&pre) {
-                break;
-            }
-            let state: MeterState = decode(&k, &v)?;
+        self.scan(&pre, |k, v| {
+            let state: MeterState = decode(k, v)?;
             let Some(due) = state.next_due() else {
-                continue;
+                return Ok(true);
             };
             let rest = &k[pre.len()..];
             let Some(nul) = rest.iter().position(|b| *b == 0) else {
-                continue;
+                return Ok(true);
             };
             let customer = CustomerId::parse(String::from_utf8_lossy(&rest[..nul]).into_owned());
             let meter = MeterName::parse(String::from_utf8_lossy(&rest[nul + 1..]).into_owned());
             if let (Ok(c), Ok(m)) = (customer, meter) {
                 out.push((due, c, m));
             }
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -367,23 +369,18 @@ impl Store {
         cutoff: i64,
         limit: usize,
     ) -> Result<Vec<Vec<u8>>, StoreError> {
-        let mut pre = vec![b'S'];
-        pre.extend_from_slice(&(p as u16).to_be_bytes());
-        pre.push(KIND_EVENT);
+        let pre = kind_prefix(p, KIND_EVENT);
         let mut out = Vec::new();
-        for item in self
-            .db
-            .iterator(IteratorMode::From(&pre, Direction::Forward))
-        {
-            let (k, v) = item?;
-            if !k.starts_with(&pre) || out.len() >= limit {
-                break;
+        self.scan(&pre, |k, v| {
+            if out.len() >= limit {
+                return Ok(false);
             }
-            let rec: EventRecord = decode(&k, &v)?;
+            let rec: EventRecord = decode(k, v)?;
             if rec.at < cutoff {
                 out.push(k.to_vec());
             }
-        }
+            Ok(true)
+        })?;
         Ok(out)
     }
 
@@ -402,9 +399,7 @@ impl Store {
     /// `(customers, meters)`. A key-only walk of the partition's meter range that bypasses the
     /// block cache; for metrics, so run it rarely and off the async runtime.
     pub fn count_meters(&self, p: i32) -> Result<(u64, u64), StoreError> {
-        let mut pre = vec![b'S'];
-        pre.extend_from_slice(&(p as u16).to_be_bytes());
-        pre.push(KIND_METER);
+        let pre = kind_prefix(p, KIND_METER);
         let mut ro = ReadOptions::default();
         ro.fill_cache(false);
         let mut it = self.db.raw_iterator_opt(ro);

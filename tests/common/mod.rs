@@ -245,7 +245,8 @@ impl TestApp {
         p.flush(Duration::from_secs(30)).unwrap();
     }
 
-    pub fn usage(&self, records: &[Value]) {
+    /// Sends JSON records to `topic`, keyed by their `customer_id`.
+    pub fn send_json(&self, topic: &str, records: &[Value]) {
         let recs: Vec<_> = records
             .iter()
             .map(|v| {
@@ -256,21 +257,15 @@ impl TestApp {
                 )
             })
             .collect();
-        self.send(&self.cfg.topics.usage, &recs);
+        self.send(topic, &recs);
+    }
+
+    pub fn usage(&self, records: &[Value]) {
+        self.send_json(&self.cfg.topics.usage, records);
     }
 
     pub fn grants(&self, records: &[Value]) {
-        let recs: Vec<_> = records
-            .iter()
-            .map(|v| {
-                (
-                    v["customer_id"].as_str().unwrap(),
-                    serde_json::to_vec(v).unwrap(),
-                    None,
-                )
-            })
-            .collect();
-        self.send(&self.cfg.topics.grants, &recs);
+        self.send_json(&self.cfg.topics.grants, records);
     }
 
     /// Every committed record of `topic` so far: (key, payload, headers).
