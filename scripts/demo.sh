@@ -15,7 +15,7 @@ DRAWDOWN__API__KEYS="[{ name = \"demo\", sha256 = \"$KEY_SHA\" }]" \
 DRAWDOWN__API__PORTAL_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
     "$BIN" -c "$CONFIG" run > data/drawdown.log 2>&1 &
 DD=$!
-trap 'kill $DD $GEN 2>/dev/null || true; wait 2>/dev/null || true; echo "demo stopped"' EXIT INT TERM
+trap 'kill $DD $GEN 2>/dev/null || true; [[ -n "$GEN" ]] && pkill -P "$GEN" 2>/dev/null; wait 2>/dev/null || true; echo "demo stopped"' EXIT INT TERM
 GEN=""
 for _ in $(seq 1 120); do
     curl -fs http://127.0.0.1:8080/readyz >/dev/null 2>&1 && break
@@ -45,6 +45,15 @@ drawdown is running (log: data/drawdown.log); the load generator sends ~$RATE ev
 Ctrl-C to stop.
 MSG
 "$BIN" -c "$CONFIG" produce --phase grants --customers "$CUSTOMERS"
-"$BIN" -c "$CONFIG" produce --phase mixed --customers "$CUSTOMERS" --events 100000000 --rate "$RATE" --bad 5 &
+# Rounds of usage with top-ups sized for each round, so some customers run out (exhausted) and
+# get topped up again (restored) while you watch.
+(
+    round=0
+    while true; do
+        round=$((round + 1))
+        "$BIN" -c "$CONFIG" produce --phase mixed --customers "$CUSTOMERS" --events 20000 \
+            --rate "$RATE" --bad 5 --seed "$round" || exit 1
+    done
+) &
 GEN=$!
 wait $GEN
