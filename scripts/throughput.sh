@@ -4,7 +4,7 @@
 # committed every input record (so every output is committed too). Prints events/s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown"
+BIN="${BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown}"
 EVENTS="${EVENTS:-1000000}"
 CUSTOMERS="${CUSTOMERS:-10000}"
 RUN="tp-$(date +%s)-$$"

@@ -151,7 +151,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             commit_interval: Duration::from_millis(100),
-            max_batch: 10_000,
+            max_batch: 50_000,
             output_format: OutputFormat::Json,
             history_len: 200,
             tick_interval: Duration::from_secs(1),
