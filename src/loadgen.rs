@@ -2202,47 +2202,23 @@ impl Totals {
     /// The fields that differ, for the report.
     fn diff(&self, want: &Totals) -> String {
         let mut out = Vec::new();
-        let mut field = |name: &str, got: String, want: String| {
-            if got != want {
-                out.push(format!("{name} {got} != {want}"));
+        let decimals = [
+            ("balance", self.balance, want.balance),
+            ("credited", self.credited, want.credited),
+            ("consumed", self.consumed, want.consumed),
+            ("overage", self.overage, want.overage),
+            ("blocked", self.blocked, want.blocked),
+            ("expired", self.expired, want.expired),
+            ("voided", self.voided, want.voided),
+        ];
+        for (name, got, exp) in decimals {
+            if got != exp {
+                out.push(format!("{name} {got} != {exp}"));
             }
-        };
-        field(
-            "balance",
-            self.balance.to_string(),
-            want.balance.to_string(),
-        );
-        field(
-            "credited",
-            self.credited.to_string(),
-            want.credited.to_string(),
-        );
-        field(
-            "consumed",
-            self.consumed.to_string(),
-            want.consumed.to_string(),
-        );
-        field(
-            "overage",
-            self.overage.to_string(),
-            want.overage.to_string(),
-        );
-        field(
-            "blocked",
-            self.blocked.to_string(),
-            want.blocked.to_string(),
-        );
-        field(
-            "expired",
-            self.expired.to_string(),
-            want.expired.to_string(),
-        );
-        field("voided", self.voided.to_string(), want.voided.to_string());
-        field(
-            "version",
-            self.version.to_string(),
-            want.version.to_string(),
-        );
+        }
+        if self.version != want.version {
+            out.push(format!("version {} != {}", self.version, want.version));
+        }
         if self.grants != want.grants {
             out.push(format!("grants {:?} != {:?}", self.grants, want.grants));
         }
