@@ -64,13 +64,8 @@ deploy/kafka/kafka.sh status >/dev/null 2>&1 || deploy/kafka/kafka.sh start
 
 PORT="$(free_port)"
 export DRAWDOWN_CONFIG="$CONFIG"
-export DRAWDOWN__KAFKA__GROUP_ID="$RUN"
-export DRAWDOWN__TOPICS__USAGE="$RUN-usage"
-export DRAWDOWN__TOPICS__GRANTS="$RUN-grants"
-export DRAWDOWN__TOPICS__BALANCE_CHANGED="$RUN-balance-changed"
-export DRAWDOWN__TOPICS__BALANCE_EVENTS="$RUN-balance-exhausted"
-export DRAWDOWN__TOPICS__DLQ="$RUN-dlq"
-export DRAWDOWN__TOPICS__CHANGELOG="$RUN-changelog"
+source scripts/lib.sh
+isolate_run "$RUN"
 export DRAWDOWN__STORE__PATH="$STATE"
 export DRAWDOWN__API__LISTEN="127.0.0.1:$PORT"
 API="http://127.0.0.1:$PORT"

@@ -24,12 +24,10 @@ started=$(date +%s)
 
 log() { echo "multi-instance-test: $*"; }
 
-export DRAWDOWN__KAFKA__GROUP_ID="$RUN"
+source scripts/lib.sh
+isolate_run "$RUN"
 export DRAWDOWN__KAFKA__PARTITIONS=16
 export DRAWDOWN__KAFKA__TRANSACTION_TIMEOUT=10s
-for t in usage grants balance_changed balance_events dlq; do
-    export "DRAWDOWN__TOPICS__${t^^}=$RUN-$t"
-done
 export DRAWDOWN__STORE__BLOCK_CACHE_MB=16 DRAWDOWN__STORE__WRITE_BUFFER_MB=16
 
 declare -A PIDS

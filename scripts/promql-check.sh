@@ -35,13 +35,9 @@ trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
-export DRAWDOWN__KAFKA__GROUP_ID="$ID-group"
+source scripts/lib.sh
+isolate_run "$ID"
 export DRAWDOWN__KAFKA__PARTITIONS=3
-export DRAWDOWN__TOPICS__USAGE="$ID-usage"
-export DRAWDOWN__TOPICS__GRANTS="$ID-grants"
-export DRAWDOWN__TOPICS__BALANCE_CHANGED="$ID-changed"
-export DRAWDOWN__TOPICS__BALANCE_EVENTS="$ID-exhausted"
-export DRAWDOWN__TOPICS__DLQ="$ID-dlq"
 export DRAWDOWN__STORE__PATH="$WORK/state"
 export DRAWDOWN__STORE__BLOCK_CACHE_MB=16
 export DRAWDOWN__STORE__WRITE_BUFFER_MB=16

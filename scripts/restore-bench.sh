@@ -13,10 +13,9 @@ PROJECTIONS="${PROJECTIONS:-100000}"
 RUN="rb-$(date +%s)-$$"
 DIR="$(mktemp -d /tmp/drawdown-rb.XXXXXX)"
 PORT=$(( 20000 + RANDOM % 20000 ))
-export DRAWDOWN__KAFKA__GROUP_ID="$RUN" DRAWDOWN__KAFKA__PARTITIONS=1
-for t in usage grants balance_changed balance_events dlq; do
-    export "DRAWDOWN__TOPICS__${t^^}=$RUN-$t"
-done
+source scripts/lib.sh
+isolate_run "$RUN"
+export DRAWDOWN__KAFKA__PARTITIONS=1
 export DRAWDOWN__STORE__PATH="$DIR/state" DRAWDOWN__API__LISTEN="127.0.0.1:$PORT"
 trap 'kill $DD 2>/dev/null || true; rm -rf "$DIR"' EXIT
 

@@ -9,10 +9,8 @@ EVENTS="${EVENTS:-1000000}"
 CUSTOMERS="${CUSTOMERS:-10000}"
 RUN="tp-$(date +%s)-$$"
 DIR="$(mktemp -d)"
-export DRAWDOWN__KAFKA__GROUP_ID="$RUN"
-for t in usage grants balance_changed balance_events dlq; do
-    export "DRAWDOWN__TOPICS__${t^^}=$RUN-$t"
-done
+source scripts/lib.sh
+isolate_run "$RUN"
 export DRAWDOWN__STORE__PATH="$DIR/state"
 export DRAWDOWN__API__LISTEN="127.0.0.1:${PORT:-18181}"
 "$BIN" run > "$DIR/drawdown.log" 2>&1 &
