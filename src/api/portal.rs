@@ -29,7 +29,7 @@ use super::auth::Principal;
 use super::{customer, now_ms, ApiError, ApiState};
 use crate::auth::PortalClaims;
 use crate::kafka::top_up::TopUpPublisher;
-use crate::ledger::{MeterName, TopUpRequested, TopUpSource, MAX_ID_LEN};
+use crate::ledger::{check_id, MeterName, TopUpRequested, TopUpSource};
 
 /// How long a top-up `request_id` is remembered to answer retries without publishing again.
 pub const DEDUPE_WINDOW: Duration = Duration::from_secs(600);
@@ -302,11 +302,7 @@ pub async fn request_top_up(
     };
     let request_id = match body.request_id {
         Some(r) => {
-            if r.is_empty() || r.len() > MAX_ID_LEN || r.chars().any(char::is_control) {
-                return Err(ApiError::BadRequest(
-                    "request_id must be 1-200 bytes without control characters".into(),
-                ));
-            }
+            check_id("request_id", &r).map_err(|e| ApiError::BadRequest(e.to_string()))?;
             if r.starts_with("auto:") {
                 return Err(ApiError::BadRequest(
                     "request ids starting with auto: are drawdown's own".into(),

@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::types::{parse_amount, MeterName};
-use super::LedgerError;
+use super::error::LedgerError;
+use super::ids::{check_id, parse_amount, MeterName};
 
 /// How a meter turns matching events into units.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,11 +149,8 @@ impl Meters {
                 }
             }
             for pack in d.packs() {
-                if pack.is_empty()
-                    || pack.len() > super::MAX_ID_LEN
-                    || pack.chars().any(char::is_control)
-                {
-                    return Err(format!("meter {}: invalid top-up pack {pack:?}", d.name));
+                if let Err(e) = check_id("top-up pack", pack) {
+                    return Err(format!("meter {}: {e}", d.name));
                 }
             }
             if let Some(a) = &d.auto_top_up {

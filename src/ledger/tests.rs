@@ -2,7 +2,7 @@
 //! runs the ledger against a deliberately plain reference model (`model`) over random sequences
 //! of grants, usage, voids, time and replays.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use proptest::prelude::*;
 use rust_decimal::Decimal;

@@ -5,28 +5,24 @@ use std::fmt;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::LedgerError;
+use super::error::{IdProblem, LedgerError};
 
 /// The longest identifier (customer, event, grant, meter) accepted, in bytes.
 pub const MAX_ID_LEN: usize = 200;
 
-fn check_id(kind: &'static str, s: &str) -> Result<(), LedgerError> {
-    if s.is_empty() {
-        return Err(LedgerError::InvalidId { kind, why: "empty" });
-    }
-    if s.len() > MAX_ID_LEN {
-        return Err(LedgerError::InvalidId {
-            kind,
-            why: "longer than 200 bytes",
-        });
-    }
-    if s.chars().any(|c| c.is_control()) {
-        return Err(LedgerError::InvalidId {
-            kind,
-            why: "contains control characters",
-        });
-    }
-    Ok(())
+/// Checks an identifier of any kind (ids, pack names, request ids): non-empty, at most
+/// [`MAX_ID_LEN`] bytes, no control characters. `kind` names it in the error.
+pub fn check_id(kind: &'static str, s: &str) -> Result<(), LedgerError> {
+    let why = if s.is_empty() {
+        IdProblem::Empty
+    } else if s.len() > MAX_ID_LEN {
+        IdProblem::TooLong(MAX_ID_LEN)
+    } else if s.chars().any(char::is_control) {
+        IdProblem::ControlCharacters
+    } else {
+        return Ok(());
+    };
+    Err(LedgerError::InvalidId { kind, why })
 }
 
 macro_rules! id_type {

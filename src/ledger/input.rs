@@ -1,0 +1,123 @@
+//! The inputs of the rules, validated: usage events, grants and voids.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use super::{CustomerId, EventId, GrantId, MeterName};
+
+/// The kind of a grant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GrantKind {
+    /// The credits of one billing cycle of a subscription.
+    Cycle,
+    /// A one-time pack; stacks and keeps its own expiry.
+    TopUp,
+    /// A manual or system adjustment (also used for voided usage returned to ended grants).
+    Adjustment,
+}
+
+/// A usage event, validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Usage {
+    /// Idempotency key.
+    pub id: EventId,
+    /// Whose usage.
+    pub customer: CustomerId,
+    /// The event name meters match on.
+    pub name: String,
+    /// Event time (ms since the epoch); informational, the rules use processing time.
+    pub timestamp_ms: i64,
+    /// Properties as text (numbers in their exact decimal form).
+    pub properties: BTreeMap<String, String>,
+}
+
+/// A grant, validated.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    /// Idempotency key.
+    pub grant_id: GrantId,
+    /// Whose credits.
+    pub customer: CustomerId,
+    /// Which meter.
+    pub meter: MeterName,
+    /// Units granted, > 0.
+    pub amount: Decimal,
+    /// Cycle, top-up or adjustment.
+    pub kind: GrantKind,
+    /// Draw-down priority, lower first.
+    pub priority: u8,
+    /// When the grant becomes usable (ms); `None` = on arrival.
+    pub effective_at: Option<i64>,
+    /// When the remainder is forfeited (ms, exclusive); `None` = never.
+    pub expires_at: Option<i64>,
+    /// The subscription whose cycle a cycle grant opens.
+    pub subscription_id: Option<String>,
+    /// Cycle grants: the most of the remainder carried into the next cycle.
+    pub rollover: Decimal,
+}
+
+/// An input to the rules.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// Usage drawing credits down.
+    Usage(Usage),
+    /// Credits granted.
+    Grant(Grant),
+    /// Remove a grant's remainder.
+    VoidGrant {
+        /// Whose grant.
+        customer: CustomerId,
+        /// Which grant.
+        grant_id: GrantId,
+    },
+    /// Give back what a usage event drew.
+    VoidUsage {
+        /// Whose event.
+        customer: CustomerId,
+        /// Which event.
+        event_id: EventId,
+    },
+}
+
+/// The records (beyond the meter projections) an input needs loaded in the [`Book`].
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Refs {
+    /// Event records.
+    pub events: Vec<EventId>,
+    /// Grant records.
+    pub grants: Vec<GrantId>,
+}
+
+impl Input {
+    /// The customer the input belongs to.
+    pub fn customer(&self) -> &CustomerId {
+        match self {
+            Input::Usage(u) => &u.customer,
+            Input::Grant(g) => &g.customer,
+            Input::VoidGrant { customer, .. } | Input::VoidUsage { customer, .. } => customer,
+        }
+    }
+
+    /// Adds to `refs` the records this input reads.
+    pub fn refs(&self, refs: &mut Refs) {
+        match self {
+            Input::Usage(u) => refs.events.push(u.id.clone()),
+            Input::VoidUsage { event_id, .. } => refs.events.push(event_id.clone()),
+            Input::Grant(g) => refs.grants.push(g.grant_id.clone()),
+            Input::VoidGrant { grant_id, .. } => refs.grants.push(grant_id.clone()),
+        }
+    }
+
+    /// The id that identifies this input in histories (`cause_id`).
+    pub fn cause_id(&self) -> &str {
+        match self {
+            Input::Usage(u) => u.id.as_str(),
+            Input::Grant(g) => g.grant_id.as_str(),
+            Input::VoidGrant { grant_id, .. } => grant_id.as_str(),
+            Input::VoidUsage { event_id, .. } => event_id.as_str(),
+        }
+    }
+}
