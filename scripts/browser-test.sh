@@ -47,7 +47,7 @@ transaction_timeout = "10s"
 usage = "$RUN-usage"
 grants = "$RUN-grants"
 balance_changed = "$RUN-balance-changed"
-balance_events = "$RUN-balance-exhausted"
+balance_exhausted = "$RUN-balance-exhausted"
 dlq = "$RUN-dlq"
 top_up_requests = "$RUN-top-up-requests"
 

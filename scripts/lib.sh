@@ -5,7 +5,7 @@
 isolate_run() {
     local id=$1 t
     export DRAWDOWN__KAFKA__GROUP_ID="$id"
-    for t in usage grants balance_changed balance_events dlq top_up_requests changelog; do
+    for t in usage grants balance_changed balance_exhausted dlq top_up_requests changelog; do
         export "DRAWDOWN__TOPICS__${t^^}=$id-$t"
     done
 }

@@ -15,8 +15,9 @@ use crate::config::Config;
 use crate::kafka::directory::{self, Directory};
 use crate::kafka::lag::LagMonitor;
 use crate::kafka::top_up::TopUpPublisher;
-use crate::kafka::{admin, Pipeline, PipelineStatus, Shutdown};
+use crate::kafka::{admin, Pipeline, PipelineStatus};
 use crate::ledger::Ledger;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 
 /// The process-wide Prometheus recorder (installed on first use).
@@ -193,11 +194,7 @@ impl Application {
             }
         };
         let shutdown = self.shutdown.clone();
-        let stopped = async move {
-            while !shutdown.is_triggered() {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        };
+        let stopped = async move { shutdown.recv().await };
         tracing::info!(addr = %self.addr(), "API listening");
         let metrics_server = match self.metrics_listener {
             Some(listener) => {
@@ -206,11 +203,7 @@ impl Application {
                 tracing::info!(addr = %listener.local_addr().expect("bound"), "metrics listening");
                 Some(tokio::spawn(async move {
                     axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            while !shutdown.is_triggered() {
-                                tokio::time::sleep(Duration::from_millis(50)).await;
-                            }
-                        })
+                        .with_graceful_shutdown(async move { shutdown.recv().await })
                         .await
                 }))
             }

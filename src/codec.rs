@@ -386,6 +386,23 @@ fn property_text(v: &Value) -> Result<String, CodecError> {
     })
 }
 
+/// The `content-type` header of records written in `format`.
+pub fn content_type(format: OutputFormat) -> &'static str {
+    match format {
+        OutputFormat::Json => JSON,
+        OutputFormat::Protobuf => PROTOBUF,
+    }
+}
+
+/// The headers of a `top-up-requests` record: `content-type`, and `request-id` (so billing can
+/// dedupe without decoding).
+pub fn top_up_headers(t: &TopUpRequested, format: OutputFormat) -> [(&'static str, String); 2] {
+    [
+        ("content-type", content_type(format).to_string()),
+        ("request-id", t.request_id.clone()),
+    ]
+}
+
 /// Encodes a `BalanceChanged` for the `balance-changed` topic.
 pub fn encode_changed(c: &BalanceChanged, format: OutputFormat) -> Vec<u8> {
     match format {

@@ -85,8 +85,9 @@ pub struct TopicsConfig {
     pub grants: String,
     /// `BalanceChanged` out.
     pub balance_changed: String,
-    /// Transitions out.
-    pub balance_events: String,
+    /// Transitions out (`balance_events` is accepted as its former name).
+    #[serde(alias = "balance_events")]
+    pub balance_exhausted: String,
     /// Rejected input out.
     pub dlq: String,
     /// `TopUpRequested` out (portal, API and automatic top-ups), for the billing system.
@@ -101,7 +102,7 @@ impl Default for TopicsConfig {
             usage: "usage-events".into(),
             grants: "credit-grants".into(),
             balance_changed: "balance-changed".into(),
-            balance_events: "balance-exhausted".into(),
+            balance_exhausted: "balance-exhausted".into(),
             dlq: "drawdown-dlq".into(),
             top_up_requests: "top-up-requests".into(),
             changelog: None,

@@ -11,6 +11,7 @@
 //! - [`auth`]: API keys (hashed) and signed, customer-scoped portal tokens, without HTTP.
 //! - [`metrics`]: every metric name and description.
 //! - [`config`]: one `Config` tree: TOML + `DRAWDOWN__*` environment overrides.
+//! - [`shutdown`]: the one shutdown signal every loop listens to; [`clock`]: the wall clock.
 //! - [`app`]: wiring and graceful shutdown.
 //! - [`loadgen`]: the load generator with its own reference arithmetic, and the verifier.
 #![warn(missing_docs)]
@@ -18,10 +19,12 @@
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod kafka;
 pub mod ledger;
 pub mod loadgen;
 pub mod metrics;
+pub mod shutdown;
 pub mod store;

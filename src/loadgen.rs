@@ -2589,7 +2589,7 @@ pub async fn verify(cfg: &Config, args: VerifyArgs) -> anyhow::Result<()> {
         )?;
         read_topic(
             &cfg2,
-            &cfg2.topics.balance_events,
+            &cfg2.topics.balance_exhausted,
             |r| match decode_transition(r.content_type(), r.payload) {
                 Some((c, m, t)) if customers.contains(c.as_str()) => {
                     tc.transitions.entry((c, m)).or_default().push(t)

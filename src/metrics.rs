@@ -117,7 +117,7 @@ pub const INPUT_TOPICS: [&str; 2] = ["usage", "grants"];
 /// Topic labels of the output topics.
 pub const OUTPUT_TOPICS: [&str; 5] = [
     "balance_changed",
-    "balance_events",
+    "balance_exhausted",
     "dlq",
     "changelog",
     "top_up_requests",

@@ -137,7 +137,7 @@ async fn a_grant_expires_on_a_tick_without_new_events() {
     assert_eq!(m["status"], "exhausted");
     assert_eq!(m["recent_events"][0]["reason"], "expired");
     assert_eq!(m["recent_events"][0]["cause_id"], "short");
-    let topic = app.cfg.topics.balance_events.clone();
+    let topic = app.cfg.topics.balance_exhausted.clone();
     read_until(&topic, |r| {
         r.iter()
             .any(|(k, _, h)| k == "c4" && h["type"] == "exhausted")
@@ -165,7 +165,7 @@ async fn a_void_gives_credits_back_and_emits_restored_where_it_crosses_zero() {
         m["grants"][0]["id"], "g1",
         "given back to the grant it drew from"
     );
-    let topic = app.cfg.topics.balance_events.clone();
+    let topic = app.cfg.topics.balance_exhausted.clone();
     let recs = read_until(&topic, |r| {
         r.iter().filter(|(k, _, _)| k == "c5").count() >= 2
     })
@@ -206,7 +206,7 @@ async fn a_low_balance_alert_fires_once_per_threshold_crossing() {
     calls(&app, "c6", 8, 9);
     app.meter_until("c6", "api_calls", |b| b["consumed"] == "17")
         .await;
-    let topic = app.cfg.topics.balance_events.clone();
+    let topic = app.cfg.topics.balance_exhausted.clone();
     read_until(&topic, |r| {
         r.iter().filter(|(k, _, _)| k == "c6").count() >= 2
     })

@@ -71,7 +71,7 @@ async fn exhausted_then_restored_on_top_up() {
         .meter_until("bob", "api_calls", |b| b["credited"] == "12")
         .await;
     assert_eq!(m["balance"], "9", "the top-up paid the debt first");
-    let topic = app.cfg.topics.balance_events.clone();
+    let topic = app.cfg.topics.balance_exhausted.clone();
     let recs = read_until(&topic, |r| r.len() >= 2).await;
     let kinds: Vec<String> = recs
         .iter()

@@ -153,7 +153,7 @@ pub async fn authorize(
     mut req: Request,
     next: Next,
 ) -> Response {
-    let now = crate::api::now_ms();
+    let now = crate::clock::now_ms();
     let principal = match s
         .access
         .authenticate(req.headers().get(AUTHORIZATION), now)

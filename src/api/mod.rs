@@ -321,14 +321,6 @@ fn with_fallbacks(r: Router<ApiState>) -> Router<ApiState> {
     .layer(middleware::from_fn(track))
 }
 
-/// Processing time for token expiry (ms since the epoch).
-pub(crate) fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 async fn metrics(State(s): State<ApiState>) -> impl IntoResponse {
     (
         [(

@@ -26,8 +26,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::auth::Principal;
-use super::{customer, now_ms, ApiError, ApiState};
+use super::{customer, ApiError, ApiState};
 use crate::auth::PortalClaims;
+use crate::clock::now_ms;
 use crate::kafka::top_up::TopUpPublisher;
 use crate::ledger::{check_id, MeterName, TopUpRequested, TopUpSource};
 

@@ -40,7 +40,7 @@ pub async fn ensure_topics(cfg: &Config) -> Result<i32, AdminError> {
         &t.usage,
         &t.grants,
         &t.balance_changed,
-        &t.balance_events,
+        &t.balance_exhausted,
         &t.dlq,
         &t.top_up_requests,
     ];

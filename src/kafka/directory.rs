@@ -11,15 +11,16 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use super::{PipelineStatus, Shutdown};
+use super::PipelineStatus;
 use crate::config::Config;
+use crate::shutdown::Shutdown;
 
 /// How long an announcement is trusted.
 pub const FRESH_FOR: Duration = Duration::from_secs(5);
@@ -76,13 +77,6 @@ impl Directory {
     }
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
-
 /// The directory topic's name.
 pub fn topic(cfg: &Config) -> String {
     format!("{}-instances", cfg.kafka.group_id)
@@ -133,7 +127,7 @@ pub fn run(
             instance_id: cfg.kafka.instance_id.clone(),
             api_url: api_url.clone(),
             serving,
-            at_ms: now_ms(),
+            at_ms: crate::clock::now_ms(),
         };
         let payload = serde_json::to_vec(&a).expect("serialisable");
         let rec = BaseRecord::to(&topic)

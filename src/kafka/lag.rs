@@ -21,9 +21,10 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::{Offset, TopicPartitionList};
 
-use super::{client_config, Shutdown};
+use super::client_config;
 use crate::config::Config;
 use crate::metrics as m;
+use crate::shutdown::Shutdown;
 
 /// One measurement: the lag of one input partition.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -115,9 +116,7 @@ impl LagMonitor {
                     tracing::warn!(error = %e, "measuring the consumer lag failed");
                 }
             }
-            while started.elapsed() < every && !shutdown.is_triggered() {
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            shutdown.sleep(every.saturating_sub(started.elapsed()));
         }
     }
 }

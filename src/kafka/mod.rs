@@ -45,7 +45,7 @@
 pub mod admin;
 pub mod directory;
 pub mod lag;
-mod pipeline;
+pub mod pipeline;
 mod restore;
 pub mod top_up;
 
@@ -55,7 +55,7 @@ use std::sync::Mutex;
 
 use rdkafka::ClientConfig;
 
-use crate::config::KafkaConfig;
+use crate::config::{KafkaConfig, TopicsConfig};
 
 pub use pipeline::{Pipeline, PipelineError};
 
@@ -138,21 +138,82 @@ impl PipelineStatus {
     }
 }
 
-/// A shutdown signal shared by every loop.
-#[derive(Clone, Debug, Default)]
-pub struct Shutdown {
-    flag: std::sync::Arc<AtomicBool>,
+/// Which input topic a record came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum InputTopic {
+    /// `topics.usage`: usage events.
+    Usage,
+    /// `topics.grants`: credit commands (grants and voids).
+    Grants,
 }
 
-impl Shutdown {
-    /// Asks every loop to stop.
-    pub fn trigger(&self) {
-        self.flag.store(true, Ordering::Release);
+impl InputTopic {
+    /// Both, in a fixed order.
+    pub const ALL: [InputTopic; 2] = [InputTopic::Usage, InputTopic::Grants];
+
+    /// The configured topic name.
+    pub fn name(self, topics: &TopicsConfig) -> &str {
+        match self {
+            InputTopic::Usage => &topics.usage,
+            InputTopic::Grants => &topics.grants,
+        }
     }
 
-    /// Whether stopping was asked.
-    pub fn is_triggered(&self) -> bool {
-        self.flag.load(Ordering::Acquire)
+    /// The `topic` label of the metrics (`usage | grants`).
+    pub fn label(self) -> &'static str {
+        match self {
+            InputTopic::Usage => "usage",
+            InputTopic::Grants => "grants",
+        }
+    }
+}
+
+/// A topic the pipeline produces to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum OutputTopic {
+    /// `topics.balance_changed`: one `BalanceChanged` per change.
+    BalanceChanged,
+    /// `topics.balance_exhausted`: the transitions (exhausted, restored, low).
+    BalanceExhausted,
+    /// `topics.top_up_requests`: automatic top-up requests.
+    TopUpRequests,
+    /// `topics.dlq`: rejected input.
+    Dlq,
+    /// The changelog (`<group>-changelog` unless configured).
+    Changelog,
+}
+
+impl OutputTopic {
+    /// Every output topic, in a fixed order.
+    pub const ALL: [OutputTopic; 5] = [
+        OutputTopic::BalanceChanged,
+        OutputTopic::BalanceExhausted,
+        OutputTopic::TopUpRequests,
+        OutputTopic::Dlq,
+        OutputTopic::Changelog,
+    ];
+
+    /// The configured topic name.
+    pub fn name(self, cfg: &crate::config::Config) -> String {
+        let t = &cfg.topics;
+        match self {
+            OutputTopic::BalanceChanged => t.balance_changed.clone(),
+            OutputTopic::BalanceExhausted => t.balance_exhausted.clone(),
+            OutputTopic::TopUpRequests => t.top_up_requests.clone(),
+            OutputTopic::Dlq => t.dlq.clone(),
+            OutputTopic::Changelog => cfg.changelog_topic(),
+        }
+    }
+
+    /// The `topic` label of the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            OutputTopic::BalanceChanged => "balance_changed",
+            OutputTopic::BalanceExhausted => "balance_exhausted",
+            OutputTopic::TopUpRequests => "top_up_requests",
+            OutputTopic::Dlq => "dlq",
+            OutputTopic::Changelog => "changelog",
+        }
     }
 }
 

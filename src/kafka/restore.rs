@@ -12,8 +12,29 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
+use rdkafka::ClientContext;
+
+use crate::config::Config;
 use crate::metrics as m;
-use crate::store::{Mutation, Store};
+use crate::store::Store;
+
+/// A client context that does not log end-of-partition as an error (the restorer asks for it).
+pub(super) struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !matches!(error, KafkaError::PartitionEOF(_))
+            && error.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        {
+            tracing::error!(error = %error, reason, "librdkafka error");
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
+/// A changelog record read back: key and value (`None` deletes).
+type Record = (Vec<u8>, Option<Vec<u8>>);
 
 /// Restore failures.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +54,7 @@ struct Progress {
     high: i64,
     records: u64,
     started: Instant,
-    pending: Vec<Mutation>,
+    pending: Vec<Record>,
 }
 
 /// A finished restore.
@@ -49,7 +70,7 @@ pub struct Restored {
 
 /// Replays changelog partitions into the store.
 pub(super) struct Restorer {
-    consumer: BaseConsumer<super::pipeline::QuietEof>,
+    consumer: BaseConsumer<QuietEof>,
     changelog: String,
     active: BTreeMap<i32, Progress>,
 }
@@ -57,15 +78,22 @@ pub(super) struct Restorer {
 const FLUSH_EVERY: usize = 20_000;
 
 impl Restorer {
-    pub(super) fn new(
-        consumer: BaseConsumer<super::pipeline::QuietEof>,
-        changelog: String,
-    ) -> Self {
-        Self {
+    /// A restorer with its own consumer of `cfg`'s changelog (assigned partitions by hand,
+    /// never joining a group).
+    pub(super) fn new(cfg: &Config) -> Result<Self, KafkaError> {
+        let consumer = super::client_config(&cfg.kafka)
+            .set("group.id", format!("{}-restore", cfg.kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_committed")
+            .set("enable.partition.eof", "true")
+            .set("auto.offset.reset", "earliest")
+            .set("fetch.wait.max.ms", "20")
+            .create_with_context(QuietEof)?;
+        Ok(Self {
             consumer,
-            changelog,
+            changelog: cfg.changelog_topic(),
             active: BTreeMap::new(),
-        }
+        })
     }
 
     /// Partitions still restoring, with the records left (as of the start).
@@ -98,7 +126,7 @@ impl Restorer {
         let start = checkpoint.unwrap_or(low).max(low);
         if start >= high {
             if checkpoint.is_none() {
-                store.write(&[], &[(p, start)])?;
+                store.restore(p, &[], start)?;
             }
             tracing::info!(partition = p, checkpoint = ?checkpoint, high, "state up to date, nothing to restore");
             return Ok(Some(Restored {
@@ -151,7 +179,7 @@ impl Restorer {
                     pr.next = msg.offset() + 1;
                     pr.records += 1;
                     if pr.pending.len() >= FLUSH_EVERY {
-                        store.write(&pr.pending, &[(p, pr.next)])?;
+                        store.restore(p, &pr.pending, pr.next)?;
                         metrics::counter!(m::RESTORE_RECORDS).increment(pr.pending.len() as u64);
                         pr.pending.clear();
                     }
@@ -160,7 +188,7 @@ impl Restorer {
                     let Some(pr) = self.active.remove(&p) else {
                         continue;
                     };
-                    store.write(&pr.pending, &[(p, pr.next)])?;
+                    store.restore(p, &pr.pending, pr.next)?;
                     metrics::counter!(m::RESTORE_RECORDS).increment(pr.pending.len() as u64);
                     let mut tpl = TopicPartitionList::new();
                     tpl.add_partition(&self.changelog, p);

@@ -68,19 +68,13 @@ impl TopUpPublisher {
     /// Publishes `t` and waits for the broker's acknowledgement.
     pub async fn publish(&self, t: &TopUpRequested) -> Result<(), PublishError> {
         let payload = codec::encode_top_up(t, self.format);
-        let content_type = match self.format {
-            OutputFormat::Json => codec::JSON,
-            OutputFormat::Protobuf => codec::PROTOBUF,
-        };
-        let headers = OwnedHeaders::new_with_capacity(2)
-            .insert(Header {
-                key: "content-type",
-                value: Some(content_type),
-            })
-            .insert(Header {
-                key: "request-id",
-                value: Some(t.request_id.as_str()),
+        let mut headers = OwnedHeaders::new_with_capacity(2);
+        for (key, value) in codec::top_up_headers(t, self.format) {
+            headers = headers.insert(Header {
+                key,
+                value: Some(value.as_str()),
             });
+        }
         let (tx, rx) = oneshot::channel();
         let record = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
             .key(t.customer_id.as_str())

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use drawdown::app::Application;
 use drawdown::config::Config;
-use drawdown::kafka::Shutdown;
+use drawdown::shutdown::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, Headers, OwnedHeaders};

@@ -1,0 +1,426 @@
+//! The pure part of a commit cycle: decode a batch of input records, fold it over the loaded
+//! books with the ledger, and describe everything the cycle must write as one [`Commit`].
+//!
+//! No Kafka, no RocksDB, no clock: the records, the books and `now` come in, the commit goes
+//! out. The loop around it ([`super`]) polls, loads, transacts and writes; the criterion
+//! benchmark `benches/fold.rs` runs decode -> fold -> encode -> state writes without I/O.
+
+use std::collections::{BTreeMap, HashMap};
+
+use crate::codec::{self, CodecError};
+use crate::config::{Config, OutputFormat};
+use crate::kafka::{partition_for, InputTopic, OutputTopic};
+use crate::ledger::{Applied, Book, CustomerId, Dirty, Input, Ledger, MeterName, Output, Refs};
+use crate::store::{layout, BookRequest, StateWrite};
+
+/// An input record, copied out of librdkafka's buffer.
+#[derive(Clone, Debug)]
+pub struct InputRecord {
+    /// The topic it came from.
+    pub topic: InputTopic,
+    /// Its partition.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its timestamp (ms), if the producer or broker set one.
+    pub timestamp: Option<i64>,
+    /// Its key.
+    pub key: Option<Vec<u8>>,
+    /// Its payload.
+    pub payload: Option<Vec<u8>>,
+    /// Its headers.
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl InputRecord {
+    /// The `content-type` header, if any.
+    pub fn content_type(&self) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+}
+
+/// One record to produce in the transaction (keyed by customer, partitioned by murmur2 of the
+/// key); the changelog records are the commit's [`StateWrite`]s.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutRecord {
+    /// Where to.
+    pub topic: OutputTopic,
+    /// The key.
+    pub key: Vec<u8>,
+    /// The payload.
+    pub payload: Option<Vec<u8>>,
+    /// The headers.
+    pub headers: Vec<(&'static str, Vec<u8>)>,
+}
+
+/// What became of an input record, per topic (the `drawdown_records_*_total` counters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    /// Read.
+    Consumed,
+    /// Changed the state.
+    Applied,
+    /// Seen before.
+    Duplicate,
+}
+
+/// The counts of one commit, published as metrics once it is committed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Records per (topic, outcome).
+    pub records: BTreeMap<(InputTopic, Outcome), u64>,
+    /// Usage events no meter counts.
+    pub unmetered: u64,
+    /// Records outside murmur2(customer_id)'s partition.
+    pub misrouted: u64,
+    /// Rejected records per (reason, stage).
+    pub rejected: BTreeMap<(&'static str, &'static str), u64>,
+    /// Transitions per kind label.
+    pub transitions: BTreeMap<&'static str, u64>,
+    /// Automatic top-up requests per source label.
+    pub top_ups: BTreeMap<&'static str, u64>,
+    /// Records produced per output topic (changelog included).
+    pub produced: BTreeMap<OutputTopic, u64>,
+}
+
+impl Counts {
+    fn record(&mut self, topic: InputTopic, outcome: Outcome) {
+        *self.records.entry((topic, outcome)).or_default() += 1;
+    }
+
+    /// Adds these counts to the metrics.
+    pub fn publish(&self) {
+        use crate::metrics as m;
+        for ((topic, outcome), n) in &self.records {
+            let name = match outcome {
+                Outcome::Consumed => m::RECORDS_CONSUMED,
+                Outcome::Applied => m::RECORDS_APPLIED,
+                Outcome::Duplicate => m::RECORDS_DUPLICATE,
+            };
+            metrics::counter!(name, "topic" => topic.label()).increment(*n);
+        }
+        metrics::counter!(m::RECORDS_UNMETERED).increment(self.unmetered);
+        metrics::counter!(m::RECORDS_MISROUTED).increment(self.misrouted);
+        for ((reason, stage), n) in &self.rejected {
+            metrics::counter!(m::RECORDS_REJECTED, "reason" => *reason, "stage" => *stage)
+                .increment(*n);
+        }
+        for (kind, n) in &self.transitions {
+            metrics::counter!(m::TRANSITIONS, "kind" => *kind).increment(*n);
+        }
+        for (source, n) in &self.top_ups {
+            metrics::counter!(m::TOP_UP_REQUESTS, "source" => *source).increment(*n);
+        }
+        for (topic, n) in &self.produced {
+            metrics::counter!(m::OUTPUTS_PRODUCED, "topic" => topic.label()).increment(*n);
+        }
+    }
+}
+
+/// A meter whose next time-driven change moved: (partition, customer, meter, when).
+pub type DueUpdate = (i32, CustomerId, MeterName, Option<i64>);
+
+/// Everything one commit cycle writes, built without I/O.
+#[derive(Debug, Default)]
+pub struct Commit {
+    /// The output records (balance changes, transitions, top-ups, DLQ), encoded once.
+    pub outputs: Vec<OutRecord>,
+    /// The state changes: produced to the changelog, then written to the store.
+    pub state: Vec<StateWrite>,
+    /// The next input offset per (topic, partition), committed with the transaction.
+    pub offsets: BTreeMap<(InputTopic, i32), i64>,
+    /// New due times of the meters changed.
+    pub due: Vec<DueUpdate>,
+    /// What happened, for the metrics.
+    pub counts: Counts,
+}
+
+/// The inputs of one customer of one partition, in record order.
+#[derive(Debug)]
+struct Group {
+    partition: i32,
+    customer: CustomerId,
+    refs: Refs,
+    /// (index of the record in the batch, decoded input).
+    inputs: Vec<(usize, Input)>,
+}
+
+/// A decoded batch, grouped by (partition, customer) in order of first appearance.
+#[derive(Debug, Default)]
+pub struct Decoded {
+    groups: Vec<Group>,
+    index: HashMap<(i32, CustomerId), usize>,
+    /// (index of the record, why it could not be decoded).
+    rejected: Vec<(usize, CodecError)>,
+    offsets: BTreeMap<(InputTopic, i32), i64>,
+    counts: Counts,
+}
+
+impl Decoded {
+    fn group(&mut self, partition: i32, customer: &CustomerId) -> &mut Group {
+        let groups = &mut self.groups;
+        let i = *self
+            .index
+            .entry((partition, customer.clone()))
+            .or_insert_with(|| {
+                groups.push(Group {
+                    partition,
+                    customer: customer.clone(),
+                    refs: Refs::default(),
+                    inputs: Vec::new(),
+                });
+                groups.len() - 1
+            });
+        &mut self.groups[i]
+    }
+
+    /// Adds a customer with time-driven changes due (a tick), with no input of its own.
+    pub fn tick(&mut self, partition: i32, customer: &CustomerId) {
+        self.group(partition, customer);
+    }
+
+    /// The books to load for [`Folder::fold`], in the order it expects them.
+    pub fn requests(&self) -> Vec<BookRequest<'_>> {
+        self.groups
+            .iter()
+            .map(|g| BookRequest {
+                partition: g.partition,
+                customer: &g.customer,
+                refs: &g.refs,
+            })
+            .collect()
+    }
+}
+
+/// Decodes and folds batches: the ledger with the settings of the outputs.
+#[derive(Clone, Debug)]
+pub struct Folder {
+    ledger: Ledger,
+    meters: Vec<MeterName>,
+    partitions: i32,
+    format: OutputFormat,
+    history_len: u32,
+    /// Input topic names, for the DLQ's `source.topic` header.
+    usage_topic: String,
+    grants_topic: String,
+}
+
+impl Folder {
+    /// A folder for `cfg`'s outputs over topics of `partitions` partitions.
+    pub fn new(ledger: Ledger, cfg: &Config, partitions: i32) -> Self {
+        let meters = ledger
+            .meters()
+            .all()
+            .iter()
+            .map(|d| d.name.clone())
+            .collect();
+        Self {
+            ledger,
+            meters,
+            partitions,
+            format: cfg.pipeline.output_format,
+            history_len: cfg.pipeline.history_len,
+            usage_topic: cfg.topics.usage.clone(),
+            grants_topic: cfg.topics.grants.clone(),
+        }
+    }
+
+    /// The configured meters' names (every book loads all of them).
+    pub fn meters(&self) -> &[MeterName] {
+        &self.meters
+    }
+
+    /// Decodes `records` and groups them by (partition, customer), keeping their order.
+    pub fn decode(&self, records: &[InputRecord]) -> Decoded {
+        let mut d = Decoded::default();
+        for (i, r) in records.iter().enumerate() {
+            d.offsets.insert((r.topic, r.partition), r.offset + 1);
+            d.counts.record(r.topic, Outcome::Consumed);
+            let (payload, ct, key) = (r.payload.as_deref(), r.content_type(), r.key.as_deref());
+            let decoded = match r.topic {
+                InputTopic::Usage => codec::decode_usage(payload, ct, key),
+                InputTopic::Grants => codec::decode_command(payload, ct, key),
+            };
+            match decoded {
+                Ok(input) => {
+                    let customer = input.customer().clone();
+                    if partition_for(customer.as_str().as_bytes(), self.partitions) != r.partition {
+                        d.counts.misrouted += 1;
+                    }
+                    let g = d.group(r.partition, &customer);
+                    input.refs(&mut g.refs);
+                    g.inputs.push((i, input));
+                }
+                Err(e) => d.rejected.push((i, e)),
+            }
+        }
+        d
+    }
+
+    /// Folds a decoded batch of `records` over `books` (loaded for [`Decoded::requests`], in
+    /// that order) at processing time `now`; `forget` are deletions the housekeeping asks for
+    /// (written first, so anything this batch writes wins).
+    pub fn fold(
+        &self,
+        records: &[InputRecord],
+        decoded: Decoded,
+        books: Vec<Book>,
+        forget: Vec<StateWrite>,
+        now: i64,
+    ) -> Commit {
+        let Decoded {
+            groups,
+            rejected,
+            offsets,
+            mut counts,
+            ..
+        } = decoded;
+        assert_eq!(groups.len(), books.len(), "a book per group");
+        let mut c = Commit {
+            outputs: Vec::with_capacity(records.len() * 2),
+            state: forget,
+            offsets,
+            ..Default::default()
+        };
+        for (i, e) in rejected {
+            c.outputs
+                .push(self.dead_letter(&records[i], "decode", &e, &mut counts));
+        }
+        let mut results: Vec<Output> = Vec::new();
+        for (g, mut book) in groups.into_iter().zip(books) {
+            debug_assert_eq!(book.customer, g.customer);
+            let p = g.partition;
+            // Time first: what expired or became active by now, for every meter of the customer.
+            self.ledger.advance(&mut book, now, &mut results);
+            for (i, input) in &g.inputs {
+                let r = &records[*i];
+                match self.ledger.apply(&mut book, input, now, &mut results) {
+                    Ok(Applied::Applied) => counts.record(r.topic, Outcome::Applied),
+                    Ok(Applied::Duplicate) => counts.record(r.topic, Outcome::Duplicate),
+                    Ok(Applied::NoMeter) => counts.unmetered += 1,
+                    Err(e) => {
+                        let e = CodecError::Invalid(e);
+                        c.outputs
+                            .push(self.dead_letter(r, "apply", &e, &mut counts));
+                    }
+                }
+            }
+            for out in results.drain(..) {
+                c.outputs
+                    .push(self.output(p, &book.customer, out, &mut c.state, &mut counts));
+            }
+            let dirty = book.take_dirty();
+            for d in &dirty {
+                if let Dirty::Meter(name) = d {
+                    let due = book.meters.get(name).and_then(|s| s.next_due());
+                    c.due.push((p, book.customer.clone(), name.clone(), due));
+                }
+            }
+            c.state.extend(layout::book_writes(p, &book, &dirty));
+        }
+        for o in &c.outputs {
+            *counts.produced.entry(o.topic).or_default() += 1;
+        }
+        *counts.produced.entry(OutputTopic::Changelog).or_default() += c.state.len() as u64;
+        c.counts = counts;
+        c
+    }
+
+    /// Encodes one output of the rules (and keeps a balance change in the history).
+    fn output(
+        &self,
+        p: i32,
+        customer: &CustomerId,
+        out: Output,
+        state: &mut Vec<StateWrite>,
+        counts: &mut Counts,
+    ) -> OutRecord {
+        let format = self.format;
+        let key = customer.as_str().as_bytes().to_vec();
+        let content_type = (
+            "content-type",
+            codec::content_type(format).as_bytes().to_vec(),
+        );
+        match out {
+            Output::Changed(ch) => {
+                state.push(layout::history_write(p, &ch, self.history_len));
+                OutRecord {
+                    topic: OutputTopic::BalanceChanged,
+                    key,
+                    payload: Some(codec::encode_changed(&ch, format)),
+                    headers: vec![content_type],
+                }
+            }
+            Output::Transition(t) => {
+                let label = codec::transition_label(t.kind);
+                *counts.transitions.entry(label).or_default() += 1;
+                OutRecord {
+                    topic: OutputTopic::BalanceExhausted,
+                    key,
+                    payload: Some(codec::encode_transition(&t, format)),
+                    headers: vec![content_type, ("type", label.as_bytes().to_vec())],
+                }
+            }
+            Output::TopUp(t) => {
+                *counts
+                    .top_ups
+                    .entry(codec::top_up_source_label(t.source))
+                    .or_default() += 1;
+                OutRecord {
+                    topic: OutputTopic::TopUpRequests,
+                    key,
+                    payload: Some(codec::encode_top_up(&t, format)),
+                    headers: codec::top_up_headers(&t, format)
+                        .into_iter()
+                        .map(|(k, v)| (k, v.into_bytes()))
+                        .collect(),
+                }
+            }
+        }
+    }
+
+    /// The DLQ record of a rejected input: the original bytes, with the reason and the source.
+    fn dead_letter(
+        &self,
+        r: &InputRecord,
+        stage: &'static str,
+        e: &CodecError,
+        counts: &mut Counts,
+    ) -> OutRecord {
+        let reason = e.reason();
+        *counts.rejected.entry((reason, stage)).or_default() += 1;
+        let message = e.to_string();
+        tracing::debug!(
+            partition = r.partition,
+            offset = r.offset,
+            reason,
+            stage,
+            message,
+            "record rejected"
+        );
+        let source = match r.topic {
+            InputTopic::Usage => &self.usage_topic,
+            InputTopic::Grants => &self.grants_topic,
+        };
+        let mut headers: Vec<(&'static str, Vec<u8>)> = vec![
+            ("error.reason", reason.as_bytes().to_vec()),
+            ("error.stage", stage.as_bytes().to_vec()),
+            ("error.message", message.into_bytes()),
+            ("source.topic", source.as_bytes().to_vec()),
+            ("source.partition", r.partition.to_string().into_bytes()),
+            ("source.offset", r.offset.to_string().into_bytes()),
+        ];
+        if let Some(ct) = r.content_type() {
+            headers.push(("content-type", ct.as_bytes().to_vec()));
+        }
+        OutRecord {
+            topic: OutputTopic::Dlq,
+            key: r.key.clone().unwrap_or_default(),
+            payload: r.payload.clone(),
+            headers,
+        }
+    }
+}

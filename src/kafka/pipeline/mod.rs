@@ -1,0 +1,352 @@
+//! The consume -> fold -> transact -> materialise loop (the protocol is in the `kafka` module
+//! docs). One file per job:
+//! - this file: [`Pipeline`] (restarts with backoff) and the loop, whose state is [`Loop`];
+//! - [`clients`]: the consumer and the transactional producer, with their callbacks;
+//! - [`fold`]: the pure part, records + books + now -> [`fold::Commit`];
+//! - [`transaction`]: one Kafka transaction per commit;
+//! - [`assignment`]: rebalances, restore hand-off, released partitions;
+//! - [`housekeeping`]: the due index (ticks) and the dedupe-window purge.
+
+mod assignment;
+mod clients;
+pub mod fold;
+mod housekeeping;
+mod transaction;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::Message;
+
+use self::assignment::{Assignment, Parts};
+use self::clients::{Clients, ConsumerCtx};
+use self::fold::{Folder, InputRecord};
+use self::housekeeping::{Chores, Housekeeping};
+use self::transaction::TopicNames;
+use super::restore::{RestoreError, Restorer};
+use super::{InputTopic, PipelineStatus};
+use crate::config::Config;
+use crate::ledger::Ledger;
+use crate::metrics as m;
+use crate::shutdown::Shutdown;
+use crate::store::{Store, StoreError};
+
+/// Why a pipeline run stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    /// A Kafka call failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] KafkaError),
+    /// The store failed.
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    /// Restoring a partition failed.
+    #[error("restore: {0}")]
+    Restore(#[from] RestoreError),
+    /// A produced record was not delivered.
+    #[error("delivery failed: {0}")]
+    Delivery(String),
+}
+
+impl PipelineError {
+    /// The `reason` label of `drawdown_pipeline_restarts_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            PipelineError::Kafka(k) if is_fenced(k) => "fenced",
+            PipelineError::Kafka(_) => "kafka",
+            PipelineError::Store(_) => "store",
+            PipelineError::Restore(_) => "restore",
+            PipelineError::Delivery(_) => "delivery",
+        }
+    }
+}
+
+fn is_fenced(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::Fenced) | Some(C::ProducerFenced) | Some(C::InvalidProducerEpoch)
+    )
+}
+
+/// The exactly-once pipeline of one instance.
+pub struct Pipeline {
+    cfg: Arc<Config>,
+    folder: Folder,
+    store: Store,
+    status: Arc<PipelineStatus>,
+    shutdown: Shutdown,
+}
+
+impl Pipeline {
+    /// A pipeline over `store`, for topics with `partitions` partitions.
+    pub fn new(
+        cfg: Arc<Config>,
+        ledger: Ledger,
+        store: Store,
+        status: Arc<PipelineStatus>,
+        shutdown: Shutdown,
+        partitions: i32,
+    ) -> Self {
+        let folder = Folder::new(ledger, &cfg, partitions);
+        Self {
+            cfg,
+            folder,
+            store,
+            status,
+            shutdown,
+        }
+    }
+
+    /// Runs until shutdown, rebuilding the clients (with backoff) after any error.
+    /// Blocking: run it on a dedicated thread.
+    pub fn run(self) {
+        let mut backoff = Duration::from_millis(200);
+        while !self.shutdown.is_triggered() {
+            let started = Instant::now();
+            let result = Loop::new(&self).and_then(|mut l| l.run());
+            match result {
+                Ok(()) => break,
+                Err(e) => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_millis(200); // it had recovered: start over
+                    }
+                    self.status.set_running(false);
+                    let reason = e.reason();
+                    metrics::counter!(m::PIPELINE_RESTARTS, "reason" => reason).increment(1);
+                    tracing::warn!(error = %e, reason, backoff_ms = backoff.as_millis() as u64, "pipeline stopped; restarting");
+                    self.shutdown.sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(10));
+                }
+            }
+        }
+        self.status.set_running(false);
+        if let Err(e) = self.store.flush() {
+            tracing::warn!(error = %e, "flushing the store at shutdown failed");
+        }
+        tracing::info!("pipeline stopped");
+    }
+}
+
+/// What one poll of the loop brought.
+enum Polled {
+    /// Records to fold (possibly none).
+    Batch(Vec<InputRecord>),
+    /// The assignment changed: what was polled is dropped.
+    Rebalanced,
+}
+
+/// The state of one run of the loop (rebuilt from scratch after any error).
+struct Loop<'a> {
+    p: &'a Pipeline,
+    clients: Clients,
+    restorer: Restorer,
+    assignment: Assignment,
+    housekeeping: Housekeeping,
+    names: TopicNames,
+}
+
+impl<'a> Loop<'a> {
+    fn new(p: &'a Pipeline) -> Result<Self, PipelineError> {
+        let l = Self {
+            p,
+            clients: Clients::new(&p.cfg)?,
+            restorer: Restorer::new(&p.cfg)?,
+            assignment: Assignment::default(),
+            housekeeping: Housekeeping::new(&p.cfg.pipeline),
+            names: TopicNames::new(&p.cfg),
+        };
+        p.status.set_owned(Default::default());
+        p.status.set_restoring(l.restorer.remaining());
+        p.status.set_running(true);
+        Ok(l)
+    }
+
+    fn parts(&mut self) -> Parts<'_> {
+        Parts {
+            clients: &self.clients,
+            restorer: &mut self.restorer,
+            store: &self.p.store,
+            status: &self.p.status,
+            due: &mut self.housekeeping.due,
+            topics: &self.p.cfg.topics,
+        }
+    }
+
+    fn run(&mut self) -> Result<(), PipelineError> {
+        tracing::info!(group = %self.p.cfg.kafka.group_id, "pipeline started");
+        loop {
+            if self.p.shutdown.is_triggered() {
+                tracing::info!("shutdown: last batch committed; leaving the group");
+                self.clients.consumer.unsubscribe();
+                return Ok(());
+            }
+            self.restore_step()?;
+            let records = match self.poll()? {
+                Polled::Rebalanced => {
+                    let events = self.clients.consumer.context().take_events();
+                    let mut assignment = std::mem::take(&mut self.assignment);
+                    let result = assignment.rebalance(events, &mut self.parts());
+                    self.assignment = assignment;
+                    result?;
+                    continue;
+                }
+                Polled::Batch(records) => records,
+            };
+            let delay = self.p.cfg.pipeline.state_drop_delay;
+            self.assignment.drop_released(&self.p.store, delay)?;
+            let chores = self.housekeeping.chores(
+                &self.p.store,
+                &self.assignment.owned,
+                !self.restorer.is_idle(),
+                crate::clock::now_ms(),
+            )?;
+            if records.is_empty() && chores.is_empty() {
+                continue;
+            }
+            self.commit(records, chores)?;
+        }
+    }
+
+    /// Replays changelog records of the partitions restoring, for a short while.
+    fn restore_step(&mut self) -> Result<(), PipelineError> {
+        if self.restorer.is_idle() {
+            return Ok(());
+        }
+        let done = self
+            .restorer
+            .step(&self.p.store, Duration::from_millis(50))?;
+        let mut assignment = std::mem::take(&mut self.assignment);
+        let mut result = Ok(());
+        for r in done {
+            result = assignment.finish_restore(r, &mut self.parts());
+            if result.is_err() {
+                break;
+            }
+        }
+        self.assignment = assignment;
+        result?;
+        self.p.status.set_restoring(self.restorer.remaining());
+        Ok(())
+    }
+
+    /// Polls input for up to `commit_interval` (10 ms while restoring) or `max_batch` records.
+    fn poll(&mut self) -> Result<Polled, PipelineError> {
+        let cfg = &self.p.cfg.pipeline;
+        let window = if self.restorer.is_idle() {
+            cfg.commit_interval
+        } else {
+            Duration::from_millis(10)
+        };
+        let deadline = Instant::now() + window;
+        let restoring = self.restorer.remaining();
+        let consumer: &BaseConsumer<ConsumerCtx> = &self.clients.consumer;
+        let mut batch = Vec::new();
+        while batch.len() < cfg.max_batch {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() && !batch.is_empty() {
+                break;
+            }
+            let polled = consumer.poll(left.max(Duration::from_millis(1)));
+            if consumer.context().rebalanced() {
+                return Ok(Polled::Rebalanced);
+            }
+            match polled {
+                Some(Ok(msg)) => {
+                    let rec = copy(&msg, &self.p.cfg.topics.usage);
+                    if restoring.contains_key(&rec.partition) {
+                        self.assignment.skip(rec.topic, rec.partition, rec.offset);
+                    } else {
+                        batch.push(rec);
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "consumer error (librdkafka retries)");
+                }
+                None => {}
+            }
+            if left.is_zero() || self.p.shutdown.is_triggered() {
+                break;
+            }
+        }
+        Ok(Polled::Batch(batch))
+    }
+
+    /// One commit cycle: decode, load, fold, transact, then write the store.
+    #[tracing::instrument(skip_all, fields(records = records.len()))]
+    fn commit(&mut self, records: Vec<InputRecord>, chores: Chores) -> Result<(), PipelineError> {
+        let started = Instant::now();
+        let now = crate::clock::now_ms();
+        let folder = &self.p.folder;
+        let mut decoded = folder.decode(&records);
+        for (p, customer) in &chores.ticks {
+            decoded.tick(*p, customer);
+        }
+        let books = self
+            .p
+            .store
+            .load_books(folder.meters(), &decoded.requests())?;
+        let commit = folder.fold(&records, decoded, books, chores.forget, now);
+        let checkpoints = transaction::transact(
+            &self.clients,
+            &self.names,
+            &commit,
+            self.p.cfg.kafka.transaction_timeout,
+        )?;
+        self.p.store.write(&commit.state, &checkpoints)?;
+        self.housekeeping.due.update(commit.due);
+        commit.counts.publish();
+        let elapsed = started.elapsed().as_secs_f64();
+        metrics::histogram!(m::TXN_COMMIT_SECONDS).record(elapsed);
+        metrics::histogram!(m::BATCH_RECORDS).record(records.len() as f64);
+        let done = crate::clock::now_ms();
+        for r in &records {
+            if let Some(ts) = r.timestamp {
+                metrics::histogram!(m::E2E_LATENCY_SECONDS)
+                    .record((done - ts).max(0) as f64 / 1000.0);
+            }
+        }
+        tracing::debug!(
+            records = records.len(),
+            outputs = commit.outputs.len(),
+            state = commit.state.len(),
+            secs = elapsed,
+            due = self.housekeeping.due.len(),
+            "batch committed"
+        );
+        Ok(())
+    }
+}
+
+/// Copies a record out of librdkafka's buffer.
+fn copy(m: &BorrowedMessage<'_>, usage_topic: &str) -> InputRecord {
+    let headers = m
+        .headers()
+        .map(|h| {
+            h.iter()
+                .map(|h| {
+                    (
+                        h.key.to_string(),
+                        h.value.map(|v| v.to_vec()).unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    InputRecord {
+        topic: if m.topic() == usage_topic {
+            InputTopic::Usage
+        } else {
+            InputTopic::Grants
+        },
+        partition: m.partition(),
+        offset: m.offset(),
+        timestamp: m.timestamp().to_millis(),
+        key: m.key().map(|k| k.to_vec()),
+        payload: m.payload().map(|p| p.to_vec()),
+        headers,
+    }
+}
