@@ -70,8 +70,9 @@ lint:
 fmt:
 	cargo fmt
 
+## Criterion: the rules alone, and the whole pure commit cycle (decode, fold, encode, state writes).
 bench:
-	cargo bench --bench ledger
+	cargo bench --bench ledger --bench fold
 
 clean-data:
 	rm -rf data

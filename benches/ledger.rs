@@ -4,8 +4,8 @@ use std::collections::BTreeMap;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use drawdown::ledger::{
-    Aggregation, Book, CustomerId, EventId, Grant, GrantId, GrantKind, Input, Ledger, MeterDef,
-    MeterName, Meters, OnExhausted, Usage,
+    Aggregation, Book, CustomerId, EventId, Grant, GrantId, Input, Ledger, MeterDef, MeterName,
+    Meters, OnExhausted, Usage,
 };
 use rust_decimal::Decimal;
 
@@ -72,18 +72,12 @@ fn bench(c: &mut Criterion) {
     for (i, meter) in ["api_calls", "tokens", "llm_requests"].iter().enumerate() {
         let gid = GrantId::parse(format!("g{i}")).unwrap();
         base.grants.insert(gid.clone(), None);
-        let g = Input::Grant(Grant {
-            grant_id: gid,
-            customer: customer.clone(),
-            meter: MeterName::parse(*meter).unwrap(),
-            amount: Decimal::from(1_000_000),
-            kind: GrantKind::TopUp,
-            priority: 0,
-            effective_at: None,
-            expires_at: None,
-            subscription_id: None,
-            rollover: Decimal::ZERO,
-        });
+        let g = Input::Grant(Grant::top_up(
+            gid,
+            customer.clone(),
+            MeterName::parse(*meter).unwrap(),
+            Decimal::from(1_000_000),
+        ));
         l.apply(&mut base, &g, 0, &mut Vec::new()).unwrap();
     }
     for i in 0..n {

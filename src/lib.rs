@@ -8,7 +8,7 @@
 //! - [`kafka`]: topics, the exactly-once consume-fold-transact loop, restore.
 //! - [`api`]: the HTTP API (balances, history, health, readiness, metrics), access control,
 //!   the customer portal and top-up requests.
-//! - [`auth`]: API keys (hashed) and signed, customer-scoped portal tokens, without HTTP.
+//! - [`credentials`]: API keys (hashed) and signed, customer-scoped portal tokens, without HTTP.
 //! - [`metrics`]: every metric name and description.
 //! - [`config`]: one `Config` tree: TOML + `DRAWDOWN__*` environment overrides.
 //! - [`shutdown`]: the one shutdown signal every loop listens to; [`clock`]: the wall clock.
@@ -18,10 +18,10 @@
 
 pub mod api;
 pub mod app;
-pub mod auth;
 pub mod clock;
 pub mod codec;
 pub mod config;
+pub mod credentials;
 pub mod kafka;
 pub mod ledger;
 pub mod loadgen;

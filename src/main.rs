@@ -73,11 +73,11 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     if let Command::ApiKey { name } = &cli.command {
         // Needs no config: the key is random, the config keeps only its hash.
-        let key = drawdown::auth::new_key();
+        let key = drawdown::credentials::new_key();
         println!("key:    {key}");
         println!(
             "config: keys = [{{ name = {name:?}, sha256 = \"{}\" }}]",
-            drawdown::auth::hash_key(&key)
+            drawdown::credentials::hash_key(&key)
         );
         return Ok(());
     }

@@ -102,7 +102,7 @@ async fn requests_without_a_valid_api_key_are_refused() {
             "nothing about the customer"
         );
         // A wrong key, a key hash instead of the key, another scheme.
-        let hash = drawdown::auth::hash_key(API_KEY);
+        let hash = drawdown::credentials::hash_key(API_KEY);
         for wrong in ["not-the-key", hash.as_str()] {
             let (status, body, challenge) =
                 call(&app, reqwest::Method::GET, path, Some(wrong), None).await;
@@ -300,12 +300,11 @@ async fn expired_and_tampered_portal_tokens_are_refused() {
     let token = session(&app, "cus-t", json!("5m")).await;
     // Claims changed (another customer, a later expiry) under the original signature.
     let (signed, sig) = token.rsplit_once('.').unwrap();
-    let forged = drawdown::auth::PortalSigner::new(b"some other secret of 32 bytes or more").sign(
-        &drawdown::auth::PortalClaims {
+    let forged = drawdown::credentials::PortalSigner::new(b"some other secret of 32 bytes or more")
+        .sign(&drawdown::credentials::PortalClaims {
             customer: drawdown::ledger::CustomerId::parse("cus-t").unwrap(),
             expires_at: i64::MAX,
-        },
-    );
+        });
     let (forged_signed, forged_sig) = forged.rsplit_once('.').unwrap();
     let mut flipped = signed.to_string().into_bytes();
     let i = flipped.len() - 3;

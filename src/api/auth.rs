@@ -25,8 +25,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{routes, ApiError, ApiState};
-use crate::auth::{ApiKeys, PortalClaims, PortalSigner, TokenError, PORTAL_TOKEN_PREFIX};
 use crate::config::ApiConfig;
+use crate::credentials::{ApiKeys, PortalClaims, PortalSigner, TokenError, PORTAL_TOKEN_PREFIX};
 
 /// Who is calling, as established by [`authorize`] (a request extension for the handlers).
 #[derive(Clone, Debug)]
@@ -172,8 +172,8 @@ pub async fn authorize(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::hash_key;
     use crate::config::ApiKey;
+    use crate::credentials::hash_key;
     use crate::ledger::CustomerId;
 
     fn cfg(keys: &[&str], open: bool) -> ApiConfig {

@@ -27,8 +27,8 @@ use serde_json::Value;
 
 use super::auth::Principal;
 use super::{customer, ApiError, ApiState};
-use crate::auth::PortalClaims;
 use crate::clock::now_ms;
+use crate::credentials::PortalClaims;
 use crate::kafka::top_up::TopUpPublisher;
 use crate::ledger::{check_id, MeterName, TopUpRequested, TopUpSource};
 

@@ -59,6 +59,29 @@ pub struct Grant {
     pub rollover: Decimal,
 }
 
+impl Grant {
+    /// A top-up of `amount` on `meter`: priority 0, active on arrival, never expiring.
+    pub fn top_up(
+        grant_id: GrantId,
+        customer: CustomerId,
+        meter: MeterName,
+        amount: Decimal,
+    ) -> Self {
+        Self {
+            grant_id,
+            customer,
+            meter,
+            amount,
+            kind: GrantKind::TopUp,
+            priority: 0,
+            effective_at: None,
+            expires_at: None,
+            subscription_id: None,
+            rollover: Decimal::ZERO,
+        }
+    }
+}
+
 /// An input to the rules.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Input {

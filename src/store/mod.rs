@@ -224,8 +224,8 @@ impl Store {
 mod tests {
     use super::*;
     use crate::ledger::{
-        BalanceChanged, Book, CustomerId, EventId, Grant, GrantId, GrantKind, Input, Ledger,
-        MeterDef, MeterName, MeterState, Meters, Output, Refs, Usage,
+        BalanceChanged, Book, CustomerId, EventId, Grant, GrantId, Input, Ledger, MeterDef,
+        MeterName, MeterState, Meters, Output, Refs, Usage,
     };
 
     fn ledger() -> Ledger {
@@ -260,18 +260,7 @@ on_exhausted = "overage""#,
             .unwrap()
             .remove(0);
         assert!(book.meters.is_empty() && book.events[&e].is_none() && book.grants[&g].is_none());
-        let grant = Input::Grant(Grant {
-            grant_id: g.clone(),
-            customer: c.clone(),
-            meter: m.clone(),
-            amount: 5.into(),
-            kind: GrantKind::TopUp,
-            priority: 0,
-            effective_at: None,
-            expires_at: None,
-            subscription_id: None,
-            rollover: 0.into(),
-        });
+        let grant = Input::Grant(Grant::top_up(g.clone(), c.clone(), m.clone(), 5.into()));
         let usage = Input::Usage(Usage {
             id: e.clone(),
             customer: c.clone(),

@@ -71,8 +71,8 @@ impl Names {
         let id = &self.id;
         let keys = format!(
             r#"[{{ name = "test", sha256 = "{}" }}, {{ name = "test-2", sha256 = "{}" }}]"#,
-            drawdown::auth::hash_key(API_KEY),
-            drawdown::auth::hash_key(API_KEY_2)
+            drawdown::credentials::hash_key(API_KEY),
+            drawdown::credentials::hash_key(API_KEY_2)
         );
         let mut env = vec![
             (
