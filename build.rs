@@ -5,6 +5,7 @@ fn main() -> std::io::Result<()> {
         "proto/drawdown/v1/credits.proto",
         "proto/drawdown/v1/balance.proto",
         "proto/drawdown/v1/top_up.proto",
+        "proto/drawdown/state/v2/state.proto",
     ];
     for p in &protos {
         println!("cargo:rerun-if-changed={p}");

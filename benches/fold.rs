@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
             || books.clone(),
             |books| {
                 let decoded = folder.decode(&records);
-                let commit = folder.fold(&records, decoded, books, Vec::new(), 1_000);
+                let commit = folder.fold(&records, decoded, books, &Default::default(), 1_000);
                 assert!(commit.outputs.len() >= EVENTS);
                 commit
             },

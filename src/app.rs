@@ -18,6 +18,7 @@ use crate::kafka::top_up::TopUpPublisher;
 use crate::kafka::{admin, Pipeline, PipelineStatus};
 use crate::ledger::Ledger;
 use crate::shutdown::Shutdown;
+use crate::store::layout::Layout;
 use crate::store::Store;
 
 /// The process-wide Prometheus recorder (installed on first use).
@@ -58,7 +59,8 @@ impl Application {
             .context("preparing topics")?;
         std::fs::create_dir_all(&cfg.store.path)
             .with_context(|| format!("creating {}", cfg.store.path.display()))?;
-        let store = Store::open(&cfg.store).context("opening the store")?;
+        let store = Store::open(&cfg.store, Layout::from_config(&cfg.pipeline))
+            .with_context(|| format!("opening the store at {}", cfg.store.path.display()))?;
         let listener = TcpListener::bind(cfg.api.listen)
             .await
             .with_context(|| format!("binding {}", cfg.api.listen))?;

@@ -173,6 +173,8 @@ pub struct StoreConfig {
     pub block_cache_mb: usize,
     /// Shared write-buffer budget, MiB.
     pub write_buffer_mb: usize,
+    /// Decoded books kept in memory across batches, MiB per pipeline thread (0 = none).
+    pub book_cache_mb: usize,
 }
 
 impl Default for StoreConfig {
@@ -181,6 +183,7 @@ impl Default for StoreConfig {
             path: PathBuf::from("data/drawdown"),
             block_cache_mb: 128,
             write_buffer_mb: 64,
+            book_cache_mb: 64,
         }
     }
 }

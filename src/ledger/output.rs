@@ -28,6 +28,23 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// Every reason.
+    pub const ALL: [Reason; 8] = [
+        Reason::Usage,
+        Reason::Grant,
+        Reason::GrantScheduled,
+        Reason::Activated,
+        Reason::Expired,
+        Reason::CycleEnd,
+        Reason::VoidUsage,
+        Reason::VoidGrant,
+    ];
+
+    /// The reason with this label ([`Reason::as_str`]).
+    pub fn from_label(label: &str) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.as_str() == label)
+    }
+
     /// The label used on topics and in metrics.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -1,14 +1,12 @@
 //! Reading state back: customers' books for the fold (one `multi_get` per batch), projections
 //! and history for the API, and the partition walks of restore and housekeeping.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::keys::{self, Kind};
-use super::value::decode;
-use super::{StateWrite, Store, StoreError};
-use crate::ledger::{
-    BalanceChanged, Book, CustomerId, EventRecord, GrantRecord, MeterName, MeterState, Refs,
-};
+use super::value::{self, pb};
+use super::{BookCache, Store, StoreError};
+use crate::ledger::{BalanceChanged, Book, CustomerId, MeterName, MeterState, Refs};
 
 /// One book to load: a customer of a partition, with the records its inputs refer to.
 #[derive(Clone, Copy, Debug)]
@@ -21,48 +19,100 @@ pub struct BookRequest<'a> {
     pub refs: &'a Refs,
 }
 
+/// The meters of a book record.
+pub(super) fn decode_book(
+    key: &[u8],
+    v: &[u8],
+) -> Result<BTreeMap<MeterName, MeterState>, StoreError> {
+    let book: pb::Book = value::decode(key, v)?;
+    book.meters
+        .into_iter()
+        .map(|m| value::meter_from(key, m))
+        .collect()
+}
+
 impl Store {
-    /// Loads the books `wants` names, in order, in one `multi_get`: every configured meter's
-    /// projection (absent = never changed) and the records each request's refs name (absent
-    /// ones as `None`).
+    /// Loads the books `wants` names, in order: the meters from `cache` when it has them (they
+    /// are taken out: the caller puts the folded book back after the commit), else from the
+    /// book record (absent = a customer never seen), and the records each request's refs name
+    /// (absent ones, and usage ids already forgotten, as `None`). One `multi_get` for the batch.
     pub fn load_books(
         &self,
-        meters: &[MeterName],
         wants: &[BookRequest<'_>],
+        cache: &mut BookCache,
     ) -> Result<Vec<Book>, StoreError> {
+        let mut books = Vec::with_capacity(wants.len());
         let mut keys: Vec<Vec<u8>> = Vec::new();
+        let mut need_book = Vec::with_capacity(wants.len());
         for w in wants {
             let (p, c) = (w.partition, w.customer);
-            keys.extend(meters.iter().map(|m| keys::meter(p, c, m)));
-            keys.extend(w.refs.events.iter().map(|e| keys::event(p, c, e.as_str())));
-            keys.extend(w.refs.grants.iter().map(|g| keys::grant(p, c, g.as_str())));
-        }
-        let mut values = self.db.multi_get(&keys).into_iter();
-        let mut keys = keys.iter();
-        let mut books = Vec::with_capacity(wants.len());
-        for w in wants {
-            let mut book = Book::new(w.customer.clone());
-            for m in meters {
-                let (k, v) = (keys.next().expect("a key per value"), values.next());
-                if let Some(v) = v.expect("a value per key")? {
-                    book.meters.insert(m.clone(), decode::<MeterState>(k, &v)?);
+            let mut book = Book::new(c.clone());
+            match cache.take(p, c) {
+                Some(meters) => {
+                    book.meters = meters;
+                    need_book.push(false);
+                }
+                None => {
+                    keys.push(keys::book(p, c));
+                    need_book.push(true);
                 }
             }
+            keys.extend(w.refs.events.iter().map(|e| keys::event(p, c, e.as_str())));
+            keys.extend(w.refs.grants.iter().map(|g| keys::grant(p, c, g.as_str())));
+            books.push(book);
+        }
+        let cf = self
+            .db
+            .cf_handle("default")
+            .expect("the default column family");
+        let values = self.db.batched_multi_get_cf(cf, &keys, false);
+        let mut it = keys.iter().zip(values);
+        let mut next = || {
+            let (k, v) = it.next().expect("a value per key");
+            v.map(|v| (k, v))
+        };
+        for ((w, book), need) in wants.iter().zip(books.iter_mut()).zip(need_book) {
+            if need {
+                let (k, v) = next()?;
+                if let Some(v) = v {
+                    book.meters = decode_book(k, &v)?;
+                }
+            }
+            let horizon = self.horizon(w.partition);
             for e in &w.refs.events {
-                let (k, v) = (keys.next().expect("a key per value"), values.next());
-                let rec = v.expect("a value per key")?;
-                let rec = rec.map(|v| decode::<EventRecord>(k, &v)).transpose()?;
+                let (k, v) = next()?;
+                let rec = match v {
+                    Some(v) => {
+                        let r = value::event_from(k, value::decode(k, &v)?)?;
+                        (r.at >= horizon).then_some(r)
+                    }
+                    None => None,
+                };
                 book.events.insert(e.clone(), rec);
             }
             for g in &w.refs.grants {
-                let (k, v) = (keys.next().expect("a key per value"), values.next());
-                let rec = v.expect("a value per key")?;
-                let rec = rec.map(|v| decode::<GrantRecord>(k, &v)).transpose()?;
+                let (k, v) = next()?;
+                let rec = match v {
+                    Some(v) => Some(value::grant_from(k, value::decode(k, &v)?)?),
+                    None => None,
+                };
                 book.grants.insert(g.clone(), rec);
             }
-            books.push(book);
         }
         Ok(books)
+    }
+
+    /// All meter projections of a customer in partition `p`.
+    pub fn meters(
+        &self,
+        p: i32,
+        customer: &CustomerId,
+    ) -> Result<BTreeMap<MeterName, MeterState>, StoreError> {
+        let k = keys::book(p, customer);
+        match self.db.get_pinned(&k)? {
+            Some(v) => decode_book(&k, &v),
+            None => Ok(BTreeMap::new()),
+        }
     }
 
     /// One meter's projection.
@@ -72,26 +122,7 @@ impl Store {
         customer: &CustomerId,
         meter: &MeterName,
     ) -> Result<Option<MeterState>, StoreError> {
-        let k = keys::meter(p, customer, meter);
-        self.db.get(&k)?.map(|v| decode(&k, &v)).transpose()
-    }
-
-    /// All meter projections of a customer in partition `p`.
-    pub fn meters(
-        &self,
-        p: i32,
-        customer: &CustomerId,
-    ) -> Result<BTreeMap<MeterName, MeterState>, StoreError> {
-        let pre = keys::customer_prefix(p, Kind::Meter, customer);
-        let mut out = BTreeMap::new();
-        self.scan(&pre, |k, v| {
-            let name = String::from_utf8_lossy(&k[pre.len()..]).into_owned();
-            if let Ok(m) = MeterName::parse(name) {
-                out.insert(m, decode(k, v)?);
-            }
-            Ok(true)
-        })?;
-        Ok(out)
+        Ok(self.meters(p, customer)?.remove(meter))
     }
 
     /// The kept movements of a meter, newest first, with versions below `before` (if given).
@@ -106,7 +137,7 @@ impl Store {
         let pre = keys::history_prefix(p, customer, meter);
         let mut all = Vec::new();
         self.scan(&pre, |k, v| {
-            let c: BalanceChanged = decode(k, v)?;
+            let c = value::change_from(k, value::decode(k, v)?)?;
             if before.is_none_or(|b| c.version < b) {
                 all.push(c);
             }
@@ -120,69 +151,98 @@ impl Store {
     /// Every meter projection of partition `p` with a time-driven change pending: (due, customer,
     /// meter). Used to rebuild the tick index after a restore.
     pub fn due_meters(&self, p: i32) -> Result<Vec<(i64, CustomerId, MeterName)>, StoreError> {
-        let pre = keys::kind_prefix(p, Kind::Meter);
+        let pre = keys::kind_prefix(p, Kind::Book);
         let mut out = Vec::new();
         self.scan(&pre, |k, v| {
-            let state: MeterState = decode(k, v)?;
-            let Some(due) = state.next_due() else {
+            let customer = String::from_utf8_lossy(keys::book_customer(k)).into_owned();
+            let Ok(c) = CustomerId::parse(customer) else {
                 return Ok(true);
             };
-            let Some((customer, meter)) = keys::split_customer(&k[pre.len()..]) else {
-                return Ok(true);
-            };
-            let customer = CustomerId::parse(String::from_utf8_lossy(customer).into_owned());
-            let meter = MeterName::parse(String::from_utf8_lossy(meter).into_owned());
-            if let (Ok(c), Ok(m)) = (customer, meter) {
-                out.push((due, c, m));
+            for (name, state) in decode_book(k, v)? {
+                if let Some(due) = state.next_due() {
+                    out.push((due, c.clone(), name));
+                }
             }
             Ok(true)
         })?;
         Ok(out)
     }
 
-    /// Deletions of the event records of partition `p` applied before `cutoff` (ms), at most
-    /// `limit`: usage ids older than the dedupe window, to be forgotten.
-    pub fn expired_events(
+    /// The time buckets partition `p` has deltas in, and the next delta sequence number (one
+    /// past the highest in use). A seek per bucket, no scan of the deltas.
+    pub fn deltas(&self, p: i32) -> Result<(BTreeSet<i64>, u64), StoreError> {
+        let (lo, hi) = keys::kind_range(p, Kind::Delta);
+        let mut it = self.cold_iter();
+        let mut buckets = BTreeSet::new();
+        let mut next_seq = 0;
+        it.seek(&lo);
+        while let Some(k) = it.key() {
+            if k >= hi.as_slice() {
+                break;
+            }
+            let Some((bucket, _)) = keys::delta_parts(k) else {
+                break;
+            };
+            buckets.insert(bucket);
+            // The bucket's last delta holds its highest seq (seqs only grow).
+            it.seek_for_prev(keys::delta(p, bucket, u64::MAX));
+            if let Some((_, seq)) = it.key().and_then(keys::delta_parts) {
+                next_seq = next_seq.max(seq + 1);
+            }
+            if bucket == i64::MAX {
+                break;
+            }
+            it.seek(keys::bucket_prefix(p, bucket + 1));
+        }
+        it.status()?;
+        Ok((buckets, next_seq))
+    }
+
+    /// The keys of up to `limit` deltas of one time bucket of partition `p`.
+    pub fn delta_keys(
         &self,
         p: i32,
-        cutoff: i64,
+        bucket: i64,
         limit: usize,
-    ) -> Result<Vec<StateWrite>, StoreError> {
-        let pre = keys::kind_prefix(p, Kind::Event);
+    ) -> Result<Vec<Vec<u8>>, StoreError> {
+        let pre = keys::bucket_prefix(p, bucket);
+        let mut it = self.cold_iter();
+        it.seek(&pre);
         let mut out = Vec::new();
-        self.scan(&pre, |k, v| {
-            if out.len() >= limit {
-                return Ok(false);
+        while let Some(k) = it.key() {
+            if !k.starts_with(&pre) || out.len() >= limit {
+                break;
             }
-            let rec: EventRecord = decode(k, v)?;
-            if rec.at < cutoff {
-                out.push(StateWrite {
-                    partition: p,
-                    key: k.to_vec(),
-                    value: None,
-                });
-            }
-            Ok(true)
-        })?;
+            out.push(k.to_vec());
+            it.next();
+        }
+        it.status()?;
         Ok(out)
     }
 
-    /// Counts the meter projections of partition `p` and the distinct customers they belong to:
-    /// `(customers, meters)`. A key-only walk of the partition's meter range that bypasses the
-    /// block cache; for metrics, so run it rarely and off the async runtime.
+    /// Whether partition `p` holds a record of usage id `id` of `customer` (forgotten or not:
+    /// for tests of the compaction filter).
+    pub fn holds_event(&self, p: i32, customer: &CustomerId, id: &str) -> Result<bool, StoreError> {
+        Ok(self.db.get_pinned(keys::event(p, customer, id))?.is_some())
+    }
+
+    /// Counts the books of partition `p` and the meter projections in them: `(customers,
+    /// meters)`. A walk of the partition's books that bypasses the block cache; for metrics, so
+    /// run it rarely and off the async runtime.
     pub fn count_meters(&self, p: i32) -> Result<(u64, u64), StoreError> {
-        let pre = keys::kind_prefix(p, Kind::Meter);
+        let pre = keys::kind_prefix(p, Kind::Book);
         let (mut customers, mut meters) = (0u64, 0u64);
-        let mut last: Vec<u8> = Vec::new();
-        self.scan_keys(&pre, |k| {
-            // Keys sort by customer, so a customer's meters are adjacent.
-            let customer = keys::split_customer(&k[pre.len()..]).map_or(&k[pre.len()..], |s| s.0);
-            if meters == 0 || customer != last.as_slice() {
-                customers += 1;
-                last = customer.to_vec();
+        let mut it = self.cold_iter();
+        it.seek(&pre);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !k.starts_with(&pre) {
+                break;
             }
-            meters += 1;
-        })?;
+            customers += 1;
+            meters += value::decode::<pb::Book>(k, v)?.meters.len() as u64;
+            it.next();
+        }
+        it.status()?;
         Ok((customers, meters))
     }
 }

@@ -1,29 +1,60 @@
 //! The bytes of every key: the one place that knows them. Everything else asks this module.
 //!
-//! `p` = the partition as u16 big-endian; ids never contain NUL (validated at the edge):
-//! - `S p 'm' customer NUL meter` -> a meter projection
-//! - `S p 'e' customer NUL event_id` -> an event record
-//! - `S p 'g' customer NUL grant_id` -> a grant record
-//! - `S p 'h' customer NUL meter NUL slot(u32 BE)` -> a movement (a ring of `history_len`)
-//! - `C p` -> the next changelog offset to read (i64 BE; local only, never in the changelog)
+//! `p` = the partition as u16 big-endian; ids never contain NUL (validated at the edge). State
+//! keys start with `S p`, so a partition is one key range.
+//!
+//! | key | value | in the changelog |
+//! |---|---|---|
+//! | `S p 'b' customer` | the customer's book: every meter projection | yes |
+//! | `S p 'g' customer NUL grant_id` | a grant record (idempotency, voids) | yes |
+//! | `S p 'd' bucket(i64 BE) seq(u64 BE)` | a commit's delta of one time bucket | yes (locally an empty marker) |
+//! | `S p 'm'` | the partition's meta (the dedupe horizon) | yes |
+//! | `S p 'e' customer NUL event_id` | a usage id's record (expanded from the deltas) | no |
+//! | `S p 'h' customer NUL meter NUL slot(u32 BE)` | a movement, a ring of `history_len` (from the deltas) | no |
+//! | `C p` | the next changelog offset to read (i64 BE) | no |
+//! | `V` | the store's state format (u8) | no |
 
 use crate::ledger::{CustomerId, MeterName};
 
 const STATE: u8 = b'S';
 const CHECKPOINT: u8 = b'C';
 
+/// The key of the store's format version.
+pub(super) const FORMAT: &[u8] = b"V";
+
 /// What a state key holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Kind {
-    Meter = b'm' as isize,
-    Event = b'e' as isize,
+    Book = b'b' as isize,
     Grant = b'g' as isize,
+    Delta = b'd' as isize,
+    Meta = b'm' as isize,
+    Event = b'e' as isize,
     History = b'h' as isize,
+}
+
+impl Kind {
+    /// The kind of a state key.
+    pub(super) fn of(key: &[u8]) -> Option<Kind> {
+        match key {
+            [STATE, _, _, k, ..] => [
+                Kind::Book,
+                Kind::Grant,
+                Kind::Delta,
+                Kind::Meta,
+                Kind::Event,
+                Kind::History,
+            ]
+            .into_iter()
+            .find(|kind| *kind as u8 == *k),
+            _ => None,
+        }
+    }
 }
 
 /// `S p kind`: every key of one kind in partition `p`.
 pub(super) fn kind_prefix(p: i32, kind: Kind) -> Vec<u8> {
-    let mut k = Vec::with_capacity(64);
+    let mut k = Vec::with_capacity(48);
     k.push(STATE);
     k.extend_from_slice(&(p as u16).to_be_bytes());
     k.push(kind as u8);
@@ -31,7 +62,7 @@ pub(super) fn kind_prefix(p: i32, kind: Kind) -> Vec<u8> {
 }
 
 /// `S p kind customer NUL`: every key of one kind of one customer.
-pub(super) fn customer_prefix(p: i32, kind: Kind, customer: &CustomerId) -> Vec<u8> {
+fn customer_prefix(p: i32, kind: Kind, customer: &CustomerId) -> Vec<u8> {
     let mut k = kind_prefix(p, kind);
     k.extend_from_slice(customer.as_str().as_bytes());
     k.push(0);
@@ -43,12 +74,14 @@ fn with(mut k: Vec<u8>, tail: &[u8]) -> Vec<u8> {
     k
 }
 
-/// The key of a meter projection.
-pub(super) fn meter(p: i32, customer: &CustomerId, meter: &MeterName) -> Vec<u8> {
-    with(
-        customer_prefix(p, Kind::Meter, customer),
-        meter.as_str().as_bytes(),
-    )
+/// The key of a customer's book.
+pub(super) fn book(p: i32, customer: &CustomerId) -> Vec<u8> {
+    with(kind_prefix(p, Kind::Book), customer.as_str().as_bytes())
+}
+
+/// The customer of a book key.
+pub(super) fn book_customer(key: &[u8]) -> &[u8] {
+    &key[4..]
 }
 
 /// The key of an event record.
@@ -76,6 +109,29 @@ pub(super) fn history(p: i32, customer: &CustomerId, meter: &MeterName, slot: u3
     with(history_prefix(p, customer, meter), &slot.to_be_bytes())
 }
 
+/// `S p 'd' bucket`: every delta of one time bucket.
+pub(super) fn bucket_prefix(p: i32, bucket: i64) -> Vec<u8> {
+    with(kind_prefix(p, Kind::Delta), &bucket.to_be_bytes())
+}
+
+/// The key of the delta `seq` of a time bucket (the bucket's start, ms).
+pub(super) fn delta(p: i32, bucket: i64, seq: u64) -> Vec<u8> {
+    with(bucket_prefix(p, bucket), &seq.to_be_bytes())
+}
+
+/// The (bucket, seq) of a delta key.
+pub(super) fn delta_parts(key: &[u8]) -> Option<(i64, u64)> {
+    let rest = key.get(4..20)?;
+    let bucket = i64::from_be_bytes(rest[..8].try_into().ok()?);
+    let seq = u64::from_be_bytes(rest[8..16].try_into().ok()?);
+    Some((bucket, seq))
+}
+
+/// The key of partition `p`'s meta.
+pub(super) fn meta(p: i32) -> Vec<u8> {
+    kind_prefix(p, Kind::Meta)
+}
+
 /// The key of partition `p`'s checkpoint.
 pub(super) fn checkpoint(p: i32) -> Vec<u8> {
     let mut k = vec![CHECKPOINT];
@@ -85,7 +141,7 @@ pub(super) fn checkpoint(p: i32) -> Vec<u8> {
 
 /// `[lo, hi)` covering every state key of partition `p`.
 pub(super) fn partition_range(p: i32) -> (Vec<u8>, Vec<u8>) {
-    let lo = kind_prefix(p, Kind::Meter)[..3].to_vec();
+    let lo = kind_prefix(p, Kind::Book)[..3].to_vec();
     let hi = match (p as u16).checked_add(1) {
         Some(next) => {
             let mut hi = vec![STATE];
@@ -97,8 +153,15 @@ pub(super) fn partition_range(p: i32) -> (Vec<u8>, Vec<u8>) {
     (lo, hi)
 }
 
+/// `[lo, hi)` covering the keys of one kind of partition `p`.
+pub(super) fn kind_range(p: i32, kind: Kind) -> (Vec<u8>, Vec<u8>) {
+    let lo = kind_prefix(p, kind);
+    let mut hi = lo.clone();
+    *hi.last_mut().expect("non-empty") += 1;
+    (lo, hi)
+}
+
 /// The partition of a state key, if it is one.
-#[cfg(test)]
 pub(super) fn partition_of(key: &[u8]) -> Option<i32> {
     match key {
         [STATE, a, b, ..] => Some(i32::from(u16::from_be_bytes([*a, *b]))),
@@ -106,38 +169,35 @@ pub(super) fn partition_of(key: &[u8]) -> Option<i32> {
     }
 }
 
-/// Splits the rest of a key after a kind prefix at its first NUL: `(customer, tail)`.
-pub(super) fn split_customer(rest: &[u8]) -> Option<(&[u8], &[u8])> {
-    let nul = rest.iter().position(|b| *b == 0)?;
-    Some((&rest[..nul], &rest[nul + 1..]))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn keys_carry_their_partition_and_sort_by_customer() {
+    fn keys_carry_their_partition_and_kind() {
         let c = CustomerId::parse("cus").unwrap();
         let m = MeterName::parse("api").unwrap();
         for p in [0, 7, 65535] {
-            for k in [
-                meter(p, &c, &m),
-                event(p, &c, "e"),
-                grant(p, &c, "g"),
-                history(p, &c, &m, 3),
+            for (k, kind) in [
+                (book(p, &c), Kind::Book),
+                (event(p, &c, "e"), Kind::Event),
+                (grant(p, &c, "g"), Kind::Grant),
+                (history(p, &c, &m, 3), Kind::History),
+                (delta(p, 5, 9), Kind::Delta),
+                (meta(p), Kind::Meta),
             ] {
                 assert_eq!(partition_of(&k), Some(p));
+                assert_eq!(Kind::of(&k), Some(kind));
                 let (lo, hi) = partition_range(p);
+                assert!(lo <= k && k < hi);
+                let (lo, hi) = kind_range(p, kind);
                 assert!(lo <= k && k < hi);
             }
         }
         assert_eq!(partition_of(&checkpoint(3)), None);
-        let pre = kind_prefix(2, Kind::Meter);
-        let k = meter(2, &c, &m);
-        assert_eq!(
-            split_customer(&k[pre.len()..]),
-            Some((&b"cus"[..], &b"api"[..]))
-        );
+        assert_eq!(Kind::of(&checkpoint(3)), None);
+        assert_eq!(delta_parts(&delta(2, 1_000, 7)), Some((1_000, 7)));
+        assert!(delta(2, 1_000, 7) < delta(2, 1_000, 8) && delta(2, 1_000, 8) < delta(2, 2_000, 0));
+        assert_eq!(book_customer(&book(2, &c)), b"cus");
     }
 }

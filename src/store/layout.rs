@@ -1,53 +1,220 @@
-//! From folded state to [`StateWrite`]s: pure functions, no RocksDB (the fold and its benchmark
-//! call them). Their inverse is [`Store::load_books`](super::Store::load_books).
+//! From a folded batch to [`StateWrite`]s: pure functions, no RocksDB (the fold and its
+//! benchmark call them). Their inverse is [`Store::load_books`](super::Store::load_books) and,
+//! for the deltas, [`Store::restore`](super::Store::restore).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
 
-use super::{keys, value, StateWrite};
+use super::value::{self, pb};
+use super::{keys, StateWrite, Target};
 use crate::ledger::{BalanceChanged, Book, Dirty};
 
-/// The writes that persist what `dirty` names of `book` (a customer of partition `p`): a
-/// projection or record that is gone becomes a deletion.
-pub fn book_writes(p: i32, book: &Book, dirty: &BTreeSet<Dirty>) -> Vec<StateWrite> {
-    let c = &book.customer;
-    dirty
-        .iter()
-        .map(|d| {
-            let (key, value) = match d {
-                Dirty::Meter(name) => (
-                    keys::meter(p, c, name),
-                    book.meters.get(name).map(value::encode),
-                ),
-                Dirty::Event(id) => (
-                    keys::event(p, c, id.as_str()),
-                    book.events
-                        .get(id)
-                        .and_then(|r| r.as_ref())
-                        .map(value::encode),
-                ),
-                Dirty::Grant(id) => (
-                    keys::grant(p, c, id.as_str()),
-                    book.grants
-                        .get(id)
-                        .and_then(|r| r.as_ref())
-                        .map(value::encode),
-                ),
-            };
-            StateWrite {
-                partition: p,
-                key,
-                value,
-            }
-        })
-        .collect()
+/// How state is cut into records: the history ring and the time buckets of the deltas.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    history_len: u32,
+    bucket_ms: i64,
 }
 
-/// The write that keeps `change` in its meter's history ring of `history_len` slots.
-pub fn history_write(p: i32, change: &BalanceChanged, history_len: u32) -> StateWrite {
-    let slot = (change.version % u64::from(history_len.max(1))) as u32;
-    StateWrite {
+/// Buckets per dedupe window: an id is remembered for at least the window and at most
+/// `1 + 1/BUCKETS` of it.
+pub const BUCKETS_PER_WINDOW: i64 = 8;
+
+impl Layout {
+    /// `history_len` movements per meter; usage ids kept for `dedupe_window`, in buckets of an
+    /// eighth of it (at least a second).
+    pub fn new(history_len: u32, dedupe_window: Duration) -> Self {
+        let window = dedupe_window.as_millis().min(i64::MAX as u128) as i64;
+        Self {
+            history_len: history_len.max(1),
+            bucket_ms: (window / BUCKETS_PER_WINDOW).max(1_000),
+        }
+    }
+
+    /// The layout `cfg` asks for.
+    pub fn from_config(cfg: &crate::config::PipelineConfig) -> Self {
+        Self::new(cfg.history_len, cfg.dedupe_window)
+    }
+
+    /// The width of a time bucket (ms).
+    pub fn bucket_ms(&self) -> i64 {
+        self.bucket_ms
+    }
+
+    /// The start (ms) of the bucket holding time `at`.
+    pub fn bucket_of(&self, at: i64) -> i64 {
+        at - at.rem_euclid(self.bucket_ms)
+    }
+
+    /// Movements kept per meter.
+    pub fn history_len(&self) -> u32 {
+        self.history_len
+    }
+
+    pub(super) fn history_slot(&self, version: u64) -> u32 {
+        (version % u64::from(self.history_len)) as u32
+    }
+}
+
+/// A delta record written by a commit: (partition, bucket, seq).
+pub type DeltaKey = (i32, i64, u64);
+
+/// Collects the state writes of one commit.
+#[derive(Debug)]
+pub struct StateBatch {
+    layout: Layout,
+    writes: Vec<StateWrite>,
+    deltas: BTreeMap<(i32, i64), pb::Delta>,
+}
+
+impl StateBatch {
+    /// An empty batch.
+    pub fn new(layout: Layout) -> Self {
+        Self {
+            layout,
+            writes: Vec::new(),
+            deltas: BTreeMap::new(),
+        }
+    }
+
+    /// Persists what `dirty` names of `book` (a customer of partition `p`): the book (every
+    /// meter, once), grant records, and event records (into the delta of their bucket).
+    pub fn book(&mut self, p: i32, book: &Book, dirty: &BTreeSet<Dirty>) {
+        let c = &book.customer;
+        if dirty.iter().any(|d| matches!(d, Dirty::Meter(_))) {
+            let msg = pb::Book {
+                meters: book
+                    .meters
+                    .iter()
+                    .map(|(n, s)| value::meter_to(n, s))
+                    .collect(),
+            };
+            self.writes.push(StateWrite {
+                partition: p,
+                key: keys::book(p, c),
+                value: Some(value::encode(&msg)),
+                target: Target::Both,
+            });
+        }
+        for d in dirty {
+            match d {
+                Dirty::Meter(_) => {}
+                Dirty::Grant(id) => {
+                    if let Some(Some(r)) = book.grants.get(id) {
+                        self.writes.push(StateWrite {
+                            partition: p,
+                            key: keys::grant(p, c, id.as_str()),
+                            value: Some(value::encode(&value::grant_to(r))),
+                            target: Target::Both,
+                        });
+                    }
+                }
+                Dirty::Event(id) => {
+                    if let Some(Some(r)) = book.events.get(id) {
+                        let record = value::event_to(r);
+                        self.writes.push(StateWrite {
+                            partition: p,
+                            key: keys::event(p, c, id.as_str()),
+                            value: Some(value::encode(&record)),
+                            target: Target::Local,
+                        });
+                        let bucket = self.layout.bucket_of(r.at);
+                        self.deltas
+                            .entry((p, bucket))
+                            .or_default()
+                            .events
+                            .push(pb::DeltaEvent {
+                                customer: c.to_string(),
+                                event_id: id.to_string(),
+                                record: Some(record),
+                            });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Keeps `change` (of partition `p`) in its meter's history ring.
+    pub fn change(&mut self, p: i32, change: &BalanceChanged) {
+        let msg = value::change_to(change);
+        let slot = self.layout.history_slot(change.version);
+        self.writes.push(StateWrite {
+            partition: p,
+            key: keys::history(p, &change.customer_id, &change.meter, slot),
+            value: Some(value::encode(&msg)),
+            target: Target::Local,
+        });
+        let bucket = self.layout.bucket_of(change.at);
+        self.deltas
+            .entry((p, bucket))
+            .or_default()
+            .changes
+            .push(msg);
+    }
+
+    /// The writes, with one delta record per (partition, bucket) touched, numbered from
+    /// `next_seq[p]` on; also the delta keys used (so the caller can advance its sequences).
+    pub fn finish(mut self, next_seq: &BTreeMap<i32, u64>) -> (Vec<StateWrite>, Vec<DeltaKey>) {
+        let mut used = Vec::with_capacity(self.deltas.len());
+        let mut seqs: BTreeMap<i32, u64> = BTreeMap::new();
+        for ((p, bucket), delta) in std::mem::take(&mut self.deltas) {
+            let seq = seqs
+                .entry(p)
+                .or_insert_with(|| next_seq.get(&p).copied().unwrap_or(0));
+            let key = keys::delta(p, bucket, *seq);
+            self.writes.push(StateWrite {
+                partition: p,
+                key: key.clone(),
+                value: Some(value::encode(&delta)),
+                target: Target::Changelog,
+            });
+            // Locally only a marker: restore and the bucket drop need the key, not the value.
+            self.writes.push(StateWrite {
+                partition: p,
+                key,
+                value: Some(Vec::new()),
+                target: Target::Local,
+            });
+            used.push((p, bucket, *seq));
+            *seq += 1;
+        }
+        (self.writes, used)
+    }
+}
+
+/// The writes that forget a time bucket's deltas `keys` (tombstones in the changelog, deleted
+/// markers locally) and record the partition's new `horizon` (ids applied before it are
+/// forgotten).
+pub fn drop_deltas(p: i32, delta_keys: Vec<Vec<u8>>, horizon: i64) -> Vec<StateWrite> {
+    let mut out: Vec<StateWrite> = delta_keys
+        .into_iter()
+        .map(|key| StateWrite {
+            partition: p,
+            key,
+            value: None,
+            target: Target::Both,
+        })
+        .collect();
+    out.push(StateWrite {
         partition: p,
-        key: keys::history(p, &change.customer_id, &change.meter, slot),
-        value: Some(value::encode(change)),
+        key: keys::meta(p),
+        value: Some(value::encode(&pb::PartitionMeta { horizon })),
+        target: Target::Both,
+    });
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_an_eighth_of_the_window_and_at_least_a_second() {
+        let l = Layout::new(200, Duration::from_secs(80));
+        assert_eq!(l.bucket_ms(), 10_000);
+        assert_eq!(l.bucket_of(25_000), 20_000);
+        assert_eq!(l.bucket_of(-1), -10_000);
+        assert_eq!(Layout::new(200, Duration::from_secs(2)).bucket_ms(), 1_000);
+        assert_eq!(Layout::new(0, Duration::from_secs(2)).history_len(), 1);
     }
 }

@@ -1,36 +1,73 @@
-//! RocksDB: the local materialisation of the changelog (projections, records, history) and,
-//! per partition, the changelog offset it reflects.
+//! RocksDB: the local materialisation of the changelog and, per partition, the changelog offset
+//! it reflects.
+//!
+//! # State layout (format 2)
+//! The unit of durable state is a customer's **book**: all its meter projections in one record,
+//! written (to the changelog and RocksDB) at most once per commit. Beside it:
+//! - **grant records** (idempotency of grant ids, forever; what a `VoidGrant` needs), one key per
+//!   grant: written only when a grant or a void of one arrives;
+//! - **usage ids** (idempotency within `pipeline.dedupe_window`, and what each event drew, for
+//!   `VoidUsage`) live in **time buckets** of an eighth of the window. What a commit adds to a
+//!   bucket of a partition is *one* changelog record, a **delta** (`D p bucket seq`), holding the
+//!   ids (with their draws) and the balance changes of that commit. RocksDB keeps an index of
+//!   the ids (`E p customer id`, one point lookup per usage event, bloom-filtered) expanded from
+//!   the deltas. A bucket older than the window is dropped whole: its deltas are tombstoned in
+//!   the changelog, the partition's **horizon** (`M p`) moves past it, so its ids stop counting
+//!   at once; the index entries below the horizon are removed by a compaction filter, not one
+//!   by one. Forgetting therefore costs a few records per bucket, whatever the ingest rate.
+//! - **history** (the movements the Meters API pages through): a ring of `history_len` per
+//!   meter in RocksDB, also expanded from the deltas. It costs no changelog record per event:
+//!   the balance changes ride in the deltas (one record per commit and partition), so they are
+//!   as durable as the ids and restored with them. After a restore from an empty disk the
+//!   history holds the movements of the dedupe window (the deltas still in the changelog);
+//!   `balance-changed` remains the complete, durable record of every movement.
+//!
+//! So a usage event costs its `balance-changed` records, a share of its customer's one book
+//! record per commit, and a share of its partition's one delta per commit.
+//!
+//! Every value starts with one byte of **state format** ([`FORMAT`], protobuf after it); the
+//! store records its format under `V`. A store or changelog record of another format (e.g. the
+//! JSON of format 1) is refused with [`StoreError::Format`], and drawdown stops rather than
+//! guess. The key bytes are documented (and only known) in [`keys`].
 //!
 //! # Invariants
 //! - The store is never ahead of Kafka: it is written only after a transaction committed, in one
 //!   `WriteBatch` holding the touched keys *and* the new checkpoint of each partition, so a crash
 //!   leaves it at some earlier consistent point and restore replays the changelog from there.
 //! - Every state key starts with its partition, so a partition's state can be dropped or
-//!   restored on its own. Changelog records carry exactly these keys and values, so restoring is
-//!   copying records (a null value deletes).
+//!   restored on its own.
 //! - The WAL is off: the changelog is the log. One column family, so a flush never splits a
 //!   batch from its checkpoint.
 //!
 //! # Who knows what
-//! - [`keys`] is the only code that knows the bytes of a key (the layout is documented there).
-//! - [`layout`] turns a folded [`Book`](crate::ledger::Book) into [`StateWrite`]s (pure), and
-//!   [`Store::load_books`] turns keys back into books: the store owns its layout both ways.
-//! - [`value`] encodes and decodes the values.
+//! - [`keys`] is the only code that knows the bytes of a key.
+//! - [`layout`] turns a folded batch into [`StateWrite`]s (pure), and [`Store::load_books`] and
+//!   [`Store::restore`] turn records back into state: the store owns its layout both ways.
+//! - `value` encodes and decodes the values; [`BookCache`] keeps decoded books across batches.
 
 mod books;
-pub use books::BookRequest;
+mod cache;
 mod keys;
 pub mod layout;
 mod value;
 
+pub use books::BookRequest;
+pub use cache::BookCache;
+pub use value::FORMAT;
+
 use std::path::Path;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 
+use rocksdb::compaction_filter::Decision;
 use rocksdb::{
-    Cache, Direction, IteratorMode, Options, ReadOptions, WriteBatch, WriteBufferManager,
-    WriteOptions, DB,
+    Cache, DBCompressionType, Direction, IteratorMode, Options, ReadOptions, WriteBatch,
+    WriteBufferManager, WriteOptions, DB,
 };
 
+use self::keys::Kind;
+use self::layout::Layout;
+use self::value::pb;
 use crate::config::StoreConfig;
 
 /// Store failures.
@@ -39,7 +76,7 @@ pub enum StoreError {
     /// RocksDB failed.
     #[error("rocksdb: {0}")]
     Rocks(#[from] rocksdb::Error),
-    /// A stored value does not decode (corruption or an incompatible version).
+    /// A stored value does not decode (corruption).
     #[error("corrupt value at {key}: {message}")]
     Corrupt {
         /// The key, escaped.
@@ -47,24 +84,107 @@ pub enum StoreError {
         /// The decoder's message.
         message: String,
     },
+    /// A value (or the store) is of a state format this build does not read.
+    #[error(
+        "state record {key} has state format {found}, this drawdown reads format {}; \
+         format 1 (JSON, drawdown before v2) is not read: use a new consumer group \
+         (kafka.group_id, so a new changelog) and an empty store.path, or the drawdown \
+         version that wrote it",
+        FORMAT
+    )]
+    Format {
+        /// The key, escaped.
+        key: String,
+        /// The format found.
+        found: u8,
+    },
 }
 
-/// One change of a partition's state: produced to the changelog (partition `partition`) in the
-/// transaction, then written to RocksDB after the commit. `None` deletes.
+impl StoreError {
+    /// Whether retrying cannot help (the state is of another format): drawdown must stop.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, StoreError::Format { .. })
+    }
+}
+
+/// Where a [`StateWrite`] goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The changelog (in the transaction) and RocksDB (after the commit).
+    Both,
+    /// RocksDB only (derived state: the id index, history, delta markers).
+    Local,
+    /// The changelog only (a delta, of which RocksDB keeps a marker).
+    Changelog,
+}
+
+impl Target {
+    /// Whether it is produced to the changelog.
+    pub fn changelog(self) -> bool {
+        matches!(self, Target::Both | Target::Changelog)
+    }
+
+    /// Whether it is written to RocksDB.
+    pub fn local(self) -> bool {
+        matches!(self, Target::Both | Target::Local)
+    }
+}
+
+/// One change of a partition's state. `None` deletes (a tombstone in the changelog).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateWrite {
     /// The partition whose state this is (= the changelog partition).
     pub partition: i32,
     /// The key (see [`keys`]).
     pub key: Vec<u8>,
-    /// The value, or `None` for a deletion (a changelog tombstone).
+    /// The value, or `None` for a deletion.
     pub value: Option<Vec<u8>>,
+    /// Where it goes.
+    pub target: Target,
+}
+
+/// Per partition, the time before which usage ids are forgotten (see the module docs). Shared
+/// with the compaction filter.
+struct Horizons(Vec<AtomicI64>);
+
+impl Horizons {
+    fn new() -> Self {
+        Self((0..=u16::MAX).map(|_| AtomicI64::new(i64::MIN)).collect())
+    }
+
+    fn get(&self, p: i32) -> i64 {
+        self.0[p as u16 as usize].load(Ordering::Acquire)
+    }
+
+    fn set(&self, p: i32, h: i64) {
+        self.0[p as u16 as usize].store(h, Ordering::Release);
+    }
+}
+
+/// The `at` of an encoded event record, without decoding the rest (field 1, a varint).
+fn event_at(v: &[u8]) -> Option<i64> {
+    if v.len() < 2 || v[0] != FORMAT {
+        return None;
+    }
+    if v[1] != 0x08 {
+        return Some(0); // proto3 leaves a zero `at` out
+    }
+    let mut x: u64 = 0;
+    for (i, b) in v[2..].iter().take(10).enumerate() {
+        x |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(x as i64);
+        }
+    }
+    None
 }
 
 /// The local state store.
 #[derive(Clone)]
 pub struct Store {
     db: Arc<DB>,
+    horizons: Arc<Horizons>,
+    layout: Layout,
 }
 
 fn no_wal() -> WriteOptions {
@@ -75,15 +195,16 @@ fn no_wal() -> WriteOptions {
 
 impl Store {
     /// Opens (creating) the store, with one shared block cache and write-buffer budget.
-    pub fn open(cfg: &StoreConfig) -> Result<Self, StoreError> {
-        Self::open_path(&cfg.path, cfg.block_cache_mb, cfg.write_buffer_mb)
+    pub fn open(cfg: &StoreConfig, layout: Layout) -> Result<Self, StoreError> {
+        Self::open_path(&cfg.path, cfg.block_cache_mb, cfg.write_buffer_mb, layout)
     }
 
-    /// Opens (creating) the store at `path`.
+    /// Opens (creating) the store at `path`. Refuses a store of another state format.
     pub fn open_path(
         path: &Path,
         block_cache_mb: usize,
         write_buffer_mb: usize,
+        layout: Layout,
     ) -> Result<Self, StoreError> {
         let cache = Cache::new_lru_cache(block_cache_mb.max(8) << 20);
         let wbm = WriteBufferManager::new_write_buffer_manager_with_cache(
@@ -91,19 +212,87 @@ impl Store {
             true,
             cache.clone(),
         );
+        // Point lookups dominate (books, usage ids, most of them misses): whole-key bloom
+        // filters, kept in the block cache with the index and pinned for L0, small blocks, and
+        // no compression on the levels that are read most.
         let mut block = rocksdb::BlockBasedOptions::default();
         block.set_block_cache(&cache);
         block.set_bloom_filter(10.0, false);
+        block.set_whole_key_filtering(true);
         block.set_cache_index_and_filter_blocks(true);
+        block.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        block.set_pin_top_level_index_and_filter(true);
+        block.set_block_size(8 << 10);
+        block.set_format_version(5);
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.set_block_based_table_factory(&block);
         opts.set_write_buffer_manager(&wbm);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_memtable_prefix_bloom_ratio(0.05);
+        opts.set_memtable_whole_key_filtering(true);
+        opts.set_compression_per_level(&[
+            DBCompressionType::None,
+            DBCompressionType::None,
+            DBCompressionType::Lz4,
+            DBCompressionType::Lz4,
+            DBCompressionType::Lz4,
+            DBCompressionType::Lz4,
+            DBCompressionType::Lz4,
+        ]);
+        opts.set_level_compaction_dynamic_level_bytes(true);
         opts.set_max_background_jobs(2);
         opts.increase_parallelism(2);
-        let db = DB::open(&opts, path)?;
-        Ok(Self { db: Arc::new(db) })
+        let horizons = Arc::new(Horizons::new());
+        let filter = horizons.clone();
+        opts.set_compaction_filter(
+            "forgotten-usage-ids",
+            move |_level, key: &[u8], v: &[u8]| match (Kind::of(key), keys::partition_of(key)) {
+                (Some(Kind::Event), Some(p)) => match event_at(v) {
+                    Some(at) if at < filter.get(p) => Decision::Remove,
+                    _ => Decision::Keep,
+                },
+                _ => Decision::Keep,
+            },
+        );
+        // The default column family opened by name, so batched MultiGet can address it.
+        let cf =
+            rocksdb::ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, opts.clone());
+        let db = DB::open_cf_descriptors(&opts, path, [cf])?;
+        let store = Self {
+            db: Arc::new(db),
+            horizons,
+            layout,
+        };
+        store.check_format()?;
+        Ok(store)
+    }
+
+    /// Records the format in a new store; refuses one of another format.
+    fn check_format(&self) -> Result<(), StoreError> {
+        match self.db.get(keys::FORMAT)? {
+            Some(v) if v.as_slice() == [FORMAT] => Ok(()),
+            Some(v) => Err(StoreError::Format {
+                key: "V".into(),
+                found: v.first().copied().unwrap_or(0),
+            }),
+            None => {
+                let empty = self.db.iterator(IteratorMode::Start).next().is_none();
+                if !empty {
+                    return Err(StoreError::Format {
+                        key: "V".into(),
+                        found: 1,
+                    });
+                }
+                self.db.put_opt(keys::FORMAT, [FORMAT], &no_wal())?;
+                self.db.flush()?;
+                Ok(())
+            }
+        }
+    }
+
+    /// How state is cut into records.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// The changelog offset partition `p`'s state reflects (the next one to read), if any.
@@ -115,16 +304,24 @@ impl Store {
         }))
     }
 
-    /// Writes `writes` and the checkpoints (next changelog offset per partition) atomically.
+    /// Writes the local part of `writes` and the checkpoints (next changelog offset per
+    /// partition) atomically, then applies any new horizon.
     pub fn write(
         &self,
         writes: &[StateWrite],
         checkpoints: &[(i32, i64)],
     ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        for w in writes {
+        let mut horizons = Vec::new();
+        for w in writes.iter().filter(|w| w.target.local()) {
             match &w.value {
-                Some(v) => batch.put(&w.key, v),
+                Some(v) => {
+                    if Kind::of(&w.key) == Some(Kind::Meta) {
+                        horizons
+                            .push((w.partition, value::decode::<pb::PartitionMeta>(&w.key, v)?));
+                    }
+                    batch.put(&w.key, v)
+                }
                 None => batch.delete(&w.key),
             }
         }
@@ -132,11 +329,15 @@ impl Store {
             batch.put(keys::checkpoint(*p), off.to_be_bytes());
         }
         self.db.write_opt(batch, &no_wal())?;
+        for (p, meta) in horizons {
+            self.horizons.set(p, meta.horizon);
+        }
         Ok(())
     }
 
     /// Applies changelog records of partition `p` (key, value; `None` deletes) read during a
     /// restore, with the checkpoint `next` (the offset after the last of them), atomically.
+    /// Deltas are expanded into the id index and the history; every value's format is checked.
     pub fn restore(
         &self,
         p: i32,
@@ -144,15 +345,73 @@ impl Store {
         next: i64,
     ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
+        let mut horizon = None;
         for (k, v) in records {
-            match v {
-                Some(v) => batch.put(k, v),
-                None => batch.delete(k),
+            let Some(v) = v else {
+                batch.delete(k);
+                continue;
+            };
+            match Kind::of(k) {
+                Some(Kind::Delta) => self.expand_delta(p, k, v, &mut batch)?,
+                Some(Kind::Meta) => {
+                    horizon = Some(value::decode::<pb::PartitionMeta>(k, v)?.horizon);
+                    batch.put(k, v);
+                }
+                _ => {
+                    value::check(k, v)?;
+                    batch.put(k, v);
+                }
             }
         }
         batch.put(keys::checkpoint(p), next.to_be_bytes());
         self.db.write_opt(batch, &no_wal())?;
+        if let Some(h) = horizon {
+            self.horizons.set(p, h);
+        }
         Ok(())
+    }
+
+    fn expand_delta(
+        &self,
+        p: i32,
+        key: &[u8],
+        v: &[u8],
+        batch: &mut WriteBatch,
+    ) -> Result<(), StoreError> {
+        let delta: pb::Delta = value::decode(key, v)?;
+        for e in delta.events {
+            let (Ok(c), Some(record)) = (crate::ledger::CustomerId::parse(e.customer), e.record)
+            else {
+                continue;
+            };
+            batch.put(keys::event(p, &c, &e.event_id), value::encode(&record));
+        }
+        for ch in delta.changes {
+            let c = value::change_from(key, ch)?;
+            let slot = self.layout.history_slot(c.version);
+            batch.put(
+                keys::history(p, &c.customer_id, &c.meter, slot),
+                value::encode(&value::change_to(&c)),
+            );
+        }
+        batch.put(key, []);
+        Ok(())
+    }
+
+    /// Loads partition `p`'s horizon from its meta record (after a restore).
+    pub fn load_meta(&self, p: i32) -> Result<(), StoreError> {
+        let k = keys::meta(p);
+        let h = match self.db.get(&k)? {
+            Some(v) => value::decode::<pb::PartitionMeta>(&k, &v)?.horizon,
+            None => i64::MIN,
+        };
+        self.horizons.set(p, h);
+        Ok(())
+    }
+
+    /// The time before which partition `p`'s usage ids are forgotten.
+    pub fn horizon(&self, p: i32) -> i64 {
+        self.horizons.get(p)
     }
 
     /// Drops all state of partition `p`, and its checkpoint.
@@ -162,6 +421,7 @@ impl Store {
         batch.delete_range(lo, hi);
         batch.delete(keys::checkpoint(p));
         self.db.write_opt(batch, &no_wal())?;
+        self.horizons.set(p, i64::MIN);
         Ok(())
     }
 
@@ -169,6 +429,13 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Compacts partition `p`'s id index now (the compaction filter drops forgotten ids). For
+    /// tests and tools: RocksDB compacts on its own as data comes in.
+    pub fn compact_ids(&self, p: i32) {
+        let (lo, hi) = keys::kind_range(p, Kind::Event);
+        self.db.compact_range(Some(lo), Some(hi));
     }
 
     /// Calls `f(key, value)` for every key starting with `pre`, in order, until it returns
@@ -190,22 +457,11 @@ impl Store {
         Ok(())
     }
 
-    /// Calls `f(key)` for every key starting with `pre`, without values and without filling the
-    /// block cache (for rare walks such as the metrics' counts).
-    fn scan_keys(&self, pre: &[u8], mut f: impl FnMut(&[u8])) -> Result<(), StoreError> {
+    /// A raw iterator that does not fill the block cache (for rare walks).
+    fn cold_iter(&self) -> rocksdb::DBRawIterator<'_> {
         let mut ro = ReadOptions::default();
         ro.fill_cache(false);
-        let mut it = self.db.raw_iterator_opt(ro);
-        it.seek(pre);
-        while let Some(k) = it.key() {
-            if !k.starts_with(pre) {
-                break;
-            }
-            f(k);
-            it.next();
-        }
-        it.status()?;
-        Ok(())
+        self.db.raw_iterator_opt(ro)
     }
 
     /// Approximate size of the live data, bytes (for metrics).
@@ -221,108 +477,4 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ledger::{
-        BalanceChanged, Book, CustomerId, EventId, Grant, GrantId, Input, Ledger, MeterDef,
-        MeterName, MeterState, Meters, Output, Refs, Usage,
-    };
-
-    fn ledger() -> Ledger {
-        let def: MeterDef = toml::from_str(
-            r#"name = "api"
-event = "call"
-aggregation = { type = "count" }
-on_exhausted = "overage""#,
-        )
-        .unwrap();
-        Ledger::new(Meters::new(vec![def]).unwrap())
-    }
-
-    #[test]
-    fn a_folded_book_round_trips_through_the_store_with_its_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open_path(dir.path(), 8, 8).unwrap();
-        let c = CustomerId::parse("c1").unwrap();
-        let m = MeterName::parse("api").unwrap();
-        let (e, g) = (EventId::parse("e1").unwrap(), GrantId::parse("g1").unwrap());
-        let refs = Refs {
-            events: vec![e.clone()],
-            grants: vec![g.clone()],
-        };
-        let want = BookRequest {
-            partition: 2,
-            customer: &c,
-            refs: &refs,
-        };
-        let mut book = s
-            .load_books(std::slice::from_ref(&m), &[want])
-            .unwrap()
-            .remove(0);
-        assert!(book.meters.is_empty() && book.events[&e].is_none() && book.grants[&g].is_none());
-        let grant = Input::Grant(Grant::top_up(g.clone(), c.clone(), m.clone(), 5.into()));
-        let usage = Input::Usage(Usage {
-            id: e.clone(),
-            customer: c.clone(),
-            name: "call".into(),
-            timestamp_ms: 0,
-            properties: Default::default(),
-        });
-        let mut out = Vec::new();
-        let l = ledger();
-        l.apply(&mut book, &grant, 10, &mut out).unwrap();
-        l.apply(&mut book, &usage, 11, &mut out).unwrap();
-        let dirty = book.take_dirty();
-        let mut writes = layout::book_writes(2, &book, &dirty);
-        assert_eq!(writes.len(), 3, "meter, event and grant");
-        for o in &out {
-            if let Output::Changed(ch) = o {
-                writes.push(layout::history_write(2, ch, 200));
-            }
-        }
-        assert!(writes
-            .iter()
-            .all(|w| w.partition == 2 && keys::partition_of(&w.key) == Some(2)));
-        s.write(&writes, &[(2, 42)]).unwrap();
-        assert_eq!(s.checkpoint(2).unwrap(), Some(42));
-        assert_eq!(s.checkpoint(3).unwrap(), None);
-        let loaded = s
-            .load_books(std::slice::from_ref(&m), &[want])
-            .unwrap()
-            .remove(0);
-        assert_eq!(loaded.meters, book.meters);
-        assert_eq!(loaded.events, book.events);
-        assert_eq!(loaded.grants, book.grants);
-        let history: Vec<u64> = s
-            .history(2, &c, &m, None, 10)
-            .unwrap()
-            .iter()
-            .map(|h: &BalanceChanged| h.version)
-            .collect();
-        assert_eq!(history, vec![2, 1]);
-        assert!(s.meter(1, &c, &m).unwrap().is_none());
-        s.drop_partition(2).unwrap();
-        assert!(s.meter(2, &c, &m).unwrap().is_none());
-        assert_eq!(s.checkpoint(2).unwrap(), None);
-    }
-
-    #[test]
-    fn count_meters_counts_projections_and_distinct_customers_of_one_partition() {
-        let dir = tempfile::tempdir().unwrap();
-        let s = Store::open_path(dir.path(), 8, 8).unwrap();
-        let mut writes = Vec::new();
-        for (p, c, m) in [(1, "a", "x"), (1, "a", "y"), (1, "ab", "x"), (2, "a", "x")] {
-            let mut book = Book::new(CustomerId::parse(c).unwrap());
-            let m = MeterName::parse(m).unwrap();
-            book.meters.insert(m.clone(), MeterState::default());
-            let dirty = [crate::ledger::Dirty::Meter(m)].into();
-            writes.extend(layout::book_writes(p, &book, &dirty));
-        }
-        s.write(&writes, &[]).unwrap();
-        assert_eq!(s.count_meters(1).unwrap(), (2, 3));
-        assert_eq!(s.count_meters(2).unwrap(), (1, 1));
-        assert_eq!(s.count_meters(3).unwrap(), (0, 0));
-        assert!(s.property_int("rocksdb.estimate-num-keys").is_some());
-        assert!(s.property_int("rocksdb.block-cache-capacity").unwrap() >= 8 << 20);
-    }
-}
+mod tests;

@@ -1,19 +1,315 @@
-//! How values are encoded in RocksDB and the changelog: JSON of the ledger's state types.
+//! How values are encoded: one byte of state format ([`FORMAT`]), then a protobuf message of
+//! `proto/drawdown/state/v2/state.proto`. Decimals are rust_decimal's exact 16 bytes. A value
+//! of another format is refused ([`StoreError::Format`]), never guessed at.
 
-use serde::de::DeserializeOwned;
-use serde::Serialize;
+use prost::Message;
+use rust_decimal::Decimal;
 
 use super::StoreError;
+use crate::ledger::{
+    BalanceChanged, CustomerId, EventRecord, GrantId, GrantKind, GrantRecord, GrantSlot, MeterDraw,
+    MeterName, MeterState, Reason,
+};
 
-/// Decodes the value stored at `key`.
-pub(super) fn decode<T: DeserializeOwned>(key: &[u8], v: &[u8]) -> Result<T, StoreError> {
-    serde_json::from_slice(v).map_err(|e| StoreError::Corrupt {
+/// The generated state messages.
+#[allow(missing_docs, clippy::all)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/drawdown.state.v2.rs"));
+}
+
+/// The state format this build writes and reads.
+pub const FORMAT: u8 = 2;
+
+fn corrupt(key: &[u8], message: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
         key: String::from_utf8_lossy(key).escape_default().to_string(),
-        message: e.to_string(),
+        message: message.into(),
+    }
+}
+
+/// Checks the format byte of a stored value.
+pub(super) fn check(key: &[u8], v: &[u8]) -> Result<(), StoreError> {
+    match v.first() {
+        Some(&FORMAT) => Ok(()),
+        Some(&found) => Err(StoreError::Format {
+            key: String::from_utf8_lossy(key).escape_default().to_string(),
+            found,
+        }),
+        None => Err(corrupt(key, "empty value")),
+    }
+}
+
+/// Encodes a message with the format byte.
+pub(super) fn encode<M: Message>(m: &M) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + m.encoded_len());
+    out.push(FORMAT);
+    m.encode(&mut out).expect("a Vec grows");
+    out
+}
+
+/// Decodes a message stored at `key`.
+pub(super) fn decode<M: Message + Default>(key: &[u8], v: &[u8]) -> Result<M, StoreError> {
+    check(key, v)?;
+    M::decode(&v[1..]).map_err(|e| corrupt(key, e.to_string()))
+}
+
+fn dec(d: Decimal) -> Option<pb::Dec> {
+    if d.is_zero() {
+        return None;
+    }
+    let b = d.serialize();
+    Some(pb::Dec {
+        lo: u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+        hi: u64::from_le_bytes(b[8..].try_into().expect("8 bytes")),
     })
 }
 
-/// Encodes a value.
-pub(super) fn encode<T: Serialize>(v: &T) -> Vec<u8> {
-    serde_json::to_vec(v).expect("serialisable")
+fn undec(key: &[u8], d: &Option<pb::Dec>) -> Result<Decimal, StoreError> {
+    let Some(d) = d else {
+        return Ok(Decimal::ZERO);
+    };
+    let mut b = [0u8; 16];
+    b[..8].copy_from_slice(&d.lo.to_le_bytes());
+    b[8..].copy_from_slice(&d.hi.to_le_bytes());
+    // Flags: bits 16-23 the scale (<= 28), bit 31 the sign, nothing else.
+    let flags = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    if flags & 0x7F00_FFFF != 0 || (flags >> 16) & 0xFF > 28 {
+        return Err(corrupt(key, "not a decimal"));
+    }
+    Ok(Decimal::deserialize(b))
+}
+
+fn id<T>(key: &[u8], parsed: Result<T, crate::ledger::LedgerError>) -> Result<T, StoreError> {
+    parsed.map_err(|e| corrupt(key, e.to_string()))
+}
+
+fn kind_code(k: GrantKind) -> u32 {
+    match k {
+        GrantKind::Cycle => 0,
+        GrantKind::TopUp => 1,
+        GrantKind::Adjustment => 2,
+    }
+}
+
+fn slot_to(g: &GrantSlot) -> pb::GrantSlot {
+    pb::GrantSlot {
+        id: g.id.to_string(),
+        kind: kind_code(g.kind),
+        priority: u32::from(g.priority),
+        effective_at: g.effective_at,
+        expires_at: g.expires_at,
+        subscription_id: g.subscription_id.clone(),
+        rollover: dec(g.rollover),
+        amount: dec(g.amount),
+        remaining: dec(g.remaining),
+        active: g.active,
+        cycle_ended: g.cycle_ended,
+    }
+}
+
+fn slot_from(key: &[u8], g: pb::GrantSlot) -> Result<GrantSlot, StoreError> {
+    Ok(GrantSlot {
+        id: id(key, GrantId::parse(g.id))?,
+        kind: match g.kind {
+            0 => GrantKind::Cycle,
+            1 => GrantKind::TopUp,
+            2 => GrantKind::Adjustment,
+            k => return Err(corrupt(key, format!("grant kind {k}"))),
+        },
+        priority: u8::try_from(g.priority).map_err(|_| corrupt(key, "priority"))?,
+        effective_at: g.effective_at,
+        expires_at: g.expires_at,
+        subscription_id: g.subscription_id,
+        rollover: undec(key, &g.rollover)?,
+        amount: undec(key, &g.amount)?,
+        remaining: undec(key, &g.remaining)?,
+        active: g.active,
+        cycle_ended: g.cycle_ended,
+    })
+}
+
+/// A meter projection as a message.
+pub(super) fn meter_to(name: &MeterName, s: &MeterState) -> pb::MeterState {
+    pb::MeterState {
+        meter: name.to_string(),
+        version: s.version,
+        credited: dec(s.credited),
+        consumed: dec(s.consumed),
+        expired: dec(s.expired),
+        voided: dec(s.voided),
+        overage: dec(s.overage),
+        blocked: dec(s.blocked),
+        debt: dec(s.debt),
+        cycle_credited: dec(s.cycle_credited),
+        grants: s.grants.iter().map(slot_to).collect(),
+        exhausted: s.exhausted,
+        low_fired: s.low_fired,
+        auto_top_up_fired: s.auto_top_up_fired,
+        updated_at: s.updated_at,
+    }
+}
+
+/// A meter projection from a message.
+pub(super) fn meter_from(
+    key: &[u8],
+    m: pb::MeterState,
+) -> Result<(MeterName, MeterState), StoreError> {
+    let name = id(key, MeterName::parse(m.meter))?;
+    let state = MeterState {
+        version: m.version,
+        credited: undec(key, &m.credited)?,
+        consumed: undec(key, &m.consumed)?,
+        expired: undec(key, &m.expired)?,
+        voided: undec(key, &m.voided)?,
+        overage: undec(key, &m.overage)?,
+        blocked: undec(key, &m.blocked)?,
+        debt: undec(key, &m.debt)?,
+        cycle_credited: undec(key, &m.cycle_credited)?,
+        grants: m
+            .grants
+            .into_iter()
+            .map(|g| slot_from(key, g))
+            .collect::<Result<_, _>>()?,
+        exhausted: m.exhausted,
+        low_fired: m.low_fired,
+        auto_top_up_fired: m.auto_top_up_fired,
+        updated_at: m.updated_at,
+    };
+    Ok((name, state))
+}
+
+/// A grant record as a message.
+pub(super) fn grant_to(r: &GrantRecord) -> pb::GrantRecord {
+    pb::GrantRecord {
+        meter: r.meter.to_string(),
+        at: r.at,
+        voided: r.voided,
+    }
+}
+
+/// A grant record from a message.
+pub(super) fn grant_from(key: &[u8], r: pb::GrantRecord) -> Result<GrantRecord, StoreError> {
+    Ok(GrantRecord {
+        meter: id(key, MeterName::parse(r.meter))?,
+        at: r.at,
+        voided: r.voided,
+    })
+}
+
+/// An event record as a message.
+pub(super) fn event_to(r: &EventRecord) -> pb::EventRecord {
+    pb::EventRecord {
+        at: r.at,
+        draws: r
+            .draws
+            .iter()
+            .map(|d| pb::MeterDraw {
+                meter: d.meter.to_string(),
+                grants: d
+                    .grants
+                    .iter()
+                    .map(|(g, u)| pb::GrantDraw {
+                        grant_id: g.to_string(),
+                        units: dec(*u),
+                    })
+                    .collect(),
+                debt: dec(d.debt),
+                blocked: dec(d.blocked),
+            })
+            .collect(),
+        voided: r.voided,
+    }
+}
+
+/// An event record from a message.
+pub(super) fn event_from(key: &[u8], r: pb::EventRecord) -> Result<EventRecord, StoreError> {
+    let mut draws = Vec::with_capacity(r.draws.len());
+    for d in r.draws {
+        let mut grants = Vec::with_capacity(d.grants.len());
+        for g in d.grants {
+            grants.push((id(key, GrantId::parse(g.grant_id))?, undec(key, &g.units)?));
+        }
+        draws.push(MeterDraw {
+            meter: id(key, MeterName::parse(d.meter))?,
+            grants,
+            debt: undec(key, &d.debt)?,
+            blocked: undec(key, &d.blocked)?,
+        });
+    }
+    Ok(EventRecord {
+        at: r.at,
+        draws,
+        voided: r.voided,
+    })
+}
+
+/// A balance change as a message.
+pub(super) fn change_to(c: &BalanceChanged) -> pb::Change {
+    pb::Change {
+        customer: c.customer_id.to_string(),
+        meter: c.meter.to_string(),
+        version: c.version,
+        delta: dec(c.delta),
+        reason: c.reason.as_str().to_string(),
+        cause_id: c.cause_id.clone(),
+        balance: dec(c.balance),
+        credited: dec(c.credited),
+        consumed: dec(c.consumed),
+        overage: dec(c.overage),
+        blocked: dec(c.blocked),
+        at: c.at,
+    }
+}
+
+/// A balance change from a message.
+pub(super) fn change_from(key: &[u8], c: pb::Change) -> Result<BalanceChanged, StoreError> {
+    Ok(BalanceChanged {
+        customer_id: id(key, CustomerId::parse(c.customer))?,
+        meter: id(key, MeterName::parse(c.meter))?,
+        version: c.version,
+        delta: undec(key, &c.delta)?,
+        reason: Reason::from_label(&c.reason)
+            .ok_or_else(|| corrupt(key, format!("reason {:?}", c.reason)))?,
+        cause_id: c.cause_id,
+        balance: undec(key, &c.balance)?,
+        credited: undec(key, &c.credited)?,
+        consumed: undec(key, &c.consumed)?,
+        overage: undec(key, &c.overage)?,
+        blocked: undec(key, &c.blocked)?,
+        at: c.at,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn decimals_round_trip_exactly(m in any::<i64>(), scale in 0u32..=28) {
+            let d = Decimal::new(m, scale);
+            prop_assert_eq!(undec(b"k", &dec(d)).unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn other_formats_are_refused_by_name() {
+        let v = encode(&pb::PartitionMeta { horizon: 5 });
+        assert_eq!(v[0], FORMAT);
+        assert_eq!(decode::<pb::PartitionMeta>(b"k", &v).unwrap().horizon, 5);
+        let json = br#"{"version":1}"#;
+        match decode::<pb::PartitionMeta>(b"k", json) {
+            Err(StoreError::Format { found, .. }) => assert_eq!(found, b'{'),
+            other => panic!("{other:?}"),
+        }
+        assert!(undec(
+            b"k",
+            &Some(pb::Dec {
+                lo: u64::MAX,
+                hi: 0
+            })
+        )
+        .is_err());
+    }
 }

@@ -10,12 +10,12 @@ use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::clients::{Clients, RebalanceEvent};
-use super::housekeeping::DueIndex;
+use super::housekeeping::{Deltas, DueIndex};
 use super::PipelineError;
 use crate::config::TopicsConfig;
 use crate::kafka::restore::{Restored, Restorer};
 use crate::kafka::{InputTopic, PipelineStatus};
-use crate::store::Store;
+use crate::store::{BookCache, Store};
 
 /// The partitions of this loop and the bookkeeping of their moves.
 #[derive(Default)]
@@ -37,6 +37,8 @@ pub(super) struct Parts<'a> {
     pub(super) store: &'a Store,
     pub(super) status: &'a PipelineStatus,
     pub(super) due: &'a mut DueIndex,
+    pub(super) deltas: &'a mut Deltas,
+    pub(super) cache: &'a mut BookCache,
     pub(super) topics: &'a TopicsConfig,
 }
 
@@ -62,6 +64,8 @@ impl Assignment {
                         self.released.insert(p, now);
                     }
                     x.due.clear();
+                    x.deltas.clear();
+                    x.cache.clear();
                     self.skipped.clear();
                     x.restorer.cancel_all()?;
                     x.status.set_owned(BTreeSet::new());
@@ -95,6 +99,9 @@ impl Assignment {
         x: &mut Parts<'_>,
     ) -> Result<(), PipelineError> {
         let p = r.partition;
+        x.store.load_meta(p)?;
+        let (buckets, next_seq) = x.store.deltas(p)?;
+        x.deltas.track(p, buckets, next_seq);
         for (d, customer, meter) in x.store.due_meters(p)? {
             x.due.set(p, &customer, &meter, Some(d));
         }

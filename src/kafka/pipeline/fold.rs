@@ -11,7 +11,8 @@ use crate::codec::{self, CodecError};
 use crate::config::{Config, OutputFormat};
 use crate::kafka::{partition_for, InputTopic, OutputTopic};
 use crate::ledger::{Applied, Book, CustomerId, Dirty, Input, Ledger, MeterName, Output, Refs};
-use crate::store::{layout, BookRequest, StateWrite};
+use crate::store::layout::{DeltaKey, Layout, StateBatch};
+use crate::store::{BookRequest, StateWrite};
 
 /// An input record, copied out of librdkafka's buffer.
 #[derive(Clone, Debug)]
@@ -128,8 +129,13 @@ pub type DueUpdate = (i32, CustomerId, MeterName, Option<i64>);
 pub struct Commit {
     /// The output records (balance changes, transitions, top-ups, DLQ), encoded once.
     pub outputs: Vec<OutRecord>,
-    /// The state changes: produced to the changelog, then written to the store.
+    /// The state changes: produced to the changelog and/or written to the store after the
+    /// commit (see [`StateWrite::target`]).
     pub state: Vec<StateWrite>,
+    /// The delta records written, so the loop can advance its sequence numbers.
+    pub deltas: Vec<DeltaKey>,
+    /// The folded books, for the cache once committed.
+    pub books: Vec<(i32, Book)>,
     /// The next input offset per (topic, partition), committed with the transaction.
     pub offsets: BTreeMap<(InputTopic, i32), i64>,
     /// New due times of the meters changed.
@@ -202,7 +208,7 @@ pub struct Folder {
     meters: Vec<MeterName>,
     partitions: i32,
     format: OutputFormat,
-    history_len: u32,
+    layout: Layout,
     /// Input topic names, for the DLQ's `source.topic` header.
     usage_topic: String,
     grants_topic: String,
@@ -222,15 +228,20 @@ impl Folder {
             meters,
             partitions,
             format: cfg.pipeline.output_format,
-            history_len: cfg.pipeline.history_len,
+            layout: Layout::from_config(&cfg.pipeline),
             usage_topic: cfg.topics.usage.clone(),
             grants_topic: cfg.topics.grants.clone(),
         }
     }
 
-    /// The configured meters' names (every book loads all of them).
+    /// The configured meters' names.
     pub fn meters(&self) -> &[MeterName] {
         &self.meters
+    }
+
+    /// How the state is cut into records.
+    pub fn layout(&self) -> Layout {
+        self.layout
     }
 
     /// Decodes `records` and groups them by (partition, customer), keeping their order.
@@ -261,14 +272,14 @@ impl Folder {
     }
 
     /// Folds a decoded batch of `records` over `books` (loaded for [`Decoded::requests`], in
-    /// that order) at processing time `now`; `forget` are deletions the housekeeping asks for
-    /// (written first, so anything this batch writes wins).
+    /// that order) at processing time `now`. Delta records are numbered from `next_seq` (per
+    /// partition).
     pub fn fold(
         &self,
         records: &[InputRecord],
         decoded: Decoded,
         books: Vec<Book>,
-        forget: Vec<StateWrite>,
+        next_seq: &BTreeMap<i32, u64>,
         now: i64,
     ) -> Commit {
         let Decoded {
@@ -281,10 +292,11 @@ impl Folder {
         assert_eq!(groups.len(), books.len(), "a book per group");
         let mut c = Commit {
             outputs: Vec::with_capacity(records.len() * 2),
-            state: forget,
             offsets,
+            books: Vec::with_capacity(books.len()),
             ..Default::default()
         };
+        let mut state = StateBatch::new(self.layout);
         for (i, e) in rejected {
             c.outputs
                 .push(self.dead_letter(&records[i], "decode", &e, &mut counts));
@@ -310,7 +322,7 @@ impl Folder {
             }
             for out in results.drain(..) {
                 c.outputs
-                    .push(self.output(p, &book.customer, out, &mut c.state, &mut counts));
+                    .push(self.output(p, &book.customer, out, &mut state, &mut counts));
             }
             let dirty = book.take_dirty();
             for d in &dirty {
@@ -319,12 +331,15 @@ impl Folder {
                     c.due.push((p, book.customer.clone(), name.clone(), due));
                 }
             }
-            c.state.extend(layout::book_writes(p, &book, &dirty));
+            state.book(p, &book, &dirty);
+            c.books.push((p, book));
         }
+        (c.state, c.deltas) = state.finish(next_seq);
         for o in &c.outputs {
             *counts.produced.entry(o.topic).or_default() += 1;
         }
-        *counts.produced.entry(OutputTopic::Changelog).or_default() += c.state.len() as u64;
+        *counts.produced.entry(OutputTopic::Changelog).or_default() +=
+            c.state.iter().filter(|w| w.target.changelog()).count() as u64;
         c.counts = counts;
         c
     }
@@ -335,7 +350,7 @@ impl Folder {
         p: i32,
         customer: &CustomerId,
         out: Output,
-        state: &mut Vec<StateWrite>,
+        state: &mut StateBatch,
         counts: &mut Counts,
     ) -> OutRecord {
         let format = self.format;
@@ -346,7 +361,7 @@ impl Folder {
         );
         match out {
             Output::Changed(ch) => {
-                state.push(layout::history_write(p, &ch, self.history_len));
+                state.change(p, &ch);
                 OutRecord {
                     topic: OutputTopic::BalanceChanged,
                     key,

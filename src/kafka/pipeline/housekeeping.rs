@@ -1,12 +1,14 @@
 //! Work that no input record drives: the time-driven rules (activation, expiry) through a due
-//! index, and forgetting usage ids older than the dedupe window.
+//! index, and forgetting usage ids older than the dedupe window by dropping whole time buckets
+//! of deltas (see the `store` module docs).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use super::fold::DueUpdate;
 use crate::config::PipelineConfig;
 use crate::ledger::{CustomerId, MeterName};
+use crate::store::layout::{self, DeltaKey};
 use crate::store::{StateWrite, Store, StoreError};
 
 /// When each owned meter next has a time-driven change (activation or expiry), so the tick
@@ -60,73 +62,122 @@ impl DueIndex {
     }
 }
 
-/// The work housekeeping adds to a commit.
+/// The delta records of each owned partition: the next sequence number, and the time buckets
+/// holding deltas (to drop them whole once they leave the dedupe window).
 #[derive(Default)]
-pub(super) struct Chores {
-    /// Customers with grants to activate or expire now.
-    pub(super) ticks: Vec<(i32, CustomerId)>,
-    /// Deletions of event records older than the dedupe window.
-    pub(super) forget: Vec<StateWrite>,
+pub(super) struct Deltas {
+    next_seq: BTreeMap<i32, u64>,
+    buckets: BTreeMap<i32, BTreeSet<i64>>,
 }
 
-impl Chores {
-    pub(super) fn is_empty(&self) -> bool {
-        self.ticks.is_empty() && self.forget.is_empty()
+impl Deltas {
+    /// Starts tracking a restored partition.
+    pub(super) fn track(&mut self, p: i32, buckets: BTreeSet<i64>, next_seq: u64) {
+        self.next_seq.insert(p, next_seq);
+        self.buckets.insert(p, buckets);
+    }
+
+    /// Stops tracking every partition (revoked).
+    pub(super) fn clear(&mut self) {
+        self.next_seq.clear();
+        self.buckets.clear();
+    }
+
+    /// The next sequence number per partition, for the fold.
+    pub(super) fn next_seq(&self) -> &BTreeMap<i32, u64> {
+        &self.next_seq
+    }
+
+    /// Records the deltas a commit wrote.
+    pub(super) fn committed(&mut self, written: &[DeltaKey]) {
+        for (p, bucket, seq) in written {
+            let next = self.next_seq.entry(*p).or_default();
+            *next = (*next).max(seq + 1);
+            self.buckets.entry(*p).or_default().insert(*bucket);
+        }
     }
 }
 
-/// The due index and the timers of the tick and the purge.
+/// Forgetting the oldest time buckets of the owned partitions: one commit of its own.
+#[derive(Default)]
+pub(super) struct Drop {
+    /// Tombstones of the deltas and the new horizons.
+    pub(super) writes: Vec<StateWrite>,
+    /// Buckets whose every delta is in `writes`: no longer tracked once committed.
+    pub(super) emptied: Vec<(i32, i64)>,
+}
+
+/// The most delta tombstones one commit carries (a bucket with more takes several).
+const DROP_BUDGET: usize = 20_000;
+
+/// The due index, the delta buckets, and the tick's timer.
 pub(super) struct Housekeeping {
     pub(super) due: DueIndex,
+    pub(super) deltas: Deltas,
     tick_interval: Duration,
-    purge_interval: Duration,
     dedupe_window_ms: i64,
     last_tick: Instant,
-    last_purge: Instant,
 }
 
 impl Housekeeping {
     pub(super) fn new(cfg: &PipelineConfig) -> Self {
         Self {
             due: DueIndex::default(),
+            deltas: Deltas::default(),
             tick_interval: cfg.tick_interval,
-            purge_interval: (cfg.dedupe_window / 10)
-                .clamp(Duration::from_secs(1), Duration::from_secs(600)),
-            dedupe_window_ms: cfg.dedupe_window.as_millis() as i64,
+            dedupe_window_ms: cfg.dedupe_window.as_millis().min(i64::MAX as u128) as i64,
             last_tick: Instant::now(),
-            last_purge: Instant::now(),
         }
     }
 
-    /// What is due now: ticks every `tick_interval`; every `dedupe_window / 10` (when no
-    /// partition is restoring) the ids of `owned` partitions older than the window.
-    pub(super) fn chores(
-        &mut self,
-        store: &Store,
-        owned: &BTreeSet<i32>,
-        restoring: bool,
-        now_ms: i64,
-    ) -> Result<Chores, StoreError> {
-        let mut chores = Chores::default();
-        if self.last_tick.elapsed() >= self.tick_interval {
-            self.last_tick = Instant::now();
-            chores.ticks = self.due.due(now_ms, 10_000);
+    /// The customers whose time-driven changes are due, every `tick_interval`.
+    pub(super) fn ticks(&mut self, now_ms: i64) -> Vec<(i32, CustomerId)> {
+        if self.last_tick.elapsed() < self.tick_interval {
+            return Vec::new();
         }
-        if self.last_purge.elapsed() >= self.purge_interval && !restoring {
-            self.last_purge = Instant::now();
-            let cutoff = now_ms - self.dedupe_window_ms;
-            for p in owned {
-                chores
-                    .forget
-                    .extend(store.expired_events(*p, cutoff, 10_000)?);
+        self.last_tick = Instant::now();
+        self.due.due(now_ms, 10_000)
+    }
+
+    /// The buckets entirely older than the dedupe window at `now_ms`, as one drop (at most
+    /// [`DROP_BUDGET`] deltas): their deltas' tombstones, and a horizon past them.
+    pub(super) fn drop(&self, store: &Store, now_ms: i64) -> Result<Drop, StoreError> {
+        let width = store.layout().bucket_ms();
+        let cutoff = now_ms.saturating_sub(self.dedupe_window_ms);
+        let mut out = Drop::default();
+        let mut budget = DROP_BUDGET;
+        for (p, buckets) in &self.deltas.buckets {
+            let mut keys = Vec::new();
+            let mut horizon = None;
+            for b in buckets
+                .iter()
+                .take_while(|b| b.saturating_add(width) <= cutoff)
+            {
+                if budget == 0 {
+                    break;
+                }
+                let found = store.delta_keys(*p, *b, budget)?;
+                budget -= found.len();
+                if budget > 0 {
+                    out.emptied.push((*p, *b));
+                }
+                keys.extend(found);
+                horizon = Some(b.saturating_add(width));
             }
-            if !chores.forget.is_empty() {
-                tracing::info!(
-                    records = chores.forget.len(),
-                    "forgetting usage ids older than the dedupe window"
-                );
+            if let Some(h) = horizon {
+                let h = h.max(store.horizon(*p));
+                out.writes.extend(layout::drop_deltas(*p, keys, h));
             }
         }
-        Ok(chores)
+        Ok(out)
+    }
+
+    /// Records a committed drop.
+    pub(super) fn dropped(&mut self, emptied: &[(i32, i64)]) {
+        for (p, b) in emptied {
+            if let Some(set) = self.deltas.buckets.get_mut(p) {
+                set.remove(b);
+            }
+        }
     }
 }

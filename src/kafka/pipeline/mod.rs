@@ -24,7 +24,7 @@ use rdkafka::Message;
 use self::assignment::{Assignment, Parts};
 use self::clients::{Clients, ConsumerCtx};
 use self::fold::{Folder, InputRecord};
-use self::housekeeping::{Chores, Housekeeping};
+use self::housekeeping::Housekeeping;
 use self::transaction::TopicNames;
 use super::restore::{RestoreError, Restorer};
 use super::{InputTopic, PipelineStatus};
@@ -32,7 +32,7 @@ use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::metrics as m;
 use crate::shutdown::Shutdown;
-use crate::store::{Store, StoreError};
+use crate::store::{BookCache, Store, StoreError};
 
 /// Why a pipeline run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +146,7 @@ struct Loop<'a> {
     restorer: Restorer,
     assignment: Assignment,
     housekeeping: Housekeeping,
+    cache: BookCache,
     names: TopicNames,
 }
 
@@ -157,6 +158,7 @@ impl<'a> Loop<'a> {
             restorer: Restorer::new(&p.cfg)?,
             assignment: Assignment::default(),
             housekeeping: Housekeeping::new(&p.cfg.pipeline),
+            cache: BookCache::new(p.cfg.store.book_cache_mb << 20),
             names: TopicNames::new(&p.cfg),
         };
         p.status.set_owned(Default::default());
@@ -172,6 +174,8 @@ impl<'a> Loop<'a> {
             store: &self.p.store,
             status: &self.p.status,
             due: &mut self.housekeeping.due,
+            deltas: &mut self.housekeeping.deltas,
+            cache: &mut self.cache,
             topics: &self.p.cfg.topics,
         }
     }
@@ -198,16 +202,13 @@ impl<'a> Loop<'a> {
             };
             let delay = self.p.cfg.pipeline.state_drop_delay;
             self.assignment.drop_released(&self.p.store, delay)?;
-            let chores = self.housekeeping.chores(
-                &self.p.store,
-                &self.assignment.owned,
-                !self.restorer.is_idle(),
-                crate::clock::now_ms(),
-            )?;
-            if records.is_empty() && chores.is_empty() {
+            let now = crate::clock::now_ms();
+            self.forget(now)?;
+            let ticks = self.housekeeping.ticks(now);
+            if records.is_empty() && ticks.is_empty() {
                 continue;
             }
-            self.commit(records, chores)?;
+            self.commit(records, ticks)?;
         }
     }
 
@@ -275,21 +276,57 @@ impl<'a> Loop<'a> {
         Ok(Polled::Batch(batch))
     }
 
+    /// Drops the time buckets that left the dedupe window, in a commit of their own (so the
+    /// new horizon applies to every later load).
+    fn forget(&mut self, now: i64) -> Result<(), PipelineError> {
+        let drop = self.housekeeping.drop(&self.p.store, now)?;
+        if drop.writes.is_empty() {
+            return Ok(());
+        }
+        let commit = fold::Commit {
+            state: drop.writes,
+            ..Default::default()
+        };
+        let checkpoints = transaction::transact(
+            &self.clients,
+            &self.names,
+            &commit,
+            self.p.cfg.kafka.transaction_timeout,
+        )?;
+        self.p.store.write(&commit.state, &checkpoints)?;
+        self.housekeeping.dropped(&drop.emptied);
+        tracing::debug!(
+            records = commit.state.len(),
+            "dropped time buckets of usage ids"
+        );
+        Ok(())
+    }
+
     /// One commit cycle: decode, load, fold, transact, then write the store.
     #[tracing::instrument(skip_all, fields(records = records.len()))]
-    fn commit(&mut self, records: Vec<InputRecord>, chores: Chores) -> Result<(), PipelineError> {
+    fn commit(
+        &mut self,
+        records: Vec<InputRecord>,
+        ticks: Vec<(i32, crate::ledger::CustomerId)>,
+    ) -> Result<(), PipelineError> {
         let started = Instant::now();
         let now = crate::clock::now_ms();
         let folder = &self.p.folder;
         let mut decoded = folder.decode(&records);
-        for (p, customer) in &chores.ticks {
+        for (p, customer) in &ticks {
             decoded.tick(*p, customer);
         }
         let books = self
             .p
             .store
-            .load_books(folder.meters(), &decoded.requests())?;
-        let commit = folder.fold(&records, decoded, books, chores.forget, now);
+            .load_books(&decoded.requests(), &mut self.cache)?;
+        let commit = folder.fold(
+            &records,
+            decoded,
+            books,
+            self.housekeeping.deltas.next_seq(),
+            now,
+        );
         let checkpoints = transaction::transact(
             &self.clients,
             &self.names,
@@ -298,6 +335,10 @@ impl<'a> Loop<'a> {
         )?;
         self.p.store.write(&commit.state, &checkpoints)?;
         self.housekeeping.due.update(commit.due);
+        self.housekeeping.deltas.committed(&commit.deltas);
+        for (p, book) in commit.books {
+            self.cache.put(p, book.customer, book.meters);
+        }
         commit.counts.publish();
         let elapsed = started.elapsed().as_secs_f64();
         metrics::histogram!(m::TXN_COMMIT_SECONDS).record(elapsed);
@@ -312,7 +353,6 @@ impl<'a> Loop<'a> {
         tracing::debug!(
             records = records.len(),
             outputs = commit.outputs.len(),
-            state = commit.state.len(),
             secs = elapsed,
             due = self.housekeeping.due.len(),
             "batch committed"

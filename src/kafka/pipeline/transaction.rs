@@ -96,7 +96,7 @@ pub(super) fn transact(
             send(c, rec)?;
         }
         let changelog = names.output(OutputTopic::Changelog);
-        for w in &commit.state {
+        for w in commit.state.iter().filter(|w| w.target.changelog()) {
             let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(changelog)
                 .key(w.key.as_slice())
                 .partition(w.partition);
@@ -106,7 +106,8 @@ pub(super) fn transact(
             send(c, rec)?;
         }
         // Wait for every delivery report: they carry the changelog offsets.
-        let want = (commit.outputs.len() + commit.state.len()) as u64;
+        let changelog = commit.state.iter().filter(|w| w.target.changelog()).count();
+        let want = (commit.outputs.len() + changelog) as u64;
         let deadline = Instant::now() + timeout;
         while ctx.delivered() < want {
             if Instant::now() > deadline {
