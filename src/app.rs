@@ -72,6 +72,7 @@ impl Application {
             ),
             None => None,
         };
+        let threads = cfg.pipeline.threads();
         Ok(Self {
             cfg: Arc::new(cfg),
             listener,
@@ -80,7 +81,7 @@ impl Application {
             store,
             ledger: Ledger::new(meters),
             partitions,
-            status: Arc::new(PipelineStatus::default()),
+            status: Arc::new(PipelineStatus::new(threads)),
             shutdown: Shutdown::default(),
         })
     }
@@ -224,7 +225,8 @@ impl Application {
         tokio::task::spawn_blocking(move || worker.join())
             .await
             .context("joining the pipeline")?
-            .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?;
+            .map_err(|_| anyhow::anyhow!("the pipeline thread panicked"))?
+            .context("the pipeline stopped")?;
         tokio::task::spawn_blocking(move || announcer.join())
             .await
             .context("joining the directory thread")?

@@ -146,6 +146,19 @@ pub struct PipelineConfig {
     /// The most a graceful shutdown (SIGTERM) may take before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_timeout: Duration,
+    /// Pipeline loops, each with its own consumer (a group member) and transactional producer
+    /// over its share of the partitions; 0 = one per core.
+    pub threads: usize,
+}
+
+impl PipelineConfig {
+    /// The number of pipeline loops: `threads`, or the number of cores when 0.
+    pub fn threads(&self) -> usize {
+        match self.threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        }
+    }
 }
 
 impl Default for PipelineConfig {
@@ -159,6 +172,7 @@ impl Default for PipelineConfig {
             dedupe_window: Duration::from_secs(7 * 24 * 3600),
             state_drop_delay: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(30),
+            threads: 0,
         }
     }
 }

@@ -76,65 +76,128 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     c
 }
 
-/// What the pipeline tells the API: readiness and ownership.
-#[derive(Debug, Default)]
+/// What one pipeline loop reports.
+#[derive(Debug, Default, Clone)]
+struct LoopState {
+    running: bool,
+    owned: BTreeSet<i32>,
+    restoring: BTreeMap<i32, i64>,
+}
+
+/// What the pipeline tells the API: readiness and ownership, merged over its loops (each owns
+/// its own share of the partitions).
+#[derive(Debug)]
 pub struct PipelineStatus {
-    running: AtomicBool,
-    owned: Mutex<BTreeSet<i32>>,
-    restoring: Mutex<BTreeMap<i32, i64>>,
+    loops: Mutex<Vec<LoopState>>,
+    /// Set when the pipeline stopped for good (a fatal error or a panic): never ready again.
+    failed: AtomicBool,
+}
+
+impl Default for PipelineStatus {
+    fn default() -> Self {
+        Self::new(1)
+    }
 }
 
 impl PipelineStatus {
-    /// Ready: the pipeline runs, owns partitions and none of them is restoring.
-    pub fn is_ready(&self) -> bool {
-        self.running.load(Ordering::Acquire)
-            && !self.owned.lock().expect("not poisoned").is_empty()
-            && self.restoring.lock().expect("not poisoned").is_empty()
+    /// The status of a pipeline of `loops` loops.
+    pub fn new(loops: usize) -> Self {
+        Self {
+            loops: Mutex::new(vec![LoopState::default(); loops.max(1)]),
+            failed: AtomicBool::new(false),
+        }
     }
 
-    /// Whether the pipeline is connected and consuming (false while it restarts after an error).
+    fn with<T>(&self, f: impl FnOnce(&[LoopState]) -> T) -> T {
+        f(&self.loops.lock().expect("not poisoned"))
+    }
+
+    /// Ready: every loop runs, partitions are owned and none of them is restoring.
+    pub fn is_ready(&self) -> bool {
+        !self.failed.load(Ordering::Acquire)
+            && self.with(|l| {
+                l.iter().all(|s| s.running)
+                    && l.iter().any(|s| !s.owned.is_empty())
+                    && l.iter().all(|s| s.restoring.is_empty())
+            })
+    }
+
+    /// Whether every loop is connected and consuming (false while one restarts after an error).
     pub fn is_running(&self) -> bool {
-        self.running.load(Ordering::Acquire)
+        !self.failed.load(Ordering::Acquire) && self.with(|l| l.iter().all(|s| s.running))
     }
 
     /// Partitions restoring, with the changelog records left to replay.
     pub fn restoring(&self) -> BTreeMap<i32, i64> {
-        self.restoring.lock().expect("not poisoned").clone()
+        self.with(|l| l.iter().flat_map(|s| s.restoring.clone()).collect())
     }
 
     /// The state partitions this instance owns.
     pub fn owned(&self) -> BTreeSet<i32> {
-        self.owned.lock().expect("not poisoned").clone()
+        self.with(|l| l.iter().flat_map(|s| s.owned.clone()).collect())
     }
 
-    /// Whether this instance serves partition `p` now: owned and restored, pipeline running.
+    /// Whether this instance serves partition `p` now: owned and restored by a running loop.
     pub fn serves(&self, p: i32) -> bool {
-        self.is_running()
-            && self.owned.lock().expect("not poisoned").contains(&p)
-            && !self
-                .restoring
-                .lock()
-                .expect("not poisoned")
-                .contains_key(&p)
+        !self.failed.load(Ordering::Acquire)
+            && self.with(|l| {
+                l.iter()
+                    .any(|s| s.running && s.owned.contains(&p) && !s.restoring.contains_key(&p))
+            })
     }
 
-    fn set_running(&self, running: bool) {
-        self.running.store(running, Ordering::Release);
-        metrics::gauge!(crate::metrics::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
+    /// Marks the pipeline as stopped for good.
+    pub fn set_failed(&self) {
+        self.failed.store(true, Ordering::Release);
+        self.publish();
     }
 
-    fn set_owned(&self, owned: BTreeSet<i32>) {
+    /// The handle of loop `id`.
+    pub fn for_loop(self: &std::sync::Arc<Self>, id: usize) -> LoopStatus {
+        LoopStatus {
+            status: self.clone(),
+            id,
+        }
+    }
+
+    fn update(&self, id: usize, f: impl FnOnce(&mut LoopState)) {
+        {
+            let mut loops = self.loops.lock().expect("not poisoned");
+            if let Some(s) = loops.get_mut(id) {
+                f(s);
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let (owned, restoring) = (self.owned(), self.restoring());
         metrics::gauge!(crate::metrics::PARTITIONS_OWNED).set(owned.len() as f64);
-        *self.owned.lock().expect("not poisoned") = owned;
-        metrics::gauge!(crate::metrics::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
-    }
-
-    fn set_restoring(&self, restoring: BTreeMap<i32, i64>) {
         metrics::gauge!(crate::metrics::RESTORING_PARTITIONS).set(restoring.len() as f64);
         metrics::gauge!(crate::metrics::RESTORE_REMAINING)
             .set(restoring.values().sum::<i64>() as f64);
-        *self.restoring.lock().expect("not poisoned") = restoring;
         metrics::gauge!(crate::metrics::READY).set(if self.is_ready() { 1.0 } else { 0.0 });
+    }
+}
+
+/// One loop's handle on the [`PipelineStatus`].
+#[derive(Clone, Debug)]
+pub struct LoopStatus {
+    status: std::sync::Arc<PipelineStatus>,
+    id: usize,
+}
+
+impl LoopStatus {
+    fn set_running(&self, running: bool) {
+        self.status.update(self.id, |s| s.running = running);
+    }
+
+    fn set_owned(&self, owned: BTreeSet<i32>) {
+        self.status.update(self.id, |s| s.owned = owned);
+    }
+
+    fn set_restoring(&self, restoring: BTreeMap<i32, i64>) {
+        self.status.update(self.id, |s| s.restoring = restoring);
     }
 }
 

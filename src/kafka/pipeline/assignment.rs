@@ -14,7 +14,7 @@ use super::housekeeping::{Deltas, DueIndex};
 use super::PipelineError;
 use crate::config::TopicsConfig;
 use crate::kafka::restore::{Restored, Restorer};
-use crate::kafka::{InputTopic, PipelineStatus};
+use crate::kafka::{InputTopic, LoopStatus};
 use crate::store::{BookCache, Store};
 
 /// The partitions of this loop and the bookkeeping of their moves.
@@ -35,7 +35,7 @@ pub(super) struct Parts<'a> {
     pub(super) clients: &'a Clients,
     pub(super) restorer: &'a mut Restorer,
     pub(super) store: &'a Store,
-    pub(super) status: &'a PipelineStatus,
+    pub(super) status: &'a LoopStatus,
     pub(super) due: &'a mut DueIndex,
     pub(super) deltas: &'a mut Deltas,
     pub(super) cache: &'a mut BookCache,

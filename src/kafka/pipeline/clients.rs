@@ -152,12 +152,21 @@ pub(super) struct Clients {
 impl Clients {
     /// A transactional producer (initialised: this fences an earlier incarnation) and a group
     /// consumer subscribed to both inputs.
-    pub(super) fn new(cfg: &Config) -> Result<Self, PipelineError> {
+    ///
+    /// Loop `id` of an instance has the transactional id `<group>-<instance>` (loop 0) or
+    /// `<group>-<instance>-<id>`, stable across restarts, so a restart fences its own zombie.
+    pub(super) fn new(cfg: &Config, id: usize) -> Result<Self, PipelineError> {
         let k = &cfg.kafka;
+        let suffix = if id == 0 {
+            String::new()
+        } else {
+            format!("-{id}")
+        };
         let producer: BaseProducer<ProducerCtx> = crate::kafka::client_config(k)
+            .set("client.id", format!("drawdown-{}{suffix}", k.instance_id))
             .set(
                 "transactional.id",
-                format!("{}-{}", k.group_id, k.instance_id),
+                format!("{}-{}{suffix}", k.group_id, k.instance_id),
             )
             .set(
                 "transaction.timeout.ms",
@@ -176,6 +185,7 @@ impl Clients {
             })?;
         producer.init_transactions(Duration::from_secs(60))?;
         let consumer: BaseConsumer<ConsumerCtx> = crate::kafka::client_config(k)
+            .set("client.id", format!("drawdown-{}{suffix}", k.instance_id))
             .set("group.id", &k.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")

@@ -27,7 +27,7 @@ use self::fold::{Folder, InputRecord};
 use self::housekeeping::Housekeeping;
 use self::transaction::TopicNames;
 use super::restore::{RestoreError, Restorer};
-use super::{InputTopic, PipelineStatus};
+use super::{InputTopic, LoopStatus, PipelineStatus};
 use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::metrics as m;
@@ -49,6 +49,9 @@ pub enum PipelineError {
     /// A produced record was not delivered.
     #[error("delivery failed: {0}")]
     Delivery(String),
+    /// A pipeline thread panicked.
+    #[error("a pipeline thread panicked: {0}")]
+    Panicked(String),
 }
 
 impl PipelineError {
@@ -60,6 +63,18 @@ impl PipelineError {
             PipelineError::Store(_) => "store",
             PipelineError::Restore(_) => "restore",
             PipelineError::Delivery(_) => "delivery",
+            PipelineError::Panicked(_) => "panic",
+        }
+    }
+
+    /// Whether retrying cannot help: the state is of another format, or a thread panicked.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            PipelineError::Store(e) | PipelineError::Restore(RestoreError::Store(e)) => {
+                e.is_fatal()
+            }
+            PipelineError::Panicked(_) => true,
+            _ => false,
         }
     }
 }
@@ -101,33 +116,87 @@ impl Pipeline {
         }
     }
 
-    /// Runs until shutdown, rebuilding the clients (with backoff) after any error.
-    /// Blocking: run it on a dedicated thread.
-    pub fn run(self) {
+    /// Runs `pipeline.threads` loops until shutdown, each rebuilding its clients (with backoff)
+    /// after any error. Blocking: run it on a dedicated thread. Returns the error that stopped
+    /// it for good (a fatal one, or a panic), after triggering shutdown.
+    pub fn run(self) -> Result<(), PipelineError> {
+        let threads = self.cfg.pipeline.threads();
+        let this = &self;
+        let result = std::thread::scope(|scope| {
+            let span = tracing::Span::current();
+            let handles: Vec<_> = (0..threads)
+                .map(|id| {
+                    let span = span.clone();
+                    std::thread::Builder::new()
+                        .name(format!("pipeline-{id}"))
+                        .spawn_scoped(scope, move || span.in_scope(|| this.supervise(id)))
+                        .expect("spawning a pipeline thread")
+                })
+                .collect();
+            let mut first = Ok(());
+            for h in handles {
+                let r = h
+                    .join()
+                    .unwrap_or_else(|_| Err(PipelineError::Panicked("unknown".into())));
+                if first.is_ok() {
+                    first = r;
+                }
+            }
+            first
+        });
+        if let Err(e) = self.store.flush() {
+            tracing::warn!(error = %e, "flushing the store at shutdown failed");
+        }
+        tracing::info!("pipeline stopped");
+        result
+    }
+
+    /// Runs loop `id`, restarting it after errors, until shutdown or a fatal error (which
+    /// stops every loop: the process must exit and be restarted or fixed).
+    fn supervise(&self, id: usize) -> Result<(), PipelineError> {
+        let status = self.status.for_loop(id);
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.restart_loop(id, &status)
+        }));
+        let result = run.unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(PipelineError::Panicked(what))
+        });
+        status.set_running(false);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, thread = id, "the pipeline cannot go on: stopping drawdown");
+            self.status.set_failed();
+            self.shutdown.trigger();
+        }
+        result
+    }
+
+    fn restart_loop(&self, id: usize, status: &LoopStatus) -> Result<(), PipelineError> {
         let mut backoff = Duration::from_millis(200);
         while !self.shutdown.is_triggered() {
             let started = Instant::now();
-            let result = Loop::new(&self).and_then(|mut l| l.run());
+            let result = Loop::new(self, id, status.clone()).and_then(|mut l| l.run());
             match result {
                 Ok(()) => break,
+                Err(e) if e.is_fatal() => return Err(e),
                 Err(e) => {
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_millis(200); // it had recovered: start over
                     }
-                    self.status.set_running(false);
+                    status.set_running(false);
                     let reason = e.reason();
                     metrics::counter!(m::PIPELINE_RESTARTS, "reason" => reason).increment(1);
-                    tracing::warn!(error = %e, reason, backoff_ms = backoff.as_millis() as u64, "pipeline stopped; restarting");
+                    tracing::warn!(error = %e, reason, thread = id, backoff_ms = backoff.as_millis() as u64, "pipeline stopped; restarting");
                     self.shutdown.sleep(backoff);
                     backoff = (backoff * 2).min(Duration::from_secs(10));
                 }
             }
         }
-        self.status.set_running(false);
-        if let Err(e) = self.store.flush() {
-            tracing::warn!(error = %e, "flushing the store at shutdown failed");
-        }
-        tracing::info!("pipeline stopped");
+        Ok(())
     }
 }
 
@@ -142,6 +211,7 @@ enum Polled {
 /// The state of one run of the loop (rebuilt from scratch after any error).
 struct Loop<'a> {
     p: &'a Pipeline,
+    status: LoopStatus,
     clients: Clients,
     restorer: Restorer,
     assignment: Assignment,
@@ -151,19 +221,20 @@ struct Loop<'a> {
 }
 
 impl<'a> Loop<'a> {
-    fn new(p: &'a Pipeline) -> Result<Self, PipelineError> {
+    fn new(p: &'a Pipeline, id: usize, status: LoopStatus) -> Result<Self, PipelineError> {
         let l = Self {
             p,
-            clients: Clients::new(&p.cfg)?,
+            status,
+            clients: Clients::new(&p.cfg, id)?,
             restorer: Restorer::new(&p.cfg)?,
             assignment: Assignment::default(),
             housekeeping: Housekeeping::new(&p.cfg.pipeline),
             cache: BookCache::new(p.cfg.store.book_cache_mb << 20),
             names: TopicNames::new(&p.cfg),
         };
-        p.status.set_owned(Default::default());
-        p.status.set_restoring(l.restorer.remaining());
-        p.status.set_running(true);
+        l.status.set_owned(Default::default());
+        l.status.set_restoring(l.restorer.remaining());
+        l.status.set_running(true);
         Ok(l)
     }
 
@@ -172,7 +243,7 @@ impl<'a> Loop<'a> {
             clients: &self.clients,
             restorer: &mut self.restorer,
             store: &self.p.store,
-            status: &self.p.status,
+            status: &self.status,
             due: &mut self.housekeeping.due,
             deltas: &mut self.housekeeping.deltas,
             cache: &mut self.cache,
@@ -230,7 +301,7 @@ impl<'a> Loop<'a> {
         }
         self.assignment = assignment;
         result?;
-        self.p.status.set_restoring(self.restorer.remaining());
+        self.status.set_restoring(self.restorer.remaining());
         Ok(())
     }
 
