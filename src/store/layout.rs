@@ -5,6 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use prost::Message;
+
 use super::value::{self, pb};
 use super::{keys, StateWrite, Target};
 use crate::ledger::{BalanceChanged, Book, Dirty};
@@ -59,12 +61,43 @@ impl Layout {
 /// A delta record written by a commit: (partition, bucket, seq).
 pub type DeltaKey = (i32, i64, u64);
 
+/// The most bytes one delta record holds; a commit writes several for a bucket that has more
+/// (a record must stay far below the broker's `message.max.bytes`, 1 MB by default).
+pub const MAX_DELTA_BYTES: usize = 256 << 10;
+
+/// The deltas of one (partition, bucket) in this commit, cut at [`MAX_DELTA_BYTES`].
+#[derive(Debug, Default)]
+struct Deltas {
+    done: Vec<pb::Delta>,
+    open: pb::Delta,
+    bytes: usize,
+}
+
+impl Deltas {
+    /// Room for `n` more bytes, starting a new record if the open one is full.
+    fn room(&mut self, n: usize) -> &mut pb::Delta {
+        if self.bytes + n > MAX_DELTA_BYTES && self.bytes > 0 {
+            self.done.push(std::mem::take(&mut self.open));
+            self.bytes = 0;
+        }
+        self.bytes += n;
+        &mut self.open
+    }
+
+    fn into_records(mut self) -> Vec<pb::Delta> {
+        if self.bytes > 0 {
+            self.done.push(self.open);
+        }
+        self.done
+    }
+}
+
 /// Collects the state writes of one commit.
 #[derive(Debug)]
 pub struct StateBatch {
     layout: Layout,
     writes: Vec<StateWrite>,
-    deltas: BTreeMap<(i32, i64), pb::Delta>,
+    deltas: BTreeMap<(i32, i64), Deltas>,
 }
 
 impl StateBatch {
@@ -119,15 +152,18 @@ impl StateBatch {
                             target: Target::Local,
                         });
                         let bucket = self.layout.bucket_of(r.at);
+                        let entry = pb::DeltaEvent {
+                            customer: c.to_string(),
+                            event_id: id.to_string(),
+                            record: Some(record),
+                        };
+                        let n = entry.encoded_len() + 4;
                         self.deltas
                             .entry((p, bucket))
                             .or_default()
+                            .room(n)
                             .events
-                            .push(pb::DeltaEvent {
-                                customer: c.to_string(),
-                                event_id: id.to_string(),
-                                record: Some(record),
-                            });
+                            .push(entry);
                     }
                 }
             }
@@ -145,9 +181,11 @@ impl StateBatch {
             target: Target::Local,
         });
         let bucket = self.layout.bucket_of(change.at);
+        let n = msg.encoded_len() + 4;
         self.deltas
             .entry((p, bucket))
             .or_default()
+            .room(n)
             .changes
             .push(msg);
     }
@@ -157,26 +195,28 @@ impl StateBatch {
     pub fn finish(mut self, next_seq: &BTreeMap<i32, u64>) -> (Vec<StateWrite>, Vec<DeltaKey>) {
         let mut used = Vec::with_capacity(self.deltas.len());
         let mut seqs: BTreeMap<i32, u64> = BTreeMap::new();
-        for ((p, bucket), delta) in std::mem::take(&mut self.deltas) {
+        for ((p, bucket), deltas) in std::mem::take(&mut self.deltas) {
             let seq = seqs
                 .entry(p)
                 .or_insert_with(|| next_seq.get(&p).copied().unwrap_or(0));
-            let key = keys::delta(p, bucket, *seq);
-            self.writes.push(StateWrite {
-                partition: p,
-                key: key.clone(),
-                value: Some(value::encode(&delta)),
-                target: Target::Changelog,
-            });
-            // Locally only a marker: restore and the bucket drop need the key, not the value.
-            self.writes.push(StateWrite {
-                partition: p,
-                key,
-                value: Some(Vec::new()),
-                target: Target::Local,
-            });
-            used.push((p, bucket, *seq));
-            *seq += 1;
+            for delta in deltas.into_records() {
+                let key = keys::delta(p, bucket, *seq);
+                self.writes.push(StateWrite {
+                    partition: p,
+                    key: key.clone(),
+                    value: Some(value::encode(&delta)),
+                    target: Target::Changelog,
+                });
+                // Locally only a marker: restore and the bucket drop need the key, not the value.
+                self.writes.push(StateWrite {
+                    partition: p,
+                    key,
+                    value: Some(Vec::new()),
+                    target: Target::Local,
+                });
+                used.push((p, bucket, *seq));
+                *seq += 1;
+            }
         }
         (self.writes, used)
     }
@@ -207,6 +247,50 @@ pub fn drop_deltas(p: i32, delta_keys: Vec<Vec<u8>>, horizon: i64) -> Vec<StateW
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::{CustomerId, MeterName, Reason};
+
+    #[test]
+    fn a_big_commit_cuts_its_delta_into_records_of_bounded_size() {
+        let mut batch = StateBatch::new(Layout::new(200, Duration::from_secs(80)));
+        let change = |v| BalanceChanged {
+            customer_id: CustomerId::parse("a-customer-with-a-long-name").unwrap(),
+            meter: MeterName::parse("api").unwrap(),
+            version: v,
+            delta: (-1).into(),
+            reason: Reason::Usage,
+            cause_id: format!("event-{v:012}"),
+            balance: 5.into(),
+            credited: 5.into(),
+            consumed: 1.into(),
+            overage: 0.into(),
+            blocked: 0.into(),
+            at: 1_000,
+        };
+        for v in 1..=20_000 {
+            batch.change(3, &change(v));
+        }
+        let (writes, used) = batch.finish(&BTreeMap::from([(3, 7)]));
+        let records: Vec<&StateWrite> = writes
+            .iter()
+            .filter(|w| w.target == Target::Changelog)
+            .collect();
+        assert!(records.len() > 1);
+        assert_eq!(used.len(), records.len());
+        assert_eq!(used.first(), Some(&(3, 0, 7)));
+        assert!(records
+            .iter()
+            .all(|w| w.value.as_ref().unwrap().len() <= MAX_DELTA_BYTES + 64));
+        let kept: usize = records
+            .iter()
+            .map(|w| {
+                value::decode::<pb::Delta>(&w.key, w.value.as_ref().unwrap())
+                    .unwrap()
+                    .changes
+                    .len()
+            })
+            .sum();
+        assert_eq!(kept, 20_000);
+    }
 
     #[test]
     fn buckets_are_an_eighth_of_the_window_and_at_least_a_second() {

@@ -57,6 +57,9 @@ pub struct OutRecord {
     pub headers: Vec<(&'static str, Vec<u8>)>,
 }
 
+/// The most payload bytes a DLQ record copies from its input.
+pub const MAX_DLQ_PAYLOAD: usize = 512 << 10;
+
 /// What became of an input record, per topic (the `drawdown_records_*_total` counters).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Outcome {
@@ -431,10 +434,17 @@ impl Folder {
         if let Some(ct) = r.content_type() {
             headers.push(("content-type", ct.as_bytes().to_vec()));
         }
+        // A record near the broker's size limit does not fit again with the error headers:
+        // the DLQ keeps its head and says so (the whole record stays in its source topic).
+        let mut payload = r.payload.clone();
+        if let Some(p) = payload.as_mut().filter(|p| p.len() > MAX_DLQ_PAYLOAD) {
+            headers.push(("payload.truncated-from", p.len().to_string().into_bytes()));
+            p.truncate(MAX_DLQ_PAYLOAD);
+        }
         OutRecord {
             topic: OutputTopic::Dlq,
             key: r.key.clone().unwrap_or_default(),
-            payload: r.payload.clone(),
+            payload,
             headers,
         }
     }

@@ -141,6 +141,12 @@ pub(super) fn transact(
             _ => "error",
         };
         metrics::counter!(m::TXN_ABORTED, "reason" => reason).increment(1);
+        tracing::warn!(error = %e, reason, "aborting the transaction");
+        // abort_transaction flushes first, and the delivery reports are served only here.
+        let deadline = Instant::now() + timeout;
+        while c.producer.in_flight_count() > 0 && Instant::now() < deadline {
+            c.producer.poll(Duration::from_millis(10));
+        }
         if let Err(abort) = c.producer.abort_transaction(Duration::from_secs(30)) {
             tracing::warn!(error = %abort, "abort_transaction failed");
         }
