@@ -12,16 +12,23 @@
 //! - [`metrics`]: every metric name and description.
 //! - [`config`]: one `Config` tree: TOML + `DRAWDOWN__*` environment overrides.
 //! - [`app`]: wiring and graceful shutdown.
-//! - [`loadgen`]: the load generator with its own reference arithmetic, and the verifier.
+//! - [`cli`]: the command-line flags and log setup the binaries share.
+//! - [`clock`]: the wall clock, read in one place.
+//!
+//! Beside this crate, in the same workspace: `crates/model` (`drawdown-model`), the one
+//! reference model of the credit rules the property tests compare [`ledger`] with, and
+//! `crates/loadgen` (`drawdown-loadgen`), the load generator and verifier (`produce`,
+//! `wait-idle`, `verify`).
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod app;
 pub mod auth;
+pub mod cli;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod kafka;
 pub mod ledger;
-pub mod loadgen;
 pub mod metrics;
 pub mod store;

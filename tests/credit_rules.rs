@@ -2,17 +2,9 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use common::*;
+use drawdown::clock::now_ms;
 use serde_json::{json, Value};
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 fn cycle(customer: &str, id: &str, amount: &str, rollover: &str) -> Value {
     json!({"type": "grant", "grant_id": id, "customer_id": customer, "meter": "api_calls", "amount": amount,
