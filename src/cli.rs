@@ -3,7 +3,43 @@
 
 use std::path::PathBuf;
 
+use clap::{CommandFactory, FromArgMatches, Subcommand};
+
 use crate::config::{Config, ConfigError};
+
+/// A binary's command line: the flags every subcommand takes, then the subcommand.
+#[derive(Debug, clap::Parser)]
+pub struct Cli<C: Subcommand> {
+    /// The global flags.
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: C,
+}
+
+impl<C: Subcommand> Cli<C> {
+    /// Parses the process's arguments as the binary `name` (as its help and errors name it).
+    pub fn parse_as(name: &'static str, about: &'static str) -> Self {
+        Self::parse_from_as(name, about, std::env::args_os())
+    }
+
+    /// [`Self::parse_as`] over these arguments (the first is the program); exits on an error
+    /// or `--help`, as clap does.
+    pub fn parse_from_as<I, T>(name: &'static str, about: &'static str, args: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let matches = Self::command()
+            .name(name)
+            .bin_name(name)
+            .about(about)
+            .version(env!("CARGO_PKG_VERSION"))
+            .get_matches_from(args);
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
 
 /// The global flags of every subcommand.
 #[derive(Clone, Debug, clap::Args)]
@@ -50,5 +86,27 @@ impl CommonArgs {
     /// The config file with the process environment's overrides.
     pub fn load_config(&self) -> Result<Config, ConfigError> {
         Config::load(Some(&self.config), std::env::vars())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, clap::Subcommand)]
+    enum Command {
+        Go {
+            #[arg(long)]
+            far: bool,
+        },
+    }
+
+    #[test]
+    fn the_common_flags_go_before_or_after_the_subcommand() {
+        let cli = Cli::<Command>::parse_from_as("x", "test", ["x", "-c", "a.toml", "go", "--far"]);
+        assert_eq!(cli.common.config, PathBuf::from("a.toml"));
+        assert_eq!(cli.command, Command::Go { far: true });
+        let cli = Cli::<Command>::parse_from_as("x", "test", ["x", "go", "--log-format", "json"]);
+        assert_eq!(cli.common.log_format, LogFormat::Json);
     }
 }

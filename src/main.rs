@@ -2,23 +2,11 @@
 //! verifier are the separate `drawdown-loadgen` binary.)
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::Subcommand;
 use drawdown::app::Application;
-use drawdown::cli::CommonArgs;
+use drawdown::cli::Cli;
 
-#[derive(Parser)]
-#[command(
-    version,
-    about = "Prepaid credit balances for usage-based billing, from Kafka, exactly once"
-)]
-struct Cli {
-    #[command(flatten)]
-    common: CommonArgs,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Run the service: consume, fold, publish, serve.
     Run,
@@ -32,7 +20,10 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::<Command>::parse_as(
+        "drawdown",
+        "Prepaid credit balances for usage-based billing, from Kafka, exactly once",
+    );
     if let Command::ApiKey { name } = &cli.command {
         // Needs no config: the key is random, the config keeps only its hash.
         let key = drawdown::auth::new_key();

@@ -1727,10 +1727,11 @@ fn assert_same_meter(
     let model_grants: Vec<_> = model
         .listed()
         .into_iter()
-        .map(|g| {
+        .map(|s| {
+            let g = &s.grant;
             (
-                (g.id.clone(), g.active, g.remaining, g.cycle_ended),
-                (g.priority, g.effective_at, g.expires_at),
+                (g.id.clone(), s.active, s.remaining, s.cycle_ended),
+                (g.priority, s.starts_at, g.expires_at),
                 (g.amount, g.subscription.clone(), g.rollover, g.kind.label()),
             )
         })

@@ -19,19 +19,10 @@ mod verify;
 mod wait_idle;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use drawdown::cli::CommonArgs;
+use clap::Subcommand;
+use drawdown::cli::Cli;
 
-#[derive(Parser)]
-#[command(version, about = "Load generator and verifier for drawdown")]
-struct Cli {
-    #[command(flatten)]
-    common: CommonArgs,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
+#[derive(Debug, Subcommand)]
 enum Command {
     /// Generate a realistic mix of grants and usage (one phase).
     Produce(args::ProduceArgs),
@@ -43,7 +34,10 @@ enum Command {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
+    let cli = Cli::<Command>::parse_as(
+        "drawdown-loadgen",
+        "Load generator and verifier for drawdown",
+    );
     cli.common.init_logs();
     let cfg = cli
         .common

@@ -24,7 +24,7 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use crate::args::VerifyArgs;
-use crate::expect::{reason_of_code, CustomerExpect, Expectation, ExpectedTransition, MeterLog};
+use crate::expect::{CustomerExpect, Expectation, ExpectedTransition, MeterLog};
 use crate::topics::read_topic;
 
 /// What the API shows of one (customer, meter), compared as a whole.
@@ -56,7 +56,7 @@ impl From<&MeterBook> for Totals {
             grants: b
                 .listed()
                 .into_iter()
-                .map(|s| (s.id.clone(), s.remaining, s.active))
+                .map(|s| (s.grant.id.clone(), s.remaining, s.active))
                 .collect(),
         }
     }
@@ -309,7 +309,7 @@ impl Report {
         let mut first_wrong: Option<String> = None;
         let mut codes = log.reasons.chars();
         for v in 1..=book.version {
-            let want = codes.next().and_then(reason_of_code);
+            let want = codes.next().and_then(Reason::from_letter);
             if let Some(w) = want {
                 *self.by_reason.entry(w.label()).or_default() += 1;
             }

@@ -5,31 +5,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use crate::input::GrantKind;
+use crate::input::Grant;
 
 /// The most drained grants (remainder 0) a meter keeps after a usage event.
 pub const MAX_DRAINED: usize = 16;
 
-/// One grant a meter holds, active or pending.
+/// One grant a meter holds, active or pending: the grant as it arrived, and what is left of it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Slot {
-    /// The grant's id (`void:<event>` for the adjustments of voids).
-    pub id: String,
-    /// Its kind.
-    pub kind: GrantKind,
-    /// Its priority.
-    pub priority: u8,
+    /// The grant (for the adjustment of a void, as the rules made it: `void:<event>`).
+    pub grant: Grant,
     /// When it became (or becomes) usable: the grant's `effective_at`, else its arrival.
-    pub effective_at: i64,
-    /// When its remainder is forfeited.
-    pub expires_at: Option<i64>,
-    /// Its subscription (cycle grants).
-    pub subscription: Option<String>,
-    /// Its rollover cap (cycle grants).
-    pub rollover: Decimal,
-    /// Units granted.
-    pub amount: Decimal,
-    /// Units left.
+    pub starts_at: i64,
+    /// Units left (`grant.amount` less the debt it paid and what was drawn).
     pub remaining: Decimal,
     /// False while pending.
     pub active: bool,
@@ -39,13 +27,14 @@ pub struct Slot {
 
 impl Slot {
     /// The order grants are drawn in (and listed): priority, soonest expiry (never last),
-    /// effective time, id.
+    /// start, id.
     pub fn draw_key(&self) -> (u8, i64, i64, &str) {
+        let g = &self.grant;
         (
-            self.priority,
-            self.expires_at.unwrap_or(i64::MAX),
-            self.effective_at,
-            &self.id,
+            g.priority,
+            g.expires_at.unwrap_or(i64::MAX),
+            self.starts_at,
+            &g.id,
         )
     }
 }
@@ -140,7 +129,7 @@ impl MeterBook {
     pub(crate) fn find_active(&self, id: &str) -> Option<usize> {
         self.order()
             .into_iter()
-            .find(|&i| self.slots[i].active && self.slots[i].id == id)
+            .find(|&i| self.slots[i].active && self.slots[i].grant.id == id)
     }
 
     /// The earliest time at which something is due: a pending grant's start, an active one's
@@ -149,9 +138,9 @@ impl MeterBook {
         let mut due: Option<i64> = None;
         for s in &self.slots {
             let at = if s.active {
-                s.expires_at
+                s.grant.expires_at
             } else {
-                Some(s.effective_at)
+                Some(s.starts_at)
             };
             if let Some(at) = at {
                 due = Some(due.map_or(at, |d| d.min(at)));

@@ -45,10 +45,10 @@ pub struct Grant {
     pub id: String,
     /// The meter credited.
     pub meter: String,
-    /// Units, > 0.
-    pub amount: Decimal,
     /// Cycle, top-up or adjustment.
     pub kind: GrantKind,
+    /// Units, > 0.
+    pub amount: Decimal,
     /// Draw-down priority, lower first.
     pub priority: u8,
     /// When it becomes usable (ms); `None`: on arrival.

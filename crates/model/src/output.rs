@@ -3,57 +3,73 @@
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-/// Why a meter changed.
+/// Why a meter changed (in the order a grant's life goes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Reason {
-    /// Usage drew it down.
-    Usage,
     /// A grant arrived and is active.
     Grant,
     /// A grant arrived that becomes active later.
     GrantScheduled,
     /// A pending grant became active.
     Activated,
+    /// Usage drew it down.
+    Usage,
     /// A grant's remainder was forfeited at its expiry (or on arrival, already expired).
     Expired,
     /// A cycle ended: remainders beyond the rollover caps were forfeited.
     CycleEnd,
-    /// A usage event was voided.
-    VoidUsage,
     /// A grant was voided.
     VoidGrant,
+    /// A usage event was voided.
+    VoidUsage,
 }
 
 impl Reason {
     /// Every reason.
     pub const ALL: [Reason; 8] = [
-        Reason::Usage,
         Reason::Grant,
         Reason::GrantScheduled,
         Reason::Activated,
+        Reason::Usage,
         Reason::Expired,
         Reason::CycleEnd,
-        Reason::VoidUsage,
         Reason::VoidGrant,
+        Reason::VoidUsage,
     ];
+
+    /// The label on the `balance-changed` topic, and a one-letter code for compact logs of
+    /// versions.
+    fn names(self) -> (&'static str, char) {
+        match self {
+            Reason::Grant => ("grant", 'g'),
+            Reason::GrantScheduled => ("grant_scheduled", 's'),
+            Reason::Activated => ("activated", 'a'),
+            Reason::Usage => ("usage", 'u'),
+            Reason::Expired => ("expired", 'x'),
+            Reason::CycleEnd => ("cycle_end", 'c'),
+            Reason::VoidGrant => ("void_grant", 'w'),
+            Reason::VoidUsage => ("void_usage", 'v'),
+        }
+    }
 
     /// The label on the `balance-changed` topic.
     pub fn label(self) -> &'static str {
-        match self {
-            Reason::Usage => "usage",
-            Reason::Grant => "grant",
-            Reason::GrantScheduled => "grant_scheduled",
-            Reason::Activated => "activated",
-            Reason::Expired => "expired",
-            Reason::CycleEnd => "cycle_end",
-            Reason::VoidUsage => "void_usage",
-            Reason::VoidGrant => "void_grant",
-        }
+        self.names().0
+    }
+
+    /// A one-letter code (`g s a u x c w v`), for compact logs of versions.
+    pub fn letter(self) -> char {
+        self.names().1
     }
 
     /// The reason with this label.
     pub fn from_label(label: &str) -> Option<Reason> {
         Reason::ALL.into_iter().find(|r| r.label() == label)
+    }
+
+    /// The reason with this letter.
+    pub fn from_letter(letter: char) -> Option<Reason> {
+        Reason::ALL.into_iter().find(|r| r.letter() == letter)
     }
 }
 

@@ -25,6 +25,17 @@ struct Cause<'a> {
     now: i64,
 }
 
+impl<'a> Cause<'a> {
+    fn new(customer: &'a str, meter: &'a Meter, id: &'a str, now: i64) -> Self {
+        Self {
+            customer,
+            meter,
+            id,
+            now,
+        }
+    }
+}
+
 impl Rules {
     /// The rules over these meters (in this order: an event feeds them in it).
     pub fn new(meters: Vec<Meter>) -> Self {
@@ -120,7 +131,7 @@ impl Rules {
                 if take > Decimal::ZERO {
                     slot.remaining -= take;
                     left -= take;
-                    drawn.push((slot.id.clone(), take));
+                    drawn.push((slot.grant.id.clone(), take));
                 }
             }
             prune_drained(book);
@@ -143,12 +154,7 @@ impl Rules {
                     draw.blocked = left;
                 }
             }
-            let cause = Cause {
-                customer: id,
-                meter,
-                id: &u.id,
-                now,
-            };
+            let cause = Cause::new(id, meter, &u.id, now);
             change(&cause, book, before, Some(before), Reason::Usage, out);
             draws.push(draw);
         }
@@ -189,21 +195,10 @@ impl Rules {
             id, meters, grants, ..
         } = customer;
         let book = touch(id, meter, meters, now, out);
-        let cause = Cause {
-            customer: id,
-            meter,
-            id: &g.id,
-            now,
-        };
+        let cause = Cause::new(id, meter, &g.id, now);
         let slot = Slot {
-            id: g.id.clone(),
-            kind: g.kind,
-            priority: g.priority,
-            effective_at: g.effective_at.unwrap_or(now),
-            expires_at: g.expires_at,
-            subscription: g.subscription.clone(),
-            rollover: g.rollover,
-            amount: g.amount,
+            grant: g.clone(),
+            starts_at: g.effective_at.unwrap_or(now),
             remaining: g.amount,
             active: false,
             cycle_ended: false,
@@ -257,22 +252,21 @@ impl Rules {
         let held = book
             .order()
             .into_iter()
-            .find(|&i| book.slots[i].id == grant_id);
+            .find(|&i| book.slots[i].grant.id == grant_id);
         if let Some(i) = held {
             let slot = book.slots.remove(i);
-            if slot.active {
-                book.credited -= slot.remaining;
-                if slot.kind == GrantKind::Cycle && !slot.cycle_ended {
-                    book.cycle_credited -= slot.remaining;
-                }
+            // A pending grant's remainder was never credited.
+            let uncredit = if slot.active {
+                slot.remaining
+            } else {
+                Decimal::ZERO
+            };
+            book.credited -= uncredit;
+            if slot.grant.kind == GrantKind::Cycle && !slot.cycle_ended {
+                book.cycle_credited -= uncredit;
             }
         }
-        let cause = Cause {
-            customer: id,
-            meter,
-            id: grant_id,
-            now,
-        };
+        let cause = Cause::new(id, meter, grant_id, now);
         change(&cause, book, before, Some(before), Reason::VoidGrant, out);
         grants.get_mut(grant_id).expect("looked up above").voided = true;
         Ok(Applied::Applied)
@@ -316,30 +310,30 @@ impl Rules {
             book.voided += given_back + d.debt;
             if homeless > Decimal::ZERO {
                 let full = format!("void:{event_id}");
-                book.slots.push(Slot {
+                let adjustment = Grant {
                     id: if full.len() <= MAX_ID_BYTES {
                         full
                     } else {
                         "void".into()
                     },
+                    meter: meter.name.clone(),
                     kind: GrantKind::Adjustment,
+                    amount: homeless,
                     priority: 255,
-                    effective_at: now,
+                    effective_at: None,
                     expires_at: None,
                     subscription: None,
                     rollover: Decimal::ZERO,
-                    amount: homeless,
+                };
+                book.slots.push(Slot {
+                    grant: adjustment,
+                    starts_at: now,
                     remaining: homeless,
                     active: true,
                     cycle_ended: false,
                 });
             }
-            let cause = Cause {
-                customer: id,
-                meter,
-                id: event_id,
-                now,
-            };
+            let cause = Cause::new(id, meter, event_id, now);
             change(&cause, book, before, Some(before), Reason::VoidUsage, out);
         }
         events.get_mut(event_id).expect("looked up above").voided = true;
@@ -371,26 +365,18 @@ fn advance_meter(
 ) {
     loop {
         let due = (0..book.slots.len())
-            .filter(|&i| !book.slots[i].active && book.slots[i].effective_at <= now)
-            .min_by(|&a, &b| {
-                let (a, b) = (&book.slots[a], &book.slots[b]);
-                (a.effective_at, &a.id).cmp(&(b.effective_at, &b.id))
-            });
+            .filter(|&i| !book.slots[i].active && book.slots[i].starts_at <= now)
+            .min_by_key(|&i| (book.slots[i].starts_at, &book.slots[i].grant.id));
         let Some(i) = due else { break };
         let slot = book.slots.remove(i);
-        let id = slot.id.clone();
-        let cause = Cause {
-            customer,
-            meter,
-            id: &id,
-            now,
-        };
+        let id = slot.grant.id.clone();
+        let cause = Cause::new(customer, meter, &id, now);
         activate(&cause, book, slot, Reason::Activated, out);
     }
     loop {
         let due = book.order().into_iter().find(|&i| {
             let s = &book.slots[i];
-            s.active && s.expires_at.is_some_and(|ends| ends <= now)
+            s.active && s.grant.expires_at.is_some_and(|ends| ends <= now)
         });
         let Some(i) = due else { break };
         let before = book.balance();
@@ -399,12 +385,7 @@ fn advance_meter(
             continue;
         }
         book.expired += slot.remaining;
-        let cause = Cause {
-            customer,
-            meter,
-            id: &slot.id,
-            now,
-        };
+        let cause = Cause::new(customer, meter, &slot.grant.id, now);
         change(&cause, book, before, Some(before), Reason::Expired, out);
     }
 }
@@ -419,17 +400,17 @@ fn activate(
     out: &mut Vec<Output>,
 ) {
     let judged_from = book.balance();
-    if slot.kind == GrantKind::Cycle {
+    if slot.grant.kind == GrantKind::Cycle {
         let before = book.balance();
         let mut forfeited = Decimal::ZERO;
         let mut kept = Vec::new();
         for mut s in std::mem::take(&mut book.slots) {
             let ends = s.active
-                && s.kind == GrantKind::Cycle
+                && s.grant.kind == GrantKind::Cycle
                 && !s.cycle_ended
-                && s.subscription == slot.subscription;
+                && s.grant.subscription == slot.grant.subscription;
             if ends {
-                let keep = s.remaining.min(s.rollover);
+                let keep = s.remaining.min(s.grant.rollover);
                 forfeited += s.remaining - keep;
                 s.remaining = keep;
                 s.cycle_ended = true;
@@ -447,12 +428,13 @@ fn activate(
         }
     }
     let before = book.balance();
-    let paid = book.debt.min(slot.amount);
+    let amount = slot.grant.amount;
+    let paid = book.debt.min(amount);
     book.debt -= paid;
-    slot.remaining = slot.amount - paid;
+    slot.remaining = amount - paid;
     slot.active = true;
-    book.credited += slot.amount;
-    book.cycle_credited += slot.amount;
+    book.credited += amount;
+    book.cycle_credited += amount;
     if slot.remaining > Decimal::ZERO {
         book.slots.push(slot);
     }
@@ -470,10 +452,7 @@ fn prune_drained(book: &mut MeterBook) {
         }
         let oldest = drained
             .into_iter()
-            .min_by(|&a, &b| {
-                let (a, b) = (&book.slots[a], &book.slots[b]);
-                (a.effective_at, &a.id).cmp(&(b.effective_at, &b.id))
-            })
+            .min_by_key(|&i| (book.slots[i].starts_at, &book.slots[i].grant.id))
             .expect("more than MAX_DRAINED");
         book.slots.remove(oldest);
         book.pruned += 1;

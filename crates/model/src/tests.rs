@@ -110,20 +110,10 @@ impl Sim {
 
     /// One letter per version so far.
     fn reasons(&self) -> String {
-        let letter = |r| match r {
-            Reason::Grant => 'g',
-            Reason::GrantScheduled => 's',
-            Reason::Activated => 'a',
-            Reason::Expired => 'x',
-            Reason::CycleEnd => 'c',
-            Reason::Usage => 'u',
-            Reason::VoidUsage => 'v',
-            Reason::VoidGrant => 'w',
-        };
         self.out
             .iter()
             .filter_map(|o| match o {
-                Output::Changed(c) => Some(letter(c.reason)),
+                Output::Changed(c) => Some(c.reason.letter()),
                 _ => None,
             })
             .collect()
@@ -152,7 +142,7 @@ impl Sim {
         self.m()
             .listed()
             .into_iter()
-            .map(|s| (s.id.clone(), s.remaining))
+            .map(|s| (s.grant.id.clone(), s.remaining))
             .collect()
     }
 
@@ -457,8 +447,11 @@ fn a_void_gives_back_to_the_grants_or_as_an_adjustment() {
         s.remainders(),
         rem(&[("pay", "1"), ("keep", "5"), ("void:e1", "7")])
     );
-    assert_eq!(s.m().listed()[2].priority, 255);
-    assert_eq!(s.m().listed()[2].expires_at, None);
+    let adjustment = &s.m().listed()[2].grant;
+    assert_eq!(
+        (adjustment.priority, adjustment.expires_at, adjustment.kind),
+        (255, None, GrantKind::Adjustment)
+    );
     let m = s.m();
     assert_eq!((m.voided, m.overage, m.debt), (d("12"), d("0"), d("0")));
     assert_eq!(s.reasons(), "ggugv", "the drained expiry made no version");
@@ -775,6 +768,14 @@ fn amounts_are_exact_plain_decimals_within_bounds() {
     }
     assert_eq!(parse_amount("0.1234567890"), Some(d("0.123456789")));
     assert_eq!(parse_amount("2.500").unwrap().to_string(), "2.5");
+}
+
+#[test]
+fn reasons_have_distinct_labels_and_letters() {
+    for r in Reason::ALL {
+        assert_eq!(Reason::from_label(r.label()), Some(r));
+        assert_eq!(Reason::from_letter(r.letter()), Some(r));
+    }
 }
 
 #[test]
