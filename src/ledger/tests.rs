@@ -1,6 +1,10 @@
 //! Tests of the credit rules: examples whose names state the rule, then a property suite that
 //! runs the ledger against the one reference model of the rules (`drawdown_model`, a separate,
-//! deliberately naive crate) over random sequences of grants, usage, voids, time and replays.
+//! deliberately naive crate) over random sequences of grants, usage, voids, time and replays:
+//! `ledger_matches_the_reference_model` (all outputs, every counter and grant, the identity,
+//! replays, rejected inputs, batch splits) and the same past the drained-grant cap. (The load
+//! generator's own cross-check of its model against the ledger is gone with that model: its
+//! expectation is this model now.)
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::LazyLock;
