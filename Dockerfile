@@ -16,11 +16,12 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY benches benches
 COPY src src
+COPY crates crates
 COPY docs/openapi.json docs/openapi.json
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked --bin drawdown \
- && cp target/release/drawdown /usr/local/bin/drawdown
+    cargo build --release --locked --bin drawdown --bin drawdown-loadgen \
+ && cp target/release/drawdown target/release/drawdown-loadgen /usr/local/bin/
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update \
@@ -29,7 +30,7 @@ RUN apt-get update \
  && useradd --system --uid 10001 --user-group --home-dir /var/lib/drawdown --no-create-home drawdown \
  && mkdir -p /var/lib/drawdown /etc/drawdown \
  && chown drawdown:drawdown /var/lib/drawdown
-COPY --from=build /usr/local/bin/drawdown /usr/local/bin/drawdown
+COPY --from=build /usr/local/bin/drawdown /usr/local/bin/drawdown-loadgen /usr/local/bin/
 COPY config/drawdown.toml /etc/drawdown/drawdown.toml
 # Container defaults; every config key stays overridable as DRAWDOWN__SECTION__KEY.
 # The API is reachable from outside the container: no unauthenticated mode (the example config's

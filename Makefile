@@ -3,11 +3,13 @@
 export CARGO_TARGET_DIR ?= $(HOME)/.cache/drawdown/target
 KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
+LOADGEN := $(CARGO_TARGET_DIR)/debug/drawdown-loadgen
 
 .PHONY: browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
+## The workspace's binaries: drawdown and drawdown-loadgen (the root's default-members).
 build:
 	cargo build --bins
 
@@ -64,8 +66,8 @@ promql-check: build kafka-start
 	scripts/promql-check.sh
 
 lint:
-	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets -- -D warnings
 
 fmt:
 	cargo fmt

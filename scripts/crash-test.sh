@@ -15,10 +15,11 @@
 #             and unknown ids (DLQ void_duplicate / void_unknown), replayed grant ids;
 #   topups, renewal (a new cycle for every subscription: remainders carried up to the rollover,
 #             the rest forfeited), usage (protobuf) and voids (protobuf) again.
-# When at least KILLS kills happened and every input is committed, `drawdown verify` compares
-# the API (totals, expired, voided, version, each grant's remainder in draw-down order),
+# When at least KILLS kills happened and every input is committed, `drawdown-loadgen verify`
+# compares the API (totals, expired, voided, version, each grant's remainder in draw-down order),
 # balance-changed (one record per version, no gaps, each version's reason), balance-exhausted
-# (transitions one for one) and the DLQ (reason counts) with the model.
+# (transitions one for one), top-up-requests (the automatic ones, one for one) and the DLQ
+# (reason counts) with the model.
 #
 # Environment: EVENTS (200000 usage events in all), CUSTOMERS (1000), KILLS (minimum, 10),
 # RATE (records/s of the usage phases; default sized so they span the kills), SEED (42),
@@ -30,6 +31,7 @@ cd "$(dirname "$0")/.."
 
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}"
 BIN="$CARGO_TARGET_DIR/debug/drawdown"
+LOADGEN="$CARGO_TARGET_DIR/debug/drawdown-loadgen"
 EVENTS="${EVENTS:-200000}"
 CUSTOMERS="${CUSTOMERS:-1000}"
 KILLS="${KILLS:-10}"
@@ -58,6 +60,8 @@ STATE="$DIR/state"
 # restarts drawdown.
 cp "$BIN" "$DIR/drawdown"
 BIN="$DIR/drawdown"
+cp "$LOADGEN" "$DIR/drawdown-loadgen"
+LOADGEN="$DIR/drawdown-loadgen"
 cp "$CONFIG" "$DIR/drawdown.toml"
 CONFIG="$DIR/drawdown.toml"
 deploy/kafka/kafka.sh status >/dev/null 2>&1 || deploy/kafka/kafka.sh start
@@ -151,11 +155,11 @@ supervise &
 SUP=$!
 wait_ready 120 || { log "drawdown did not become ready"; tail -20 "$DIR/drawdown.log"; exit 1; }
 
-dd() { "$BIN" "$@"; }
+loadgen() { "$LOADGEN" "$@"; }
 phase() {
     log "phase: $* (kills so far: $(cat "$DIR/kills"))"
-    dd produce --customers "$CUSTOMERS" --seed "$SEED" --expect "$EXPECT" "$@"
-    dd wait-idle --timeout 900
+    loadgen produce --customers "$CUSTOMERS" --seed "$SEED" --expect "$EXPECT" "$@"
+    loadgen wait-idle --timeout 900
 }
 
 HALF=$(( EVENTS / 2 ))
@@ -187,10 +191,10 @@ wait_ready_final() {
     return 1
 }
 wait_ready_final || { log "FAILED: drawdown not ready after the kills"; tail -20 "$DIR/drawdown.log"; exit 1; }
-dd wait-idle --timeout 900
+loadgen wait-idle --timeout 900
 KILLED="$(cat "$DIR/kills")"
 WIPED="$(cat "$DIR/wipes")"
-if VERIFY="$(dd verify --expect "$EXPECT")"; then
+if VERIFY="$(loadgen verify --expect "$EXPECT")"; then
     echo "$VERIFY"
     OK=1
     echo "crash-test: OK kills=$KILLED wipes=$WIPED events=$EVENTS customers=$CUSTOMERS elapsed=$(( $(date +%s) - T0 ))s"

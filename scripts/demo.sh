@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown"
+LOADGEN="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown-loadgen"
 CONFIG="${DRAWDOWN_CONFIG:-config/drawdown.toml}"
 RATE="${RATE:-200}"
 CUSTOMERS="${CUSTOMERS:-50}"
@@ -44,14 +45,14 @@ drawdown is running (log: data/drawdown.log); the load generator sends ~$RATE ev
 
 Ctrl-C to stop.
 MSG
-"$BIN" -c "$CONFIG" produce --phase grants --customers "$CUSTOMERS"
+"$LOADGEN" -c "$CONFIG" produce --phase grants --customers "$CUSTOMERS"
 # Rounds of usage with top-ups sized for each round, so some customers run out (exhausted) and
 # get topped up again (restored) while you watch.
 (
     round=0
     while true; do
         round=$((round + 1))
-        "$BIN" -c "$CONFIG" produce --phase mixed --customers "$CUSTOMERS" --events 20000 \
+        "$LOADGEN" -c "$CONFIG" produce --phase mixed --customers "$CUSTOMERS" --events 20000 \
             --rate "$RATE" --bad 5 --seed "$round" || exit 1
     done
 ) &

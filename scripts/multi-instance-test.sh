@@ -12,6 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}"
 BIN="$CARGO_TARGET_DIR/debug/drawdown"
+LOADGEN="$CARGO_TARGET_DIR/debug/drawdown-loadgen"
 EVENTS="${EVENTS:-60000}"
 CUSTOMERS="${CUSTOMERS:-500}"
 RATE="${RATE:-1500}"
@@ -62,20 +63,22 @@ cleanup() {
 trap cleanup EXIT
 
 $KAFKA status > /dev/null 2>&1 || $KAFKA start
-[[ -x "$BIN" ]] || cargo build --bins
-# A private copy: a rebuild of the shared target dir mid-test must not change what restarts.
+[[ -x "$BIN" && -x "$LOADGEN" ]] || cargo build --bins
+# Private copies: a rebuild of the shared target dir mid-test must not change what restarts.
 cp "$BIN" "$DIR/drawdown"
 BIN="$DIR/drawdown"
+cp "$LOADGEN" "$DIR/drawdown-loadgen"
+LOADGEN="$DIR/drawdown-loadgen"
 
 EXPECT="$DIR/expect.json"
-gen() { "$BIN" produce --customers "$CUSTOMERS" --prefix "$RUN" --seed 7 --expect "$EXPECT" "$@"; }
+gen() { "$LOADGEN" produce --customers "$CUSTOMERS" --prefix "$RUN" --seed 7 --expect "$EXPECT" "$@"; }
 
 for i in 0 1 2; do start_instance "$i"; done
 for i in 0 1 2; do wait_ready "$i"; done
 log "3 instances ready"
 
 gen --phase grants
-"$BIN" wait-idle --timeout 300
+"$LOADGEN" wait-idle --timeout 300
 
 log "load 1: usage at $RATE/s; kill -9 instance 0, start instance 3, SIGTERM instance 1"
 gen --phase usage --events $(( EVENTS / 2 )) --rate "$RATE" --duplicates 0.01 &
@@ -101,11 +104,11 @@ sleep 15
 kill -CONT "${PIDS[2]}"
 log "instance 2 thawed"
 wait "$GEN"; GEN=""
-"$BIN" wait-idle --timeout 300
+"$LOADGEN" wait-idle --timeout 300
 
 log "load 2: top-ups and usage; the broker is stopped for ${OUTAGE}s in the middle"
 gen --phase topups
-"$BIN" wait-idle --timeout 300
+"$LOADGEN" wait-idle --timeout 300
 gen --phase usage --events $(( EVENTS / 2 )) --rate "$RATE" --duplicates 0.01 &
 GEN=$!
 sleep 5
@@ -115,12 +118,12 @@ sleep "$OUTAGE"
 $KAFKA start
 log "broker back"
 wait "$GEN"; GEN=""
-"$BIN" wait-idle --timeout 600
+"$LOADGEN" wait-idle --timeout 600
 
 for i in 2 3; do wait_ready "$i"; done
 for i in 2 3; do
     log "verifying through instance $i's API"
-    "$BIN" verify --expect "$EXPECT" --api "$(api "$i")"
+    "$LOADGEN" verify --expect "$EXPECT" --api "$(api "$i")"
 done
 for i in 2 3; do
     grep -h "restored from the changelog\|partition ready" "$DIR/instance-$i.log" | tail -3 || true

@@ -11,17 +11,19 @@
 #     "ok", and the expression must be a valid query (alerts are expected to be silent);
 #   - the instance variable's label_values() query, through the label values API.
 # Prints a report; exits non-zero if anything failed.
-# Environment: WARMUP (seconds, default 45), RATE (events/s, default 300), DRAWDOWN_BIN.
+# Environment: WARMUP (seconds, default 45), RATE (events/s, default 300), DRAWDOWN_BIN,
+# LOADGEN_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 BIN="${DRAWDOWN_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown}"
+LOADGEN="${LOADGEN_BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown-loadgen}"
 WARMUP="${WARMUP:-45}"
 RATE="${RATE:-300}"
 for tool in prometheus jq curl python3; do
     command -v "$tool" >/dev/null || { echo "promql-check: $tool is missing (apt-get install prometheus jq curl)"; exit 2; }
 done
-[[ -x "$BIN" ]] || { echo "promql-check: no $BIN (make build)"; exit 2; }
+[[ -x "$BIN" && -x "$LOADGEN" ]] || { echo "promql-check: no $BIN or $LOADGEN (make build)"; exit 2; }
 
 WORK=$(mktemp -d /tmp/drawdown-promql.XXXXXX)
 ID="promql-$$-$RANDOM"
@@ -72,8 +74,8 @@ prometheus --config.file="$WORK/prometheus.yml" --storage.tsdb.path="$WORK/tsdb"
 PIDS+=($!)
 PROM="http://127.0.0.1:$PROM_PORT"
 
-"$BIN" -c config/drawdown.toml produce --phase grants --customers 30 >"$WORK/produce.log" 2>&1
-"$BIN" -c config/drawdown.toml produce --phase mixed --customers 30 --events 100000000 --rate "$RATE" --bad 20 \
+"$LOADGEN" -c config/drawdown.toml produce --phase grants --customers 30 >"$WORK/produce.log" 2>&1
+"$LOADGEN" -c config/drawdown.toml produce --phase mixed --customers 30 --events 100000000 --rate "$RATE" --bad 20 \
     >>"$WORK/produce.log" 2>&1 &
 PIDS+=($!)
 ( while true; do

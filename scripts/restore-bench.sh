@@ -9,6 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}"
 BIN="${BIN:-$CARGO_TARGET_DIR/debug/drawdown}"
+LOADGEN="${LOADGEN:-$CARGO_TARGET_DIR/debug/drawdown-loadgen}"
 PROJECTIONS="${PROJECTIONS:-100000}"
 RUN="rb-$(date +%s)-$$"
 DIR="$(mktemp -d /tmp/drawdown-rb.XXXXXX)"
@@ -25,8 +26,8 @@ ready() { until curl -fs "http://127.0.0.1:$PORT/readyz" > /dev/null 2>&1; do sl
 "$BIN" run > "$DIR/fill.log" 2>&1 &
 DD=$!
 ready
-"$BIN" produce --phase grants --customers $(( PROJECTIONS / 3 )) --prefix "$RUN" > /dev/null
-"$BIN" wait-idle --timeout 900 > /dev/null
+"$LOADGEN" produce --phase grants --customers $(( PROJECTIONS / 3 )) --prefix "$RUN" > /dev/null
+"$LOADGEN" wait-idle --timeout 900 > /dev/null
 kill -TERM $DD; wait $DD || true
 rm -rf "$DIR/state"
 

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown}"
+LOADGEN="${LOADGEN:-${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown-loadgen}"
 EVENTS="${EVENTS:-1000000}"
 CUSTOMERS="${CUSTOMERS:-10000}"
 RUN="tp-$(date +%s)-$$"
@@ -21,9 +22,9 @@ until curl -fs "http://$DRAWDOWN__API__LISTEN/readyz" >/dev/null 2>&1; do
     sleep 0.2
 done
 start=$(date +%s.%N)
-"$BIN" produce --phase mixed --customers "$CUSTOMERS" --events "$EVENTS" --rate 0 --duplicates 0
+"$LOADGEN" produce --phase mixed --customers "$CUSTOMERS" --events "$EVENTS" --rate 0 --duplicates 0
 produced=$(date +%s.%N)
-"$BIN" wait-idle --timeout 1800
+"$LOADGEN" wait-idle --timeout 1800
 end=$(date +%s.%N)
 python3 - "$start" "$produced" "$end" "$EVENTS" <<'PY'
 import sys

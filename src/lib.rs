@@ -11,20 +11,26 @@
 //! - [`credentials`]: API keys (hashed) and signed, customer-scoped portal tokens, without HTTP.
 //! - [`metrics`]: every metric name and description.
 //! - [`config`]: one `Config` tree: TOML + `DRAWDOWN__*` environment overrides.
-//! - [`shutdown`]: the one shutdown signal every loop listens to; [`clock`]: the wall clock.
+//! - [`shutdown`]: the one shutdown signal every loop listens to.
 //! - [`app`]: wiring and graceful shutdown.
-//! - [`loadgen`]: the load generator with its own reference arithmetic, and the verifier.
+//! - [`cli`]: the command-line flags and log setup the binaries share.
+//! - [`clock`]: the wall clock, read in one place.
+//!
+//! Beside this crate, in the same workspace: `crates/model` (`drawdown-model`), the one
+//! reference model of the credit rules the property tests compare [`ledger`] with, and
+//! `crates/loadgen` (`drawdown-loadgen`), the load generator and verifier (`produce`,
+//! `wait-idle`, `verify`).
 #![warn(missing_docs)]
 
 pub mod api;
 pub mod app;
+pub mod cli;
 pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod credentials;
 pub mod kafka;
 pub mod ledger;
-pub mod loadgen;
 pub mod metrics;
 pub mod shutdown;
 pub mod store;

@@ -2,17 +2,9 @@
 
 mod common;
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use common::*;
+use drawdown::clock::now_ms;
 use serde_json::{json, Value};
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
 
 fn cycle(customer: &str, id: &str, amount: &str, rollover: &str) -> Value {
     json!({"type": "grant", "grant_id": id, "customer_id": customer, "meter": "api_calls", "amount": amount,
@@ -122,7 +114,7 @@ async fn a_top_up_stacked_over_a_cycle_grant_is_drawn_in_priority_order() {
 async fn a_grant_expires_on_a_tick_without_new_events() {
     let app = spawn_app(&Names::new()).await;
     let mut g = grant("c4", "short", "api_calls", "10");
-    g["expires_at"] = json!(now_ms() + 2_000);
+    g["expires_at"] = json!(now_ms() + 6_000);
     app.grants(&[g]);
     app.meter_until("c4", "api_calls", |b| b["credited"] == "10")
         .await;

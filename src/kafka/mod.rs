@@ -80,6 +80,10 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
 #[derive(Debug, Default, Clone)]
 struct LoopState {
     running: bool,
+    /// Holds an assignment of the current generation (false from a revocation, or the start,
+    /// until the next assignment): a loop still joining makes the instance not ready, since its
+    /// join moves partitions.
+    assigned: bool,
     owned: BTreeSet<i32>,
     restoring: BTreeMap<i32, i64>,
 }
@@ -116,7 +120,7 @@ impl PipelineStatus {
     pub fn is_ready(&self) -> bool {
         !self.failed.load(Ordering::Acquire)
             && self.with(|l| {
-                l.iter().all(|s| s.running)
+                l.iter().all(|s| s.running && s.assigned)
                     && l.iter().any(|s| !s.owned.is_empty())
                     && l.iter().all(|s| s.restoring.is_empty())
             })
@@ -192,8 +196,20 @@ impl LoopStatus {
         self.status.update(self.id, |s| s.running = running);
     }
 
-    fn set_owned(&self, owned: BTreeSet<i32>) {
-        self.status.update(self.id, |s| s.owned = owned);
+    /// Revoked (or not yet joined): owns nothing, and is not assigned.
+    fn set_revoked(&self) {
+        self.status.update(self.id, |s| {
+            s.owned.clear();
+            s.assigned = false;
+        });
+    }
+
+    /// Assigned `owned` (possibly nothing) in a new generation.
+    fn set_assigned(&self, owned: BTreeSet<i32>) {
+        self.status.update(self.id, |s| {
+            s.owned = owned;
+            s.assigned = true;
+        });
     }
 
     fn set_restoring(&self, restoring: BTreeMap<i32, i64>) {

@@ -1,9 +1,15 @@
 //! Tests of the credit rules: examples whose names state the rule, then a property suite that
-//! runs the ledger against a deliberately plain reference model (`model`) over random sequences
-//! of grants, usage, voids, time and replays.
+//! runs the ledger against the one reference model of the rules (`drawdown_model`, a separate,
+//! deliberately naive crate) over random sequences of grants, usage, voids, time and replays:
+//! `ledger_matches_the_reference_model` (all outputs, every counter and grant, the identity,
+//! replays, rejected inputs, batch splits) and the same past the drained-grant cap. (The load
+//! generator's own cross-check of its model against the ledger is gone with that model: its
+//! expectation is this model now.)
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::LazyLock;
 
+use drawdown_model as model;
 use proptest::prelude::*;
 use rust_decimal::Decimal;
 
@@ -23,6 +29,8 @@ struct Spec {
     block: bool,
     /// (fraction?, value)
     lows: &'static [(bool, &'static str)],
+    /// Automatic top-up: (below, pack).
+    auto: Option<(&'static str, &'static str)>,
 }
 
 const SPECS: &[Spec] = &[
@@ -34,6 +42,7 @@ const SPECS: &[Spec] = &[
         filter: None,
         block: false,
         lows: &[(false, "3"), (true, "0.5")],
+        auto: None,
     },
     // The `tokens` property of each `call`; credits only.
     Spec {
@@ -43,8 +52,9 @@ const SPECS: &[Spec] = &[
         filter: None,
         block: true,
         lows: &[(false, "10"), (true, "0.25")],
+        auto: None,
     },
-    // The `gb` property of `store` events with `tier = hot`; overage.
+    // The `gb` property of `store` events with `tier = hot`; overage; a top-up request below 2.
     Spec {
         name: "storage",
         event: "store",
@@ -52,6 +62,7 @@ const SPECS: &[Spec] = &[
         filter: Some(("tier", "hot")),
         block: false,
         lows: &[],
+        auto: Some(("2", "gb-10")),
     },
 ];
 
@@ -99,7 +110,10 @@ fn meters() -> Meters {
                 })
                 .collect(),
             top_up_packs: Vec::new(),
-            auto_top_up: None,
+            auto_top_up: s.auto.map(|(below, pack)| AutoTopUp {
+                below: dec(below),
+                pack: pack.into(),
+            }),
         })
         .collect();
     Meters::new(defs).unwrap()
@@ -1494,529 +1508,174 @@ fn parse_amount_rejects_exponents_separators_and_hidden_precision() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Reference model: plain lists, recomputed naively, written from the module docs.
+// The reference model (`drawdown_model`): the same meters and inputs, in its own types.
 // ---------------------------------------------------------------------------------------------
 
-/// The most drained grants a meter keeps (the ledger's `MAX_DRAINED`, stated independently).
-const DRAINED_KEPT: usize = 16;
-
-/// A grant as the model holds it.
-#[derive(Clone, Debug)]
-struct RGrant {
-    id: String,
-    kind: GrantKind,
-    priority: u8,
-    eff: i64,
-    exp: Option<i64>,
-    sub: Option<String>,
-    rollover: Decimal,
-    amount: Decimal,
-    left: Decimal,
-    active: bool,
-    ended: bool,
-}
-
-impl RGrant {
-    /// Draw-down order: priority, soonest expiry (never last), effective time, id.
-    fn key(&self) -> (u8, i64, i64, String) {
-        (
-            self.priority,
-            self.exp.unwrap_or(i64::MAX),
-            self.eff,
-            self.id.clone(),
-        )
-    }
-}
-
-#[derive(Clone, Debug, Default)]
-struct RMeter {
-    grants: Vec<RGrant>,
-    debt: Decimal,
-    credited: Decimal,
-    consumed: Decimal,
-    expired: Decimal,
-    voided: Decimal,
-    overage: Decimal,
-    blocked: Decimal,
-    cycle_credited: Decimal,
-    version: u64,
-    updated_at: i64,
-    exhausted: bool,
-    /// Low thresholds that fired and are not re-armed yet.
-    fired: BTreeSet<usize>,
-}
-
-impl RMeter {
-    fn balance(&self) -> Decimal {
-        let mut sum = Decimal::ZERO;
-        for g in &self.grants {
-            if g.active {
-                sum += g.left;
-            }
-        }
-        sum - self.debt
-    }
-
-    /// Active grants in draw-down order, then pending ones.
-    fn sorted(&self) -> Vec<RGrant> {
-        let mut v = self.grants.clone();
-        v.sort_by_key(|g| (!g.active, g.key()));
-        v
-    }
-}
-
-/// What one event drew on one meter.
-#[derive(Clone, Debug)]
-struct RDraw {
-    meter: usize,
-    from: Vec<(String, Decimal)>,
-    debt: Decimal,
-    blocked: Decimal,
-}
-
-#[derive(Clone, Debug, Default)]
-struct Model {
-    meters: BTreeMap<usize, RMeter>,
-    /// Event id -> (draws, voided).
-    events: BTreeMap<String, (Vec<RDraw>, bool)>,
-    /// Grant id -> (meter, voided).
-    grants: BTreeMap<String, (usize, bool)>,
-    out: Vec<Output>,
-}
-
-/// A plain decimal: digits, optionally a point and more digits.
-fn plain_decimal(s: &str) -> Option<Decimal> {
-    let (int, frac) = s.split_once('.').unwrap_or((s, ""));
-    let digits = |p: &str| p.bytes().all(|b| b.is_ascii_digit());
-    if int.is_empty() || !digits(int) || !digits(frac) || (s.contains('.') && frac.is_empty()) {
-        return None;
-    }
-    s.parse().ok()
-}
-
-/// The units a usage event adds to each meter it matches (by index in [`SPECS`]).
-fn quantities(u: &Usage) -> Result<Vec<(usize, Decimal)>, &'static str> {
-    let mut quantities = Vec::new();
-    for (m, spec) in SPECS.iter().enumerate() {
-        let filtered_out = spec
-            .filter
-            .is_some_and(|(k, v)| u.properties.get(k).map(String::as_str) != Some(v));
-        if spec.event != u.name || filtered_out {
-            continue;
-        }
-        let q = match spec.sum {
-            None => Decimal::ONE,
-            Some(p) => {
-                let raw = u.properties.get(p).ok_or("missing_property")?;
-                plain_decimal(raw).ok_or("invalid_amount")?
-            }
-        };
-        quantities.push((m, q));
-    }
-    Ok(quantities)
-}
-
-impl Model {
-    fn meter(&mut self, m: usize) -> &mut RMeter {
-        self.meters.entry(m).or_default()
-    }
-
-    /// Records one change of meter `m` whose balance was `before`, and its crossings.
-    fn emit(&mut self, m: usize, before: Decimal, reason: Reason, cause: &str, now: i64) {
-        self.emit_from(m, before, Some(before), reason, cause, now);
-    }
-
-    /// Like `emit`, with crossings judged from `from` (none if `None`).
-    fn emit_from(
-        &mut self,
-        m: usize,
-        before: Decimal,
-        from: Option<Decimal>,
-        reason: Reason,
-        cause: &str,
-        now: i64,
-    ) {
-        let spec = &SPECS[m];
-        let st = self.meters.get_mut(&m).expect("meter exists");
-        let after = st.balance();
-        st.version += 1;
-        st.updated_at = now;
-        self.out.push(Output::Changed(BalanceChanged {
-            customer_id: customer(),
-            meter: meter(spec.name),
-            version: st.version,
-            delta: after - before,
-            reason,
-            cause_id: cause.into(),
-            balance: after,
-            credited: st.credited,
-            consumed: st.consumed,
-            overage: st.overage,
-            blocked: st.blocked,
-            at: now,
-        }));
-        let Some(before) = from else { return };
-        let transition = |kind, threshold| {
-            Output::Transition(Transition {
-                kind,
-                customer_id: customer(),
-                meter: meter(spec.name),
-                version: st.version,
-                balance: after,
-                threshold,
-                cause_id: cause.into(),
-                at: now,
+/// The test meters as the model's.
+static RULES: LazyLock<model::Rules> = LazyLock::new(|| {
+    model::Rules::new(
+        SPECS
+            .iter()
+            .map(|s| model::Meter {
+                name: s.name.into(),
+                event: s.event.into(),
+                filter: s
+                    .filter
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                aggregation: match s.sum {
+                    None => model::Aggregation::Count,
+                    Some(p) => model::Aggregation::Sum(p.into()),
+                },
+                on_exhausted: if s.block {
+                    model::OnExhausted::Block
+                } else {
+                    model::OnExhausted::Overage
+                },
+                lows: s
+                    .lows
+                    .iter()
+                    .map(|&(fraction, v)| {
+                        if fraction {
+                            model::Low::Fraction(dec(v))
+                        } else {
+                            model::Low::Units(dec(v))
+                        }
+                    })
+                    .collect(),
+                auto_top_up: s.auto.map(|(below, pack)| model::AutoTopUp {
+                    below: dec(below),
+                    pack: pack.into(),
+                }),
             })
-        };
-        let mut crossings = Vec::new();
-        if st.exhausted {
-            if after > Decimal::ZERO {
-                crossings.push(transition(TransitionKind::Restored, None));
-            }
-        } else if before > Decimal::ZERO && after <= Decimal::ZERO {
-            crossings.push(transition(TransitionKind::Exhausted, None));
-        }
-        for (i, &(fraction, value)) in spec.lows.iter().enumerate() {
-            let t = if !fraction {
-                dec(value)
-            } else if st.cycle_credited > Decimal::ZERO {
-                dec(value) * st.cycle_credited
-            } else {
-                continue;
-            };
-            let armed = !st.fired.contains(&i);
-            if armed && before >= t && after < t {
-                crossings.push(transition(TransitionKind::Low, Some(t)));
-            }
-        }
-        // State updates after the crossings are computed from the old flags.
-        if after <= Decimal::ZERO && before > Decimal::ZERO {
-            st.exhausted = true;
-        }
-        if after > Decimal::ZERO {
-            st.exhausted = false;
-        }
-        for (i, &(fraction, value)) in spec.lows.iter().enumerate() {
-            let t = match (fraction, st.cycle_credited > Decimal::ZERO) {
-                (false, _) => dec(value),
-                (true, true) => dec(value) * st.cycle_credited,
-                (true, false) => continue,
-            };
-            if before >= t && after < t {
-                st.fired.insert(i);
-            } else if after >= t {
-                st.fired.remove(&i);
-            }
-        }
-        self.out.extend(crossings);
-    }
+            .collect(),
+    )
+});
 
-    /// Applies time to meter `m`: activations (by effective time), then expiries.
-    fn advance_meter(&mut self, m: usize, now: i64) {
-        let st = self.meter(m);
-        let due = st.grants.iter().any(|g| {
-            if g.active {
-                g.exp.is_some_and(|e| e <= now)
-            } else {
-                g.eff <= now
-            }
-        });
-        if !due {
-            return;
-        }
-        let mut starting: Vec<RGrant> = st
-            .grants
-            .iter()
-            .filter(|g| !g.active && g.eff <= now)
-            .cloned()
-            .collect();
-        st.grants.retain(|g| g.active || g.eff > now);
-        starting.sort_by_key(|g| (g.eff, g.id.clone()));
-        for g in starting {
-            let id = g.id.clone();
-            self.activate(m, g, Reason::Activated, &id, now);
-        }
-        let ending: Vec<RGrant> = self.meters[&m]
-            .sorted()
-            .into_iter()
-            .filter(|g| g.active && g.exp.is_some_and(|e| e <= now))
-            .collect();
-        for g in ending {
-            let before = self.meters[&m].balance();
-            let st = self.meter(m);
-            st.grants.retain(|x| x.id != g.id);
-            // A drained grant just goes: nothing is forfeited, so nothing changes.
-            if g.left > Decimal::ZERO {
-                st.expired += g.left;
-                self.emit(m, before, Reason::Expired, &g.id, now);
-            }
-        }
-    }
-
-    fn activate(&mut self, m: usize, mut g: RGrant, reason: Reason, cause: &str, now: i64) {
-        // A renewal crosses once: from before the cycle's end to after the new grant.
-        let from = self.meter(m).balance();
-        if g.kind == GrantKind::Cycle {
-            let before = self.meters[&m].balance();
-            let st = self.meter(m);
-            let mut forfeited = Decimal::ZERO;
-            let mut gone = Vec::new();
-            for old in &mut st.grants {
-                if old.active && old.kind == GrantKind::Cycle && !old.ended && old.sub == g.sub {
-                    let keep = old.left.min(old.rollover);
-                    forfeited += old.left - keep;
-                    old.left = keep;
-                    old.ended = true;
-                    // Ending with nothing carried over, it is gone (drained before or not).
-                    if keep.is_zero() {
-                        gone.push(old.id.clone());
-                    }
-                }
-            }
-            st.grants.retain(|x| !gone.contains(&x.id));
-            st.cycle_credited = Decimal::ZERO;
-            if forfeited > Decimal::ZERO {
-                st.expired += forfeited;
-                self.emit_from(m, before, None, Reason::CycleEnd, cause, now);
-            }
-        }
-        let before = self.meters[&m].balance();
-        let st = self.meter(m);
-        let paid = st.debt.min(g.amount);
-        st.debt -= paid;
-        g.left = g.amount - paid;
-        g.active = true;
-        st.credited += g.amount;
-        st.cycle_credited += g.amount;
-        if g.left > Decimal::ZERO {
-            st.grants.push(g);
-        }
-        self.emit_from(m, before, Some(from), reason, cause, now);
-    }
-
-    fn advance(&mut self, now: i64) {
-        // Meters are independent; the ledger visits them by name.
-        let mut ms: Vec<usize> = self.meters.keys().copied().collect();
-        ms.sort_by_key(|&m| SPECS[m].name);
-        for m in ms {
-            self.advance_meter(m, now);
-        }
-    }
-
-    fn apply(&mut self, input: &Input, now: i64) -> Result<Applied, &'static str> {
-        match input {
-            Input::Usage(u) => self.usage(u, now),
-            Input::Grant(g) => self.grant(g, now),
-            Input::VoidGrant { grant_id, .. } => self.void_grant(grant_id.as_str(), now),
-            Input::VoidUsage { event_id, .. } => self.void_usage(event_id.as_str(), now),
-        }
-    }
-
-    fn usage(&mut self, u: &Usage, now: i64) -> Result<Applied, &'static str> {
-        if self.events.contains_key(u.id.as_str()) {
-            return Ok(Applied::Duplicate);
-        }
-        let quantities = quantities(u)?;
-        if quantities.is_empty() {
-            return Ok(Applied::NoMeter);
-        }
-        let mut draws = Vec::new();
-        for (m, q) in quantities {
-            self.advance_meter(m, now);
-            if q.is_zero() {
-                continue;
-            }
-            let before = self.meters[&m].balance();
-            let st = self.meter(m);
-            let mut want = q;
-            let mut from = Vec::new();
-            for g in st.sorted().into_iter().filter(|g| g.active) {
-                let take = want.min(g.left);
-                if take > Decimal::ZERO {
-                    want -= take;
-                    from.push((g.id.clone(), take));
-                    let slot = st.grants.iter_mut().find(|x| x.id == g.id).unwrap();
-                    slot.left -= take;
-                }
-            }
-            // Drained grants stay (for voids), but only the newest `DRAINED_KEPT` of them.
-            loop {
-                let drained: Vec<&RGrant> = st
-                    .grants
-                    .iter()
-                    .filter(|x| x.active && x.left.is_zero())
-                    .collect();
-                if drained.len() <= DRAINED_KEPT {
-                    break;
-                }
-                let oldest = drained
-                    .into_iter()
-                    .min_by_key(|x| (x.eff, x.id.clone()))
-                    .map(|x| (x.eff, x.id.clone()))
-                    .unwrap();
-                let pos = st
-                    .grants
-                    .iter()
-                    .position(|x| x.active && x.left.is_zero() && (x.eff, x.id.clone()) == oldest)
-                    .unwrap();
-                st.grants.remove(pos);
-            }
-            let mut draw = RDraw {
-                meter: m,
-                from,
-                debt: Decimal::ZERO,
-                blocked: Decimal::ZERO,
-            };
-            if SPECS[m].block {
-                st.consumed += q - want;
-                st.blocked += want;
-                draw.blocked = want;
-            } else {
-                st.consumed += q;
-                st.overage += want;
-                st.debt += want;
-                draw.debt = want;
-            }
-            self.emit(m, before, Reason::Usage, u.id.as_str(), now);
-            draws.push(draw);
-        }
-        self.events.insert(u.id.to_string(), (draws, false));
-        Ok(Applied::Applied)
-    }
-
-    fn grant(&mut self, g: &Grant, now: i64) -> Result<Applied, &'static str> {
-        let id = g.grant_id.as_str();
-        if self.grants.contains_key(id) {
-            return Ok(Applied::Duplicate);
-        }
-        let m = SPECS
-            .iter()
-            .position(|s| s.name == g.meter.as_str())
-            .ok_or("unknown_meter")?;
-        if g.amount <= Decimal::ZERO {
-            return Err("invalid_amount");
-        }
-        if g.kind == GrantKind::Cycle && g.subscription_id.is_none() {
-            return Err("invalid_grant");
-        }
-        if let (Some(e), Some(x)) = (g.effective_at, g.expires_at) {
-            if x <= e {
-                return Err("invalid_grant");
-            }
-        }
-        self.advance_meter(m, now);
-        let slot = RGrant {
-            id: id.into(),
-            kind: g.kind,
-            priority: g.priority,
-            eff: g.effective_at.unwrap_or(now),
-            exp: g.expires_at,
-            sub: g.subscription_id.clone(),
-            rollover: g.rollover,
+/// An input in the model's types.
+fn to_model(input: &Input) -> model::Input {
+    match input {
+        Input::Usage(u) => model::Input::Usage(model::Usage {
+            id: u.id.to_string(),
+            name: u.name.clone(),
+            properties: u.properties.clone(),
+        }),
+        Input::Grant(g) => model::Input::Grant(model::Grant {
+            id: g.grant_id.to_string(),
+            meter: g.meter.to_string(),
             amount: g.amount,
-            left: g.amount,
-            active: false,
-            ended: false,
-        };
-        let before = self.meters[&m].balance();
-        if g.expires_at.is_some_and(|x| x <= now) {
-            let st = self.meter(m);
-            st.credited += g.amount;
-            st.expired += g.amount;
-            self.emit(m, before, Reason::Expired, id, now);
-        } else if slot.eff > now {
-            self.meter(m).grants.push(slot);
-            self.emit(m, before, Reason::GrantScheduled, id, now);
-        } else {
-            self.activate(m, slot, Reason::Grant, id, now);
-        }
-        self.grants.insert(id.into(), (m, false));
-        Ok(Applied::Applied)
+            kind: match g.kind {
+                GrantKind::Cycle => model::GrantKind::Cycle,
+                GrantKind::TopUp => model::GrantKind::TopUp,
+                GrantKind::Adjustment => model::GrantKind::Adjustment,
+            },
+            priority: g.priority,
+            effective_at: g.effective_at,
+            expires_at: g.expires_at,
+            subscription: g.subscription_id.clone(),
+            rollover: g.rollover,
+        }),
+        Input::VoidGrant { grant_id, .. } => model::Input::VoidGrant(grant_id.to_string()),
+        Input::VoidUsage { event_id, .. } => model::Input::VoidUsage(event_id.to_string()),
     }
+}
 
-    fn void_grant(&mut self, id: &str, now: i64) -> Result<Applied, &'static str> {
-        let (m, voided) = *self.grants.get(id).ok_or("void_unknown")?;
-        if voided {
-            return Err("void_duplicate");
-        }
-        self.advance_meter(m, now);
-        let before = self.meters[&m].balance();
-        let st = self.meter(m);
-        if let Some(pos) = st.grants.iter().position(|g| g.id == id) {
-            let g = st.grants.remove(pos);
-            if g.active {
-                st.credited -= g.left;
-                if g.kind == GrantKind::Cycle && !g.ended {
-                    st.cycle_credited -= g.left;
-                }
-            }
-        }
-        self.emit(m, before, Reason::VoidGrant, id, now);
-        self.grants.insert(id.into(), (m, true));
-        Ok(Applied::Applied)
+/// A ledger output in the model's types, so that outputs compare field by field. (That a
+/// top-up request is automatic and carries its balance and threshold: `check_outputs`.)
+fn output_to_model(o: &Output) -> model::Output {
+    match o {
+        Output::Changed(c) => model::Output::Changed(model::Change {
+            customer: c.customer_id.to_string(),
+            meter: c.meter.to_string(),
+            version: c.version,
+            delta: c.delta,
+            reason: model::Reason::from_label(c.reason.as_str()).expect("a reason of the model"),
+            cause: c.cause_id.clone(),
+            balance: c.balance,
+            credited: c.credited,
+            consumed: c.consumed,
+            overage: c.overage,
+            blocked: c.blocked,
+            at: c.at,
+        }),
+        Output::Transition(t) => model::Output::Transition(model::Transition {
+            kind: match t.kind {
+                TransitionKind::Exhausted => model::TransitionKind::Exhausted,
+                TransitionKind::Restored => model::TransitionKind::Restored,
+                TransitionKind::Low => model::TransitionKind::Low,
+            },
+            customer: t.customer_id.to_string(),
+            meter: t.meter.to_string(),
+            version: t.version,
+            balance: t.balance,
+            threshold: t.threshold,
+            cause: t.cause_id.clone(),
+            at: t.at,
+        }),
+        Output::TopUp(t) => model::Output::TopUp(model::TopUp {
+            request_id: t.request_id.clone(),
+            customer: t.customer_id.to_string(),
+            meter: t.meter.to_string(),
+            pack: t.pack.clone(),
+            at: t.requested_at,
+            balance: t.balance.unwrap_or_default(),
+            threshold: t.threshold.unwrap_or_default(),
+        }),
     }
+}
 
-    fn void_usage(&mut self, id: &str, now: i64) -> Result<Applied, &'static str> {
-        let (draws, voided) = self.events.get(id).cloned().ok_or("void_unknown")?;
-        if voided {
-            return Err("void_duplicate");
-        }
-        for d in &draws {
-            self.advance_meter(d.meter, now);
-            let before = self.meters[&d.meter].balance();
-            let st = self.meter(d.meter);
-            let mut back = Decimal::ZERO;
-            for (gid, units) in &d.from {
-                match st.grants.iter_mut().find(|g| &g.id == gid && g.active) {
-                    Some(g) => g.left += *units,
-                    None => back += *units,
-                }
-                st.voided += *units;
-            }
-            let repaid = d.debt.min(st.debt);
-            st.debt -= repaid;
-            back += d.debt - repaid;
-            st.voided += d.debt;
-            st.overage -= d.debt;
-            st.blocked -= d.blocked;
-            if back > Decimal::ZERO {
-                st.grants.push(RGrant {
-                    id: format!("void:{id}"),
-                    kind: GrantKind::Adjustment,
-                    priority: 255,
-                    eff: now,
-                    exp: None,
-                    sub: None,
-                    rollover: Decimal::ZERO,
-                    amount: back,
-                    left: back,
-                    active: true,
-                    ended: false,
-                });
-            }
-            self.emit(d.meter, before, Reason::VoidUsage, id, now);
-        }
-        self.events.insert(id.into(), (draws, true));
-        Ok(Applied::Applied)
-    }
+/// What became of an input, as a label: the ledger's.
+fn outcome(r: &Result<Applied, &'static str>) -> Result<&'static str, &'static str> {
+    r.map(|a| match a {
+        Applied::Applied => "applied",
+        Applied::Duplicate => "duplicate",
+        Applied::NoMeter => "no_meter",
+    })
+}
+
+/// What became of an input, as a label: the model's.
+fn model_outcome(r: Result<model::Applied, model::Rejected>) -> Result<&'static str, &'static str> {
+    r.map(|a| match a {
+        model::Applied::Applied => "applied",
+        model::Applied::Duplicate => "duplicate",
+        model::Applied::NoMeter => "no_meter",
+    })
+    .map_err(model::Rejected::reason)
+}
+
+/// The units usage `u` (accepted) adds to each test meter, by index in [`SPECS`], per the model.
+fn quantities(u: &Usage) -> Vec<(usize, Decimal)> {
+    RULES
+        .quantities(&u.name, &u.properties)
+        .expect("an accepted event")
+        .into_iter()
+        .map(|(m, q)| {
+            let i = SPECS.iter().position(|s| s.name == m.name);
+            (i.expect("a test meter"), q)
+        })
+        .collect()
 }
 
 /// Asserts the ledger's projection of meter `m` equals the model's.
-fn assert_same_meter(state: &MeterState, model: &RMeter, m: usize) -> Result<(), TestCaseError> {
+fn assert_same_meter(
+    state: &MeterState,
+    model: &model::MeterBook,
+    m: usize,
+) -> Result<(), TestCaseError> {
     let name = SPECS[m].name;
-    let fields = |s: &MeterState| {
-        (
-            s.version,
-            s.balance(),
-            s.credited,
-            s.consumed,
-            s.expired,
-            s.voided,
-            s.overage,
-            s.blocked,
-            s.debt,
-        )
-    };
+    let fields = (
+        state.version,
+        state.balance(),
+        state.credited,
+        state.consumed,
+        state.expired,
+        state.voided,
+        state.overage,
+        state.blocked,
+        state.debt,
+        state.cycle_credited,
+    );
     let model_fields = (
         model.version,
         model.balance(),
@@ -2027,44 +1686,59 @@ fn assert_same_meter(state: &MeterState, model: &RMeter, m: usize) -> Result<(),
         model.overage,
         model.blocked,
         model.debt,
+        model.cycle_credited,
     );
-    prop_assert_eq!(fields(state), model_fields, "meter {}", name);
-    prop_assert_eq!(state.cycle_credited, model.cycle_credited, "meter {}", name);
-    prop_assert_eq!(state.exhausted, model.exhausted, "meter {}", name);
+    prop_assert_eq!(fields, model_fields, "meter {}", name);
     let fired: BTreeSet<usize> = (0..32)
         .filter(|i| state.low_fired & (1 << i) != 0)
         .collect();
-    prop_assert_eq!(&fired, &model.fired, "meter {}", name);
+    prop_assert_eq!(
+        (state.exhausted, &fired, state.auto_top_up_fired),
+        (model.exhausted, &model.low_fired, model.auto_top_up_fired),
+        "meter {}",
+        name
+    );
     if state.version > 0 {
         prop_assert_eq!(state.updated_at, model.updated_at, "meter {}", name);
     }
-    let status = if model.balance() <= Decimal::ZERO {
-        Status::Exhausted
-    } else if !model.fired.is_empty() {
-        Status::Low
-    } else {
-        Status::Active
+    let status = match model.status() {
+        model::Status::Active => Status::Active,
+        model::Status::Low => Status::Low,
+        model::Status::Exhausted => Status::Exhausted,
     };
     prop_assert_eq!(state.status(), status, "meter {}", name);
+    let kind = |k| match k {
+        GrantKind::Cycle => "cycle",
+        GrantKind::TopUp => "top_up",
+        GrantKind::Adjustment => "adjustment",
+    };
     let grants: Vec<_> = state
         .grants
         .iter()
         .map(|g| {
             (
-                g.id.to_string(),
-                g.active,
-                g.remaining,
-                g.cycle_ended,
-                g.priority,
-                g.effective_at,
-                g.expires_at,
+                (g.id.to_string(), g.active, g.remaining, g.cycle_ended),
+                (g.priority, g.effective_at, g.expires_at),
+                (
+                    g.amount,
+                    g.subscription_id.clone(),
+                    g.rollover,
+                    kind(g.kind),
+                ),
             )
         })
         .collect();
     let model_grants: Vec<_> = model
-        .sorted()
+        .listed()
         .into_iter()
-        .map(|g| (g.id, g.active, g.left, g.ended, g.priority, g.eff, g.exp))
+        .map(|s| {
+            let g = &s.grant;
+            (
+                (g.id.clone(), s.active, s.remaining, s.cycle_ended),
+                (g.priority, s.starts_at, g.expires_at),
+                (g.amount, g.subscription.clone(), g.rollover, g.kind.label()),
+            )
+        })
         .collect();
     prop_assert_eq!(grants, model_grants, "meter {}", name);
     Ok(())
@@ -2436,7 +2110,7 @@ fn check_void_undoes_usage(
         &mut Vec::new(),
     );
     prop_assert_eq!(r, Ok(Applied::Applied));
-    for (m, _) in quantities(u).expect("applied") {
+    for (m, _) in quantities(u) {
         let name = meter(SPECS[m].name);
         let a = pre.meters.get(&name).cloned().unwrap_or_default();
         let b = undone.meters.get(&name).cloned().unwrap_or_default();
@@ -2504,7 +2178,17 @@ fn check_outputs(
                     t
                 );
             }
-            Output::TopUp(_) => {}
+            Output::TopUp(t) => {
+                // Automatic, right after the change that crossed, with what it crossed.
+                prop_assert_eq!(t.source, TopUpSource::Auto);
+                prop_assert_eq!(
+                    last.get(&t.meter).map(|(_, balance)| *balance),
+                    t.balance,
+                    "{:?}",
+                    t
+                );
+                prop_assert!(t.threshold.is_some(), "{:?}", t);
+            }
         }
     }
     Ok(())
@@ -2516,7 +2200,7 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
     let ledger = Ledger::new(meters());
     let steps = steps(ops);
     let mut book = Book::new(customer());
-    let mut model = Model::default();
+    let mut model = model::Customer::new(customer().as_str());
     let mut last: BTreeMap<MeterName, (u64, Decimal)> = BTreeMap::new();
     let mut applied: Vec<(Input, i64)> = Vec::new();
     let mut all_out = Vec::new();
@@ -2525,10 +2209,11 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
     let mut live: BTreeMap<EventId, Vec<(usize, Decimal)>> = BTreeMap::new();
     for (i, step) in steps.iter().enumerate() {
         let mut out = Vec::new();
+        let mut model_out = Vec::new();
         match step {
             Step::Tick(now) => {
                 ledger.advance(&mut book, *now, &mut out);
-                model.advance(*now);
+                RULES.advance(&mut model, *now, &mut model_out);
             }
             Step::Apply(input, now) => {
                 load_refs(&mut book, input);
@@ -2537,8 +2222,22 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
                 let got = ledger
                     .apply(&mut book, input, *now, &mut out)
                     .map_err(|e| e.reason());
-                let want = model.apply(input, *now);
-                prop_assert_eq!(got, want, "step {}: {:?}", i, input);
+                let model_before = model.clone();
+                let want = RULES.apply(&mut model, &to_model(input), *now, &mut model_out);
+                prop_assert_eq!(
+                    outcome(&got),
+                    model_outcome(want),
+                    "step {}: {:?}",
+                    i,
+                    input
+                );
+                if want != Ok(model::Applied::Applied) {
+                    prop_assert!(
+                        model_out.is_empty() && model == model_before,
+                        "model step {}",
+                        i
+                    );
+                }
                 if let (Input::Usage(u), Ok(Applied::Applied)) = (input, got) {
                     check_void_undoes_usage(&ledger, &pre, &book, u, *now)?;
                 }
@@ -2567,7 +2266,7 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
                 results.push(format!("{:?}", got));
                 match input {
                     Input::Usage(u) if got == Ok(Applied::Applied) => {
-                        live.insert(u.id.clone(), quantities(u).expect("applied"));
+                        live.insert(u.id.clone(), quantities(u));
                     }
                     Input::VoidUsage { event_id, .. } if got == Ok(Applied::Applied) => {
                         live.remove(event_id);
@@ -2576,8 +2275,8 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
                 }
             }
         }
-        let model_out = std::mem::take(&mut model.out);
-        prop_assert_eq!(&out, &model_out, "step {}: {:?}", i, step);
+        let converted: Vec<model::Output> = out.iter().map(output_to_model).collect();
+        prop_assert_eq!(&converted, &model_out, "step {}: {:?}", i, step);
         check_outputs(&out, &mut last)?;
         for (m, spec) in SPECS.iter().enumerate() {
             let state = book
@@ -2585,7 +2284,7 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
                 .get(&meter(spec.name))
                 .cloned()
                 .unwrap_or_default();
-            let reference = model.meters.get(&m).cloned().unwrap_or_default();
+            let reference = model.meter(spec.name).cloned().unwrap_or_default();
             assert_same_meter(&state, &reference, m)?;
             prop_assert_eq!(
                 state.balance(),
@@ -2702,9 +2401,15 @@ proptest! {
     fn amounts_round_trip_through_text(mantissa in 0i64..=MAX_AMOUNT, scale in 0u32..=MAX_SCALE) {
         let d = Decimal::new(mantissa, scale);
         prop_assert_eq!(parse_amount(&d.to_string()), Ok(d));
-        prop_assert_eq!(plain_decimal(&d.to_string()), Some(d));
+        prop_assert_eq!(model::parse_amount(&d.to_string()), Some(d));
         let too_precise = Decimal::new(mantissa * 10 + 1, scale + 1);
         prop_assert_eq!(parse_amount(&too_precise.to_string()).is_err(), scale + 1 > MAX_SCALE);
+    }
+
+    /// The ledger and the model read the same text as the same amount, or both refuse it.
+    #[test]
+    fn the_model_reads_amounts_as_the_ledger_does(text in "[ 0-9.+eE_x-]{0,12}") {
+        prop_assert_eq!(parse_amount(&text).ok(), model::parse_amount(&text), "{:?}", text);
     }
 }
 

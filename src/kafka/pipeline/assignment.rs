@@ -68,13 +68,13 @@ impl Assignment {
                     x.cache.clear();
                     self.skipped.clear();
                     x.restorer.cancel_all()?;
-                    x.status.set_owned(BTreeSet::new());
+                    x.status.set_revoked();
                     tracing::info!("partitions revoked");
                 }
                 RebalanceEvent::Assign(parts) => {
                     tracing::info!(partitions = ?parts, "partitions assigned");
                     self.owned = parts.clone();
-                    x.status.set_owned(self.owned.clone());
+                    x.status.set_assigned(self.owned.clone());
                     for p in &parts {
                         self.released.remove(p);
                     }

@@ -232,7 +232,7 @@ impl<'a> Loop<'a> {
             cache: BookCache::new(p.cfg.store.book_cache_mb << 20),
             names: TopicNames::new(&p.cfg),
         };
-        l.status.set_owned(Default::default());
+        l.status.set_revoked();
         l.status.set_restoring(l.restorer.remaining());
         l.status.set_running(true);
         Ok(l)

@@ -1,0 +1,152 @@
+//! The producer: idempotent, keyed with the Java client's partitioner, paced, counted.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use drawdown::config::Config;
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, DeliveryResult, Producer, ProducerContext};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientContext;
+
+use crate::gen::{InputTopic, Rec};
+
+/// Counts delivery failures (an idempotent producer either delivers in order or fails).
+#[derive(Default)]
+struct Deliveries {
+    failed: AtomicU64,
+    first: Mutex<Option<String>>,
+}
+
+impl ClientContext for Deliveries {}
+
+impl ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::AcqRel);
+            self.first
+                .lock()
+                .expect("not poisoned")
+                .get_or_insert_with(|| e.to_string());
+        }
+    }
+}
+
+/// The producer, the pacing and the counts by kind of record.
+pub struct Sender {
+    producer: BaseProducer<Deliveries>,
+    usage_topic: String,
+    grants_topic: String,
+    rate: f64,
+    started: Instant,
+    sent: u64,
+    counts: BTreeMap<&'static str, u64>,
+}
+
+/// What a phase sent.
+pub struct Sent {
+    /// Records in all.
+    pub records: u64,
+    /// From the first record to the flush.
+    pub elapsed: Duration,
+    /// Records by kind.
+    pub counts: BTreeMap<&'static str, u64>,
+}
+
+impl Sender {
+    /// A producer for `cfg`'s input topics, sending at most `rate` records/s (0: no limit).
+    pub fn new(cfg: &Config, rate: f64) -> anyhow::Result<Self> {
+        let producer: BaseProducer<Deliveries> = drawdown::kafka::client_config(&cfg.kafka)
+            .set("client.id", "drawdown-loadgen")
+            .set("enable.idempotence", "true")
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            .set("batch.num.messages", "10000")
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .create_with_context(Deliveries::default())
+            .context("creating the producer")?;
+        Ok(Self {
+            producer,
+            usage_topic: cfg.topics.usage.clone(),
+            grants_topic: cfg.topics.grants.clone(),
+            rate,
+            started: Instant::now(),
+            sent: 0,
+            counts: BTreeMap::new(),
+        })
+    }
+
+    /// Queues `rec`, counted as `what`; waits for room in the queue and for the pace.
+    pub fn send(&mut self, rec: &Rec, what: &'static str) -> anyhow::Result<()> {
+        let topic = match rec.topic {
+            InputTopic::Usage => self.usage_topic.as_str(),
+            InputTopic::Grants => self.grants_topic.as_str(),
+        };
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "content-type",
+            value: Some(rec.content_type),
+        });
+        let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
+            .key(rec.key.as_str())
+            .payload(rec.payload.as_slice())
+            .headers(headers);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    record = back;
+                    self.producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => return Err(e).context("producing"),
+            }
+        }
+        self.sent += 1;
+        *self.counts.entry(what).or_default() += 1;
+        if self.sent.is_multiple_of(1000) {
+            self.producer.poll(Duration::ZERO);
+            self.check()?;
+        }
+        if self.rate > 0.0 && self.sent.is_multiple_of(16) {
+            let due = self.started + Duration::from_secs_f64(self.sent as f64 / self.rate);
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+        }
+        Ok(())
+    }
+
+    fn check(&self) -> anyhow::Result<()> {
+        let ctx = self.producer.context();
+        let failed = ctx.failed.load(Ordering::Acquire);
+        if failed > 0 {
+            let first = ctx.first.lock().expect("not poisoned").clone();
+            bail!(
+                "{failed} records were not delivered (first: {})",
+                first.unwrap_or_default()
+            );
+        }
+        Ok(())
+    }
+
+    /// Flushes: every record is acknowledged (or the phase fails).
+    pub fn finish(self) -> anyhow::Result<Sent> {
+        self.producer
+            .flush(Duration::from_secs(120))
+            .context("flushing the producer")?;
+        self.check()?;
+        Ok(Sent {
+            records: self.sent,
+            elapsed: self.started.elapsed(),
+            counts: self.counts,
+        })
+    }
+}
