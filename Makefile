@@ -5,7 +5,7 @@ KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 LOADGEN := $(CARGO_TARGET_DIR)/debug/drawdown-loadgen
 
-.PHONY: browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: bench-e2e bench-latency bounded-state browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -40,6 +40,25 @@ crash-test: build kafka-start
 ## Three instances, 16 partitions, SIGKILL / join / SIGTERM, a 20 s broker outage, exact check.
 multi-instance-test: build kafka-start
 	scripts/multi-instance-test.sh
+
+RELEASE := $(CARGO_TARGET_DIR)/release
+
+## End to end on one fixed input (1M usage events + grants, 10k customers, 8 partitions), with
+## fresh groups: an exactly-once pass-through, drawdown with 1 thread, drawdown with the default
+## threads. Release build. Figures also in $(CARGO_TARGET_DIR)/bench-e2e.json.
+bench-e2e: kafka-start
+	cargo build --release --bins
+	$(RELEASE)/drawdown-loadgen bench e2e --save $(CARGO_TARGET_DIR)/bench-e2e.json
+
+## Produce -> committed balance-changed / balance-exhausted, p50/p99/max, at RATE records/s
+## (default: half of the last bench-e2e's peak).
+bench-latency: kafka-start
+	cargo build --release --bins
+	$(RELEASE)/drawdown-loadgen bench latency $(if $(RATE),--rate $(RATE),--rate-from $(CARGO_TARGET_DIR)/bench-e2e.json)
+
+## 10 min at load with a 60 s dedupe window: RocksDB, changelog and memory must plateau.
+bounded-state: build kafka-start
+	scripts/bounded-state.sh
 
 ## Restore speed for a partition holding 100k projections.
 restore-bench: build kafka-start

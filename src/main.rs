@@ -1,6 +1,9 @@
 //! The `drawdown` command: run the service, make API keys. (The load generator and the
 //! verifier are the separate `drawdown-loadgen` binary.)
 
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use anyhow::Context;
 use clap::Subcommand;
 use drawdown::app::Application;

@@ -4,6 +4,7 @@ mod common;
 
 use common::*;
 use drawdown::clock::now_ms;
+use drawdown::store::RecordKind;
 use serde_json::{json, Value};
 
 fn cycle(customer: &str, id: &str, amount: &str, rollover: &str) -> Value {
@@ -235,5 +236,37 @@ async fn usage_ids_are_forgotten_after_the_dedupe_window() {
         .meter_until("c7", "api_calls", |b| b["consumed"] == "2")
         .await;
     assert_eq!(m["voided"], "0");
+    // Forgotten by bucket: the changelog holds a tombstone for the dropped bucket's deltas
+    // and the partition's new horizon, not a tombstone per id.
+    let changelog = app.cfg.changelog_topic();
+    let mut last: std::collections::BTreeMap<Vec<u8>, Option<Vec<u8>>> = Default::default();
+    let mut tombstones = 0;
+    for (k, v, _) in read_raw(&changelog) {
+        if drawdown::store::record_kind(&k) == Some(RecordKind::Delta) && v.is_none() {
+            tombstones += 1;
+        }
+        last.insert(k, v);
+    }
+    assert!(tombstones > 0, "the dropped bucket's deltas are tombstoned");
+    assert!(last
+        .keys()
+        .any(|k| drawdown::store::record_kind(k) == Some(RecordKind::Meta)));
+    assert!(
+        last.keys()
+            .all(|k| drawdown::store::record_kind(k).is_some()),
+        "the changelog holds books, grants, deltas and metas only"
+    );
+    // And the local index of the forgotten id is gone once compacted.
+    let (cfg, p) = (app.cfg.clone(), drawdown::kafka::partition_for(b"c7", 3));
     app.stop().await;
+    let layout = drawdown::store::layout::Layout::from_config(&cfg.pipeline);
+    let store = drawdown::store::Store::open(&cfg.store, layout).unwrap();
+    store.load_meta(p).unwrap();
+    let c7 = drawdown::ledger::CustomerId::parse("c7").unwrap();
+    store.flush().unwrap();
+    store.compact_ids(p);
+    assert!(
+        !store.holds_event(p, &c7, "e0").unwrap(),
+        "e0 is gone from RocksDB"
+    );
 }

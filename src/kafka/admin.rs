@@ -52,7 +52,12 @@ pub async fn ensure_topics(cfg: &Config) -> Result<i32, AdminError> {
         NewTopic::new(&changelog, n, TopicReplication::Fixed(rf))
             .set("cleanup.policy", "compact")
             .set("min.compaction.lag.ms", "0")
-            .set("segment.bytes", "67108864"),
+            .set("segment.bytes", "67108864")
+            // Roll at least every 10 min so a quiet changelog is compacted too; keep tombstones
+            // (they only ever delete deltas of dropped buckets, whose ids the partition's horizon
+            // forgets anyway) for a minute, not the default day.
+            .set("segment.ms", "600000")
+            .set("delete.retention.ms", "60000"),
     );
     let directory = super::directory::topic(cfg);
     topics.push(

@@ -2,20 +2,34 @@
 //!
 //! # Exactly-once protocol
 //! Kafka is the source of truth; RocksDB is a local materialisation that is never ahead of it.
-//! One thread runs the loop (librdkafka's transaction calls block), one commit cycle at a time:
+//! An instance runs `pipeline.threads` loops (one per core by default), as Kafka Streams runs
+//! stream threads under EOS v2: each loop is a member of the consumer group with its own
+//! transactional producer, owns the partitions the group gives it (partition p of both inputs
+//! and of the changelog), and runs one commit cycle at a time on its own thread (librdkafka's
+//! transaction calls block). The loops share only the RocksDB store (disjoint key ranges) and
+//! the status. One cycle:
 //! 1. Poll input records (`usage-events`, `credit-grants`, `read_committed`) for up to
 //!    `commit_interval` or `max_batch` records; decode them; load the touched customers' books
-//!    from RocksDB in one `multi_get` per customer; fold the batch in memory with the pure rules.
+//!    (from the loop's book cache, else RocksDB) and the usage/grant ids they refer to, in one
+//!    `multi_get` for the batch; fold the batch in memory with the pure rules
+//!    ([`pipeline::fold`]).
 //! 2. `begin_transaction`; produce the outputs (`balance-changed`, `balance-exhausted`,
-//!    `top-up-requests` for automatic top-ups, DLQ) and
-//!    one changelog record per touched state key (partition = input partition);
-//!    `send_offsets_to_transaction(next offsets, consumer group metadata)` (KIP-447 fencing);
-//!    `commit_transaction`.
-//! 3. Only after the commit: one RocksDB `WriteBatch` with the touched keys and, per partition,
-//!    the changelog offset it now reflects (taken from the delivery reports).
-//! 4. On any transaction error: abort if possible, drop the in-memory work, and rebuild the
-//!    consumer and producer (a fenced or fatal producer cannot be reused); the new consumer resumes
-//!    from the committed offsets and the state is restored from RocksDB + changelog.
+//!    `top-up-requests` for automatic top-ups, DLQ) and the changelog records (partition = input
+//!    partition): each touched customer's book once, new grant records, and per partition one
+//!    delta per time bucket touched (the usage ids and balance changes of this commit; see the
+//!    `store` docs); `send_offsets_to_transaction(next offsets, consumer group metadata)`
+//!    (KIP-447 fencing); `commit_transaction`.
+//! 3. Only after the commit: one RocksDB `WriteBatch` with the state and, per partition, the
+//!    changelog offset it now reflects (taken from the delivery reports); then the folded books go
+//!    back into the cache.
+//! 4. On any transaction error: abort if possible, drop the in-memory work (the cache too), and
+//!    rebuild the consumer and producer (a fenced or fatal producer cannot be reused); the new
+//!    consumer resumes from the committed offsets and the state is restored from RocksDB +
+//!    changelog.
+//!
+//! Forgetting usage ids older than `pipeline.dedupe_window` is a commit of its own: tombstones for
+//! the deltas of the buckets that left the window and the partition's new horizon, so every later
+//! load already sees the ids as forgotten.
 //!
 //! A crash at any point therefore loses nothing and counts nothing twice: before the commit
 //! nothing is visible; after it, the outputs, changelog and offsets are all there, and RocksDB
@@ -73,6 +87,26 @@ pub fn client_config(cfg: &KafkaConfig) -> ClientConfig {
     for (k, v) in &cfg.extra {
         c.set(k, v);
     }
+    c
+}
+
+/// The config of a transactional producer with id `transactional_id`: idempotent, keyed with
+/// the Java client's partitioner, batched for throughput (the pipeline's producer, and the
+/// benchmark's pass-through copier, so both are measured alike).
+pub fn transactional_config(cfg: &KafkaConfig, transactional_id: &str) -> ClientConfig {
+    let mut c = client_config(cfg);
+    c.set("transactional.id", transactional_id)
+        .set(
+            "transaction.timeout.ms",
+            cfg.transaction_timeout.as_millis().to_string(),
+        )
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .set("linger.ms", "5")
+        .set("batch.num.messages", "10000")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "2000000")
+        .set("queue.buffering.max.kbytes", "1048576");
     c
 }
 

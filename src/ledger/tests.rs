@@ -120,18 +120,12 @@ fn meters() -> Meters {
 }
 
 fn grant(id: &str, meter_name: &str, amount: &str) -> Grant {
-    Grant {
-        grant_id: GrantId::parse(id).unwrap(),
-        customer: customer(),
-        meter: meter(meter_name),
-        amount: dec(amount),
-        kind: GrantKind::TopUp,
-        priority: 0,
-        effective_at: None,
-        expires_at: None,
-        subscription_id: None,
-        rollover: Decimal::ZERO,
-    }
+    Grant::top_up(
+        GrantId::parse(id).unwrap(),
+        customer(),
+        meter(meter_name),
+        dec(amount),
+    )
 }
 
 fn cycle(id: &str, meter_name: &str, amount: &str, sub: &str, rollover: &str) -> Grant {

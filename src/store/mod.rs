@@ -143,6 +143,30 @@ pub struct StateWrite {
     pub target: Target,
 }
 
+/// What a changelog record holds (for tools and tests: only [`keys`] knows the bytes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RecordKind {
+    /// A customer's book.
+    Book,
+    /// A grant record.
+    Grant,
+    /// A delta of usage ids and balance changes (one time bucket, one commit).
+    Delta,
+    /// A partition's meta (the dedupe horizon).
+    Meta,
+}
+
+/// The kind of the changelog record with this key, if it is one.
+pub fn record_kind(key: &[u8]) -> Option<RecordKind> {
+    match Kind::of(key)? {
+        Kind::Book => Some(RecordKind::Book),
+        Kind::Grant => Some(RecordKind::Grant),
+        Kind::Delta => Some(RecordKind::Delta),
+        Kind::Meta => Some(RecordKind::Meta),
+        Kind::Event | Kind::History => None,
+    }
+}
+
 /// Per partition, the time before which usage ids are forgotten (see the module docs). Shared
 /// with the compaction filter.
 struct Horizons(Vec<AtomicI64>);

@@ -275,6 +275,23 @@ impl TestApp {
 }
 
 pub fn read_all(topic: &str) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)> {
+    read_raw(topic)
+        .into_iter()
+        .map(|(k, v, h)| {
+            (
+                String::from_utf8_lossy(&k).into_owned(),
+                v.unwrap_or_default(),
+                h,
+            )
+        })
+        .collect()
+}
+
+/// A record as read: (key, payload or `None` for a tombstone, headers).
+pub type RawRecord = (Vec<u8>, Option<Vec<u8>>, BTreeMap<String, String>);
+
+/// Every committed record of `topic` so far, as it is.
+pub fn read_raw(topic: &str) -> Vec<RawRecord> {
     let c: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("group.id", "drawdown-test-reader")
@@ -309,8 +326,8 @@ pub fn read_all(topic: &str) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)>
                     }
                 }
                 out.push((
-                    String::from_utf8_lossy(m.key().unwrap_or_default()).into_owned(),
-                    m.payload().unwrap_or_default().to_vec(),
+                    m.key().unwrap_or_default().to_vec(),
+                    m.payload().map(<[u8]>::to_vec),
                     h,
                 ));
             }

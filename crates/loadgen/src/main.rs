@@ -3,13 +3,16 @@
 //! - `produce` ([`produce`]): one phase of generated grants, usage and voids, applied as they
 //!   are sent to an expectation built on `drawdown-model` ([`expect`]);
 //! - `wait-idle` ([`wait_idle`]): until drawdown's group has committed every input record;
-//! - `verify` ([`verify`]): the API and the output topics against the expectation.
+//! - `verify` ([`verify`]): the API and the output topics against the expectation;
+//! - `bench e2e|latency` ([`bench`]): throughput against an exactly-once pass-through, and
+//!   latency to the committed outputs.
 //!
 //! It reads the service's config (`-c`, `DRAWDOWN_CONFIG`, `DRAWDOWN__*` overrides) for the
 //! broker, the topics, the group and the meters, and reads and writes records through
 //! `drawdown::codec`.
 
 mod args;
+mod bench;
 mod expect;
 mod gen;
 mod produce;
@@ -30,6 +33,9 @@ enum Command {
     Verify(args::VerifyArgs),
     /// Wait until the consumer group has committed every input record.
     WaitIdle(args::WaitIdleArgs),
+    /// End-to-end benchmarks against the broker (throughput against a pass-through, latency).
+    #[command(subcommand)]
+    Bench(bench::Bench),
 }
 
 #[tokio::main]
@@ -47,5 +53,6 @@ async fn main() -> anyhow::Result<()> {
         Command::Produce(args) => produce::produce(&cfg, args).await,
         Command::Verify(args) => verify::verify(&cfg, args).await,
         Command::WaitIdle(args) => wait_idle::wait_idle(&cfg, args).await,
+        Command::Bench(b) => bench::run(&cfg, b).await,
     }
 }

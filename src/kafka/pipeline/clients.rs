@@ -162,27 +162,15 @@ impl Clients {
         } else {
             format!("-{id}")
         };
-        let producer: BaseProducer<ProducerCtx> = crate::kafka::client_config(k)
-            .set("client.id", format!("drawdown-{}{suffix}", k.instance_id))
-            .set(
-                "transactional.id",
-                format!("{}-{}{suffix}", k.group_id, k.instance_id),
-            )
-            .set(
-                "transaction.timeout.ms",
-                k.transaction_timeout.as_millis().to_string(),
-            )
-            .set("enable.idempotence", "true")
-            .set("partitioner", "murmur2_random")
-            .set("linger.ms", "5")
-            .set("batch.num.messages", "10000")
-            .set("compression.type", "lz4")
-            .set("queue.buffering.max.messages", "2000000")
-            .set("queue.buffering.max.kbytes", "1048576")
-            .create_with_context(ProducerCtx {
-                changelog: cfg.changelog_topic(),
-                ..Default::default()
-            })?;
+        let producer: BaseProducer<ProducerCtx> = crate::kafka::transactional_config(
+            k,
+            &format!("{}-{}{suffix}", k.group_id, k.instance_id),
+        )
+        .set("client.id", format!("drawdown-{}{suffix}", k.instance_id))
+        .create_with_context(ProducerCtx {
+            changelog: cfg.changelog_topic(),
+            ..Default::default()
+        })?;
         producer.init_transactions(Duration::from_secs(60))?;
         let consumer: BaseConsumer<ConsumerCtx> = crate::kafka::client_config(k)
             .set("client.id", format!("drawdown-{}{suffix}", k.instance_id))

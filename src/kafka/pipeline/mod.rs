@@ -347,6 +347,14 @@ impl<'a> Loop<'a> {
         Ok(Polled::Batch(batch))
     }
 
+    /// Commits `commit` in one transaction, then writes its state and checkpoints locally.
+    fn transact(&mut self, commit: &fold::Commit) -> Result<(), PipelineError> {
+        let timeout = self.p.cfg.kafka.transaction_timeout;
+        let checkpoints = transaction::transact(&self.clients, &self.names, commit, timeout)?;
+        self.p.store.write(&commit.state, &checkpoints)?;
+        Ok(())
+    }
+
     /// Drops the time buckets that left the dedupe window, in a commit of their own (so the
     /// new horizon applies to every later load).
     fn forget(&mut self, now: i64) -> Result<(), PipelineError> {
@@ -358,13 +366,7 @@ impl<'a> Loop<'a> {
             state: drop.writes,
             ..Default::default()
         };
-        let checkpoints = transaction::transact(
-            &self.clients,
-            &self.names,
-            &commit,
-            self.p.cfg.kafka.transaction_timeout,
-        )?;
-        self.p.store.write(&commit.state, &checkpoints)?;
+        self.transact(&commit)?;
         self.housekeeping.dropped(&drop.emptied);
         tracing::debug!(
             records = commit.state.len(),
@@ -398,13 +400,7 @@ impl<'a> Loop<'a> {
             self.housekeeping.deltas.next_seq(),
             now,
         );
-        let checkpoints = transaction::transact(
-            &self.clients,
-            &self.names,
-            &commit,
-            self.p.cfg.kafka.transaction_timeout,
-        )?;
-        self.p.store.write(&commit.state, &checkpoints)?;
+        self.transact(&commit)?;
         self.housekeeping.due.update(commit.due);
         self.housekeeping.deltas.committed(&commit.deltas);
         for (p, book) in commit.books {
