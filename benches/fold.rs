@@ -2,6 +2,10 @@
 //! batch of 50,000 usage events over 10,000 customers (the example meters of
 //! `config/drawdown.toml`). `cargo bench --bench fold` reports events/s on one core.
 
+// The service's allocator (src/main.rs), so the figure is the service's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use drawdown::config::Config;
 use drawdown::kafka::pipeline::fold::{Folder, InputRecord};
@@ -13,7 +17,8 @@ const EVENTS: usize = 50_000;
 const CUSTOMERS: usize = 10_000;
 const PARTITIONS: i32 = 8;
 
-fn record(i: usize) -> InputRecord {
+/// The key and payload of usage event `i`.
+fn event(i: usize) -> (String, String) {
     let customer = format!("cus-{}", i % CUSTOMERS);
     let payload = if i.is_multiple_of(2) {
         format!(
@@ -24,14 +29,18 @@ fn record(i: usize) -> InputRecord {
             r#"{{"id":"e{i}","customer_id":"{customer}","name":"llm_completion","timestamp":1767225600000,"properties":{{"tokens":"12.5","model":"small"}}}}"#
         )
     };
+    (customer, payload)
+}
+
+fn record(i: usize, (key, payload): &(String, String)) -> InputRecord<'_> {
     InputRecord {
         topic: InputTopic::Usage,
-        partition: partition_for(customer.as_bytes(), PARTITIONS),
+        partition: partition_for(key.as_bytes(), PARTITIONS),
         offset: i as i64,
         timestamp: Some(1_767_225_600_000),
-        key: Some(customer.into_bytes()),
-        payload: Some(payload.into_bytes()),
-        headers: vec![("content-type".into(), b"application/json".to_vec())],
+        key: Some(key.as_bytes()),
+        payload: Some(payload.as_bytes()),
+        content_type: Some("application/json"),
     }
 }
 
@@ -40,7 +49,12 @@ fn bench(c: &mut Criterion) {
         .expect("config/drawdown.toml");
     let ledger = Ledger::new(cfg.meter_set().expect("meters"));
     let folder = Folder::new(ledger.clone(), &cfg, PARTITIONS);
-    let records: Vec<InputRecord> = (0..EVENTS).map(record).collect();
+    let events: Vec<(String, String)> = (0..EVENTS).map(event).collect();
+    let records: Vec<InputRecord<'_>> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| record(i, e))
+        .collect();
     // The books as the store would load them: every customer funded on every meter, and the
     // batch's event ids not seen before.
     let decoded = folder.decode(&records);

@@ -144,18 +144,18 @@ impl StateBatch {
                 }
                 Dirty::Event(id) => {
                     if let Some(Some(r)) = book.events.get(id) {
-                        let record = value::event_to(r);
+                        let record = value::encode_event(r);
                         self.writes.push(StateWrite {
                             partition: p,
                             key: keys::event(p, c, id.as_str()),
-                            value: Some(value::encode(&record)),
+                            value: Some(value::with_format(&record)),
                             target: Target::Local,
                         });
                         let bucket = self.layout.bucket_of(r.at);
                         let entry = pb::DeltaEvent {
                             customer: c.to_string(),
                             event_id: id.to_string(),
-                            record: Some(record),
+                            record,
                         };
                         let n = entry.encoded_len() + 4;
                         self.deltas
@@ -172,16 +172,16 @@ impl StateBatch {
 
     /// Keeps `change` (of partition `p`) in its meter's history ring.
     pub fn change(&mut self, p: i32, change: &BalanceChanged) {
-        let msg = value::change_to(change);
+        let msg = value::encode_change(change);
         let slot = self.layout.history_slot(change.version);
         self.writes.push(StateWrite {
             partition: p,
             key: keys::history(p, &change.customer_id, &change.meter, slot),
-            value: Some(value::encode(&msg)),
+            value: Some(value::with_format(&msg)),
             target: Target::Local,
         });
         let bucket = self.layout.bucket_of(change.at);
-        let n = msg.encoded_len() + 4;
+        let n = msg.len() + 4;
         self.deltas
             .entry((p, bucket))
             .or_default()

@@ -404,19 +404,28 @@ impl Store {
     ) -> Result<(), StoreError> {
         let delta: pb::Delta = value::decode(key, v)?;
         for e in delta.events {
-            let (Ok(c), Some(record)) = (crate::ledger::CustomerId::parse(e.customer), e.record)
-            else {
+            let Ok(c) = crate::ledger::CustomerId::parse(e.customer) else {
                 continue;
             };
-            batch.put(keys::event(p, &c, &e.event_id), value::encode(&record));
-        }
-        for ch in delta.changes {
-            let c = value::change_from(key, ch)?;
-            let slot = self.layout.history_slot(c.version);
             batch.put(
-                keys::history(p, &c.customer_id, &c.meter, slot),
-                value::encode(&value::change_to(&c)),
+                keys::event(p, &c, &e.event_id),
+                value::with_format(&e.record),
             );
+        }
+        for bytes in delta.changes {
+            let ch: pb::Change =
+                prost::Message::decode(bytes.as_slice()).map_err(|e| StoreError::Corrupt {
+                    key: String::from_utf8_lossy(key).escape_default().to_string(),
+                    message: e.to_string(),
+                })?;
+            let (Ok(c), Ok(m)) = (
+                crate::ledger::CustomerId::parse(ch.customer),
+                crate::ledger::MeterName::parse(ch.meter),
+            ) else {
+                continue;
+            };
+            let slot = self.layout.history_slot(ch.version);
+            batch.put(keys::history(p, &c, &m, slot), value::with_format(&bytes));
         }
         batch.put(key, []);
         Ok(())

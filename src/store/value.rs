@@ -47,6 +47,14 @@ pub(super) fn encode<M: Message>(m: &M) -> Vec<u8> {
     out
 }
 
+/// An already encoded message with the format byte in front.
+pub(super) fn with_format(encoded: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + encoded.len());
+    out.push(FORMAT);
+    out.extend_from_slice(encoded);
+    out
+}
+
 /// Decodes a message stored at `key`.
 pub(super) fn decode<M: Message + Default>(key: &[u8], v: &[u8]) -> Result<M, StoreError> {
     check(key, v)?;
@@ -196,8 +204,9 @@ pub(super) fn grant_from(key: &[u8], r: pb::GrantRecord) -> Result<GrantRecord, 
     })
 }
 
-/// An event record as a message.
-pub(super) fn event_to(r: &EventRecord) -> pb::EventRecord {
+/// An event record as a message (the reference of the hand-written encoding).
+#[cfg(test)]
+fn event_to(r: &EventRecord) -> pb::EventRecord {
     pb::EventRecord {
         at: r.at,
         draws: r
@@ -243,8 +252,133 @@ pub(super) fn event_from(key: &[u8], r: pb::EventRecord) -> Result<EventRecord, 
     })
 }
 
-/// A balance change as a message.
-pub(super) fn change_to(c: &BalanceChanged) -> pb::Change {
+/// Hand-written protobuf encoding of the two messages written per event (`Change`,
+/// `EventRecord`), straight from the ledger's types: the same bytes as `change_to(..)` /
+/// `event_to(..)` then `encode_to_vec()` (the tests hold them together), without building the
+/// message's owned strings first.
+mod wire {
+    use prost::encoding::{encode_key, encode_varint, encoded_len_varint, key_len, WireType};
+    use rust_decimal::Decimal;
+
+    use crate::ledger::{BalanceChanged, EventRecord, MeterDraw};
+
+    fn halves(d: Decimal) -> (u64, u64) {
+        let b = d.serialize();
+        (
+            u64::from_le_bytes(b[..8].try_into().expect("8 bytes")),
+            u64::from_le_bytes(b[8..].try_into().expect("8 bytes")),
+        )
+    }
+
+    fn dec_len(d: Decimal) -> usize {
+        if d.is_zero() {
+            return 0;
+        }
+        let (lo, hi) = halves(d);
+        let inner = usize::from(lo != 0) * 9 + usize::from(hi != 0) * 9;
+        1 + encoded_len_varint(inner as u64) + inner
+    }
+
+    fn dec(tag: u32, d: Decimal, out: &mut Vec<u8>) {
+        if d.is_zero() {
+            return;
+        }
+        let (lo, hi) = halves(d);
+        let inner = usize::from(lo != 0) * 9 + usize::from(hi != 0) * 9;
+        encode_key(tag, WireType::LengthDelimited, out);
+        encode_varint(inner as u64, out);
+        for (t, half) in [(1, lo), (2, hi)] {
+            if half != 0 {
+                encode_key(t, WireType::SixtyFourBit, out);
+                out.extend_from_slice(&half.to_le_bytes());
+            }
+        }
+    }
+
+    fn str_len(tag: u32, s: &str) -> usize {
+        if s.is_empty() {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
+        }
+    }
+
+    fn string(tag: u32, s: &str, out: &mut Vec<u8>) {
+        if !s.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(s.len() as u64, out);
+            out.extend_from_slice(s.as_bytes());
+        }
+    }
+
+    fn varint(tag: u32, v: u64, out: &mut Vec<u8>) {
+        if v != 0 {
+            encode_key(tag, WireType::Varint, out);
+            encode_varint(v, out);
+        }
+    }
+
+    /// A `Change`.
+    pub(in crate::store) fn change(c: &BalanceChanged) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96 + c.cause_id.len());
+        string(1, c.customer_id.as_str(), &mut out);
+        string(2, c.meter.as_str(), &mut out);
+        varint(3, c.version, &mut out);
+        dec(4, c.delta, &mut out);
+        string(5, c.reason.as_str(), &mut out);
+        string(6, &c.cause_id, &mut out);
+        dec(7, c.balance, &mut out);
+        dec(8, c.credited, &mut out);
+        dec(9, c.consumed, &mut out);
+        dec(10, c.overage, &mut out);
+        dec(11, c.blocked, &mut out);
+        varint(12, c.at as u64, &mut out);
+        out
+    }
+
+    fn draw_len(d: &MeterDraw) -> usize {
+        let grants: usize = d
+            .grants
+            .iter()
+            .map(|(g, u)| {
+                let inner = str_len(1, g.as_str()) + dec_len(*u);
+                1 + encoded_len_varint(inner as u64) + inner
+            })
+            .sum();
+        str_len(1, d.meter.as_str()) + grants + dec_len(d.debt) + dec_len(d.blocked)
+    }
+
+    /// An `EventRecord`.
+    pub(in crate::store) fn event(r: &EventRecord) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        varint(1, r.at as u64, &mut out);
+        for d in &r.draws {
+            encode_key(2, WireType::LengthDelimited, &mut out);
+            encode_varint(draw_len(d) as u64, &mut out);
+            string(1, d.meter.as_str(), &mut out);
+            for (g, u) in &d.grants {
+                encode_key(2, WireType::LengthDelimited, &mut out);
+                let inner = str_len(1, g.as_str()) + dec_len(*u);
+                encode_varint(inner as u64, &mut out);
+                string(1, g.as_str(), &mut out);
+                dec(2, *u, &mut out);
+            }
+            dec(3, d.debt, &mut out);
+            dec(4, d.blocked, &mut out);
+        }
+        if r.voided {
+            encode_key(3, WireType::Varint, &mut out);
+            out.push(1);
+        }
+        out
+    }
+}
+
+pub(super) use wire::{change as encode_change, event as encode_event};
+
+/// A balance change as a message (the reference of the hand-written encoding).
+#[cfg(test)]
+fn change_to(c: &BalanceChanged) -> pb::Change {
     pb::Change {
         customer: c.customer_id.to_string(),
         meter: c.meter.to_string(),
@@ -290,6 +424,47 @@ mod tests {
         fn decimals_round_trip_exactly(m in any::<i64>(), scale in 0u32..=28) {
             let d = Decimal::new(m, scale);
             prop_assert_eq!(undec(b"k", &dec(d)).unwrap(), d);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn the_hand_written_encodings_are_prost_s(
+            m in any::<i64>(), scale in 0u32..=9, version in any::<u64>(), at in any::<i64>(),
+            cause in "[a-z0-9:-]{0,20}", voided in any::<bool>(), draws in 0usize..3,
+        ) {
+            use crate::ledger::{CustomerId, GrantId, MeterDraw, MeterName};
+            let d = Decimal::new(m, scale);
+            let c = BalanceChanged {
+                customer_id: CustomerId::parse("cus-1").unwrap(),
+                meter: MeterName::parse("api").unwrap(),
+                version,
+                delta: -d,
+                reason: Reason::Usage,
+                cause_id: cause.clone(),
+                balance: d,
+                credited: Decimal::ZERO,
+                consumed: d * Decimal::from(3),
+                overage: Decimal::ONE,
+                blocked: Decimal::ZERO,
+                at,
+            };
+            prop_assert_eq!(encode_change(&c), change_to(&c).encode_to_vec());
+            let r = EventRecord {
+                at,
+                draws: (0..draws)
+                    .map(|i| MeterDraw {
+                        meter: MeterName::parse(format!("m{i}")).unwrap(),
+                        grants: (0..i)
+                            .map(|j| (GrantId::parse(format!("g{j}")).unwrap(), d))
+                            .collect(),
+                        debt: Decimal::from(i),
+                        blocked: d,
+                    })
+                    .collect(),
+                voided,
+            };
+            prop_assert_eq!(encode_event(&r), event_to(&r).encode_to_vec());
         }
     }
 

@@ -14,9 +14,10 @@ use crate::ledger::{Applied, Book, CustomerId, Dirty, Input, Ledger, MeterName, 
 use crate::store::layout::{DeltaKey, Layout, StateBatch};
 use crate::store::{BookRequest, StateWrite};
 
-/// An input record, copied out of librdkafka's buffer.
-#[derive(Clone, Debug)]
-pub struct InputRecord {
+/// An input record (borrowed: from librdkafka's buffer in the pipeline, from anywhere in tests
+/// and benchmarks).
+#[derive(Clone, Copy, Debug)]
+pub struct InputRecord<'a> {
     /// The topic it came from.
     pub topic: InputTopic,
     /// Its partition.
@@ -26,21 +27,12 @@ pub struct InputRecord {
     /// Its timestamp (ms), if the producer or broker set one.
     pub timestamp: Option<i64>,
     /// Its key.
-    pub key: Option<Vec<u8>>,
+    pub key: Option<&'a [u8]>,
     /// Its payload.
-    pub payload: Option<Vec<u8>>,
-    /// Its headers.
-    pub headers: Vec<(String, Vec<u8>)>,
-}
-
-impl InputRecord {
-    /// The `content-type` header, if any.
-    pub fn content_type(&self) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case("content-type"))
-            .and_then(|(_, v)| std::str::from_utf8(v).ok())
-    }
+    pub payload: Option<&'a [u8]>,
+    /// Its `content-type` header, if any (the only header the fold reads, and the one the DLQ
+    /// keeps).
+    pub content_type: Option<&'a str>,
 }
 
 /// One record to produce in the transaction (keyed by customer, partitioned by murmur2 of the
@@ -248,12 +240,12 @@ impl Folder {
     }
 
     /// Decodes `records` and groups them by (partition, customer), keeping their order.
-    pub fn decode(&self, records: &[InputRecord]) -> Decoded {
+    pub fn decode(&self, records: &[InputRecord<'_>]) -> Decoded {
         let mut d = Decoded::default();
         for (i, r) in records.iter().enumerate() {
             d.offsets.insert((r.topic, r.partition), r.offset + 1);
             d.counts.record(r.topic, Outcome::Consumed);
-            let (payload, ct, key) = (r.payload.as_deref(), r.content_type(), r.key.as_deref());
+            let (payload, ct, key) = (r.payload, r.content_type, r.key);
             let decoded = match r.topic {
                 InputTopic::Usage => codec::decode_usage(payload, ct, key),
                 InputTopic::Grants => codec::decode_command(payload, ct, key),
@@ -279,7 +271,7 @@ impl Folder {
     /// partition).
     pub fn fold(
         &self,
-        records: &[InputRecord],
+        records: &[InputRecord<'_>],
         decoded: Decoded,
         books: Vec<Book>,
         next_seq: &BTreeMap<i32, u64>,
@@ -403,7 +395,7 @@ impl Folder {
     /// The DLQ record of a rejected input: the original bytes, with the reason and the source.
     fn dead_letter(
         &self,
-        r: &InputRecord,
+        r: &InputRecord<'_>,
         stage: &'static str,
         e: &CodecError,
         counts: &mut Counts,
@@ -431,19 +423,19 @@ impl Folder {
             ("source.partition", r.partition.to_string().into_bytes()),
             ("source.offset", r.offset.to_string().into_bytes()),
         ];
-        if let Some(ct) = r.content_type() {
+        if let Some(ct) = r.content_type {
             headers.push(("content-type", ct.as_bytes().to_vec()));
         }
         // A record near the broker's size limit does not fit again with the error headers:
         // the DLQ keeps its head and says so (the whole record stays in its source topic).
-        let mut payload = r.payload.clone();
+        let mut payload = r.payload.map(<[u8]>::to_vec);
         if let Some(p) = payload.as_mut().filter(|p| p.len() > MAX_DLQ_PAYLOAD) {
             headers.push(("payload.truncated-from", p.len().to_string().into_bytes()));
             p.truncate(MAX_DLQ_PAYLOAD);
         }
         OutRecord {
             topic: OutputTopic::Dlq,
-            key: r.key.clone().unwrap_or_default(),
+            key: r.key.map(<[u8]>::to_vec).unwrap_or_default(),
             payload,
             headers,
         }

@@ -179,7 +179,8 @@ impl Pipeline {
         let mut backoff = Duration::from_millis(200);
         while !self.shutdown.is_triggered() {
             let started = Instant::now();
-            let result = Loop::new(self, id, status.clone()).and_then(|mut l| l.run());
+            let result = Clients::new(&self.cfg, id)
+                .and_then(|clients| Loop::new(self, &clients, status.clone())?.run());
             match result {
                 Ok(()) => break,
                 Err(e) if e.is_fatal() => return Err(e),
@@ -201,9 +202,9 @@ impl Pipeline {
 }
 
 /// What one poll of the loop brought.
-enum Polled {
-    /// Records to fold (possibly none).
-    Batch(Vec<InputRecord>),
+enum Polled<'c> {
+    /// Records to fold (possibly none), still in librdkafka's buffers.
+    Batch(Vec<BorrowedMessage<'c>>),
     /// The assignment changed: what was polled is dropped.
     Rebalanced,
 }
@@ -212,7 +213,7 @@ enum Polled {
 struct Loop<'a> {
     p: &'a Pipeline,
     status: LoopStatus,
-    clients: Clients,
+    clients: &'a Clients,
     restorer: Restorer,
     assignment: Assignment,
     housekeeping: Housekeeping,
@@ -221,11 +222,15 @@ struct Loop<'a> {
 }
 
 impl<'a> Loop<'a> {
-    fn new(p: &'a Pipeline, id: usize, status: LoopStatus) -> Result<Self, PipelineError> {
+    fn new(
+        p: &'a Pipeline,
+        clients: &'a Clients,
+        status: LoopStatus,
+    ) -> Result<Self, PipelineError> {
         let l = Self {
             p,
             status,
-            clients: Clients::new(&p.cfg, id)?,
+            clients,
             restorer: Restorer::new(&p.cfg)?,
             assignment: Assignment::default(),
             housekeeping: Housekeeping::new(&p.cfg.pipeline),
@@ -240,7 +245,7 @@ impl<'a> Loop<'a> {
 
     fn parts(&mut self) -> Parts<'_> {
         Parts {
-            clients: &self.clients,
+            clients: self.clients,
             restorer: &mut self.restorer,
             store: &self.p.store,
             status: &self.status,
@@ -260,7 +265,7 @@ impl<'a> Loop<'a> {
                 return Ok(());
             }
             self.restore_step()?;
-            let records = match self.poll()? {
+            let messages = match self.poll()? {
                 Polled::Rebalanced => {
                     let events = self.clients.consumer.context().take_events();
                     let mut assignment = std::mem::take(&mut self.assignment);
@@ -269,8 +274,13 @@ impl<'a> Loop<'a> {
                     result?;
                     continue;
                 }
-                Polled::Batch(records) => records,
+                Polled::Batch(messages) => messages,
             };
+            let usage_topic = &self.p.cfg.topics.usage;
+            let records: Vec<InputRecord<'_>> = messages
+                .iter()
+                .map(|m| input_record(m, usage_topic))
+                .collect();
             let delay = self.p.cfg.pipeline.state_drop_delay;
             self.assignment.drop_released(&self.p.store, delay)?;
             let now = crate::clock::now_ms();
@@ -306,7 +316,7 @@ impl<'a> Loop<'a> {
     }
 
     /// Polls input for up to `commit_interval` (10 ms while restoring) or `max_batch` records.
-    fn poll(&mut self) -> Result<Polled, PipelineError> {
+    fn poll(&mut self) -> Result<Polled<'a>, PipelineError> {
         let cfg = &self.p.cfg.pipeline;
         let window = if self.restorer.is_idle() {
             cfg.commit_interval
@@ -315,7 +325,7 @@ impl<'a> Loop<'a> {
         };
         let deadline = Instant::now() + window;
         let restoring = self.restorer.remaining();
-        let consumer: &BaseConsumer<ConsumerCtx> = &self.clients.consumer;
+        let consumer: &'a BaseConsumer<ConsumerCtx> = &self.clients.consumer;
         let mut batch = Vec::new();
         while batch.len() < cfg.max_batch {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -328,11 +338,11 @@ impl<'a> Loop<'a> {
             }
             match polled {
                 Some(Ok(msg)) => {
-                    let rec = copy(&msg, &self.p.cfg.topics.usage);
-                    if restoring.contains_key(&rec.partition) {
-                        self.assignment.skip(rec.topic, rec.partition, rec.offset);
+                    if restoring.contains_key(&msg.partition()) {
+                        let topic = topic_of(&msg, &self.p.cfg.topics.usage);
+                        self.assignment.skip(topic, msg.partition(), msg.offset());
                     } else {
-                        batch.push(rec);
+                        batch.push(msg);
                     }
                 }
                 Some(Err(e)) => {
@@ -379,7 +389,7 @@ impl<'a> Loop<'a> {
     #[tracing::instrument(skip_all, fields(records = records.len()))]
     fn commit(
         &mut self,
-        records: Vec<InputRecord>,
+        records: Vec<InputRecord<'_>>,
         ticks: Vec<(i32, crate::ledger::CustomerId)>,
     ) -> Result<(), PipelineError> {
         let started = Instant::now();
@@ -428,32 +438,28 @@ impl<'a> Loop<'a> {
     }
 }
 
-/// Copies a record out of librdkafka's buffer.
-fn copy(m: &BorrowedMessage<'_>, usage_topic: &str) -> InputRecord {
-    let headers = m
-        .headers()
-        .map(|h| {
-            h.iter()
-                .map(|h| {
-                    (
-                        h.key.to_string(),
-                        h.value.map(|v| v.to_vec()).unwrap_or_default(),
-                    )
-                })
-                .collect()
-        })
-        .unwrap_or_default();
+fn topic_of(m: &BorrowedMessage<'_>, usage_topic: &str) -> InputTopic {
+    if m.topic() == usage_topic {
+        InputTopic::Usage
+    } else {
+        InputTopic::Grants
+    }
+}
+
+/// A record as the fold reads it, borrowed from librdkafka's buffer (nothing is copied).
+fn input_record<'m>(m: &'m BorrowedMessage<'_>, usage_topic: &str) -> InputRecord<'m> {
+    let content_type = m.headers().and_then(|h| {
+        h.iter()
+            .find(|h| h.key.eq_ignore_ascii_case("content-type"))
+            .and_then(|h| std::str::from_utf8(h.value?).ok())
+    });
     InputRecord {
-        topic: if m.topic() == usage_topic {
-            InputTopic::Usage
-        } else {
-            InputTopic::Grants
-        },
+        topic: topic_of(m, usage_topic),
         partition: m.partition(),
         offset: m.offset(),
         timestamp: m.timestamp().to_millis(),
-        key: m.key().map(|k| k.to_vec()),
-        payload: m.payload().map(|p| p.to_vec()),
-        headers,
+        key: m.key(),
+        payload: m.payload(),
+        content_type,
     }
 }
