@@ -13,7 +13,9 @@
 # Environment: DRAWDOWN_CACHE (default ~/.cache/drawdown), KAFKA_DATA (default
 # $DRAWDOWN_CACHE/kafka-data), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
 # KAFKA_HEAP_OPTS (-Xmx768m -Xms256m), KAFKA_LOG_LEVEL (INFO),
-# KAFKA_START_TIMEOUT (60, seconds).
+# KAFKA_START_TIMEOUT (60, seconds without progress: while the broker is still loading its
+# logs, which takes minutes with thousands of partitions, the wait goes on, up to
+# KAFKA_START_LIMIT, 900 s).
 set -euo pipefail
 
 VERSION=4.4.0
@@ -28,6 +30,7 @@ BOOTSTRAP="$HOST:$PORT"
 HEAP_OPTS="${KAFKA_HEAP_OPTS:--Xmx768m -Xms256m}"
 LOG_LEVEL="${KAFKA_LOG_LEVEL:-INFO}"
 START_TIMEOUT="${KAFKA_START_TIMEOUT:-60}"
+START_LIMIT="${KAFKA_START_LIMIT:-900}"
 LOG4J2_CONF="$HERE/log4j2.properties"
 
 PROPS="$DATA/server.properties"
@@ -169,20 +172,33 @@ cmd_start() {
         echo "$pid" >"$PID_FILE"
         log "started broker pid $pid, log $SERVER_LOG"
     fi
-    local deadline=$((SECONDS + START_TIMEOUT))
+    # A broker with many partitions (test topics pile up on a developer's machine) spends
+    # minutes loading its logs before it answers; its log keeps growing meanwhile. Give up
+    # only after START_TIMEOUT seconds without a new log line, or START_LIMIT in all.
+    local started=$SECONDS deadline=$((SECONDS + START_TIMEOUT)) size=-1 now_size loading
     until answering; do
         if ! kill -0 "$pid" 2>/dev/null; then
             tail -n 40 "$SERVER_LOG" >&2 || true
             rm -f "$PID_FILE"
             die "broker exited during startup (see $SERVER_LOG)"
         fi
-        if ((SECONDS >= deadline)); then
+        now_size=$(stat -c %s "$SERVER_LOG" 2>/dev/null || echo 0)
+        if ((now_size != size)); then
+            size=$now_size
+            deadline=$((SECONDS + START_TIMEOUT))
+        fi
+        if ((SECONDS >= deadline || SECONDS - started >= START_LIMIT)); then
             tail -n 40 "$SERVER_LOG" >&2 || true
-            die "broker not answering on $BOOTSTRAP after ${START_TIMEOUT}s (pid $pid still running; see $SERVER_LOG)"
+            die "broker not answering on $BOOTSTRAP after $((SECONDS - started))s (pid $pid still running; see $SERVER_LOG)"
+        fi
+        if (((SECONDS - started) % 30 == 29)); then
+            loading=$(grep -o '([0-9]*/[0-9]* completed' "$SERVER_LOG" 2>/dev/null | tail -n 1 || true)
+            log "still starting after $((SECONDS - started))s ${loading:+(logs loaded: ${loading#(})}"
+            sleep 1
         fi
         sleep 0.5
     done
-    log "broker answering on $BOOTSTRAP"
+    log "broker answering on $BOOTSTRAP after $((SECONDS - started))s"
 }
 
 cmd_stop() {
@@ -243,7 +259,7 @@ cmd_topics() {
 }
 
 usage() {
-    sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
