@@ -360,7 +360,7 @@ impl<'a> Loop<'a> {
     /// Commits `commit` in one transaction, then writes its state and checkpoints locally.
     fn transact(&mut self, commit: &fold::Commit) -> Result<(), PipelineError> {
         let timeout = self.p.cfg.kafka.transaction_timeout;
-        let checkpoints = transaction::transact(&self.clients, &self.names, commit, timeout)?;
+        let checkpoints = transaction::transact(self.clients, &self.names, commit, timeout)?;
         self.p.store.write(&commit.state, &checkpoints)?;
         Ok(())
     }
