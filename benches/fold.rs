@@ -94,7 +94,7 @@ fn bench(c: &mut Criterion) {
                 assert!(commit.outputs.len() >= EVENTS);
                 commit
             },
-            BatchSize::LargeInput,
+            BatchSize::PerIteration,
         )
     });
     g.finish();

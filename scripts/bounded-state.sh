@@ -43,7 +43,7 @@ while kill -0 $GEN 2>/dev/null; do
     rocks=$(du -sb "$DIR/state" | cut -f1)
     changelog=$(du -scb "$LOGS/$RUN-changelog-"* 2>/dev/null | tail -1 | cut -f1)
     rss=$(( $(awk '/VmRSS/ {print $2}' "/proc/$DD/status") * 1024 ))
-    keys=$(curl -fs "http://127.0.0.1:$PORT/metrics" | awk '/^drawdown_store_keys / {print $2}')
+    keys=$(curl -fs "http://127.0.0.1:$PORT/metrics" | awk '/^drawdown_store_estimated_keys / {print $2}')
     echo "$t,$rocks,$changelog,$rss,${keys:-0}" | tee -a "$DIR/samples.csv"
     sleep 10
 done
