@@ -105,15 +105,36 @@ impl Assignment {
         for (d, customer, meter) in x.store.due_meters(p)? {
             x.due.set(p, &customer, &meter, Some(d));
         }
+        // The input resumes at an explicit position: what was skipped while restoring, else
+        // the group's committed offset (stable: librdkafka asks with `require_stable` under
+        // read_committed), else the start. Left to librdkafka, a partition resumed while its
+        // committed offset was still being fetched (a restore with nothing to replay finishes
+        // within the rebalance) was seen never to fetch again after a broker restart.
+        let mut committed = TopicPartitionList::new();
         for topic in InputTopic::ALL {
-            if let Some(off) = self.skipped.remove(&(topic, p)) {
-                x.clients.consumer.seek(
-                    topic.name(x.topics),
-                    p,
-                    Offset::Offset(off),
-                    Duration::from_secs(10),
-                )?;
+            if !self.skipped.contains_key(&(topic, p)) {
+                committed.add_partition(topic.name(x.topics), p);
             }
+        }
+        let committed = if committed.count() > 0 {
+            x.clients
+                .consumer
+                .committed_offsets(committed, Duration::from_secs(30))?
+        } else {
+            committed
+        };
+        for topic in InputTopic::ALL {
+            let name = topic.name(x.topics);
+            let at = match self.skipped.remove(&(topic, p)) {
+                Some(off) => Offset::Offset(off),
+                None => match committed.find_partition(name, p).map(|e| e.offset()) {
+                    Some(Offset::Offset(off)) => Offset::Offset(off),
+                    _ => Offset::Beginning,
+                },
+            };
+            x.clients
+                .consumer
+                .seek(name, p, at, Duration::from_secs(10))?;
         }
         pause(x.clients, x.topics, &BTreeSet::from([p]), false)?;
         tracing::info!(
