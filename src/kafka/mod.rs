@@ -43,9 +43,11 @@
 //! of a short stop of all partitions per rebalance. On assignment each partition's input is
 //! paused and its state restored from the changelog (from the RocksDB checkpoint, or from the
 //! start after dropping stale local state), incrementally from the poll loop (never inside the
-//! rebalance callback), then resumed; records fetched meanwhile are skipped and re-read. On
-//! revocation the partition's local state is kept for `state_drop_delay` (a quick return restores
-//! from the checkpoint), then dropped.
+//! rebalance callback), then resumed at an explicit position: the first record skipped while it
+//! restored, else the group's committed offset (fetched stable, as read_committed asks), else
+//! the start; records fetched meanwhile are thus re-read. On revocation the partition's local
+//! state is kept for `state_drop_delay` (a quick return restores from the checkpoint), then
+//! dropped.
 //!
 //! # Failures
 //! Any transaction or client error aborts the open transaction if possible, drops the in-memory
