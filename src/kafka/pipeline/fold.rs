@@ -289,9 +289,10 @@ impl Folder {
             outputs: Vec::with_capacity(records.len() * 2),
             offsets,
             books: Vec::with_capacity(books.len()),
+            due: Vec::with_capacity(books.len()),
             ..Default::default()
         };
-        let mut state = StateBatch::new(self.layout);
+        let mut state = StateBatch::with_capacity(self.layout, records.len() * 3);
         for (i, e) in rejected {
             c.outputs
                 .push(self.dead_letter(&records[i], "decode", &e, &mut counts));
