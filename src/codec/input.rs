@@ -3,11 +3,10 @@
 
 use std::borrow::Cow;
 
-use prost::Message;
 use rust_decimal::Decimal;
 
 use super::json::Object;
-use super::{is_protobuf, pb, CodecError};
+use super::{is_protobuf, pb, protobuf, required, CodecError};
 use crate::ledger::{
     parse_amount, CustomerId, EventId, Grant, GrantId, GrantKind, Input, LedgerError, MeterName,
     Usage,
@@ -19,12 +18,9 @@ pub fn decode_usage(
     content_type: Option<&str>,
     key: Option<&[u8]>,
 ) -> Result<Input, CodecError> {
-    let bytes = payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)?;
+    let bytes = super::payload(payload)?;
     let usage = if is_protobuf(content_type) {
-        let m = pb::UsageEvent::decode(bytes).map_err(|e| CodecError::Undecodable {
-            format: "protobuf",
-            message: e.to_string(),
-        })?;
+        let m: pb::UsageEvent = protobuf(bytes)?;
         Usage {
             id: EventId::parse(required(m.id, "id")?)?,
             customer: CustomerId::parse(required(m.customer_id, "customer_id")?)?,
@@ -52,12 +48,9 @@ pub fn decode_command(
     content_type: Option<&str>,
     key: Option<&[u8]>,
 ) -> Result<Input, CodecError> {
-    let bytes = payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)?;
+    let bytes = super::payload(payload)?;
     let input = if is_protobuf(content_type) {
-        let m = pb::CreditCommand::decode(bytes).map_err(|e| CodecError::Undecodable {
-            format: "protobuf",
-            message: e.to_string(),
-        })?;
+        let m: pb::CreditCommand = protobuf(bytes)?;
         match m.command.ok_or(CodecError::MissingField("command"))? {
             pb::credit_command::Command::Grant(g) => Input::Grant(Grant {
                 grant_id: GrantId::parse(required(g.grant_id, "grant_id")?)?,
@@ -184,18 +177,11 @@ fn positive(text: &str) -> Result<Decimal, CodecError> {
     Ok(d)
 }
 
-fn required(s: String, field: &'static str) -> Result<String, CodecError> {
-    if s.is_empty() {
-        Err(CodecError::MissingField(field))
-    } else {
-        Ok(s)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::codec::PROTOBUF;
+    use prost::Message;
 
     #[test]
     fn json_usage_decodes_with_exact_numbers() {

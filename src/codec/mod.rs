@@ -88,6 +88,28 @@ impl CodecError {
     }
 }
 
+/// The payload of a record, which must not be empty.
+fn payload(payload: Option<&[u8]>) -> Result<&[u8], CodecError> {
+    payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)
+}
+
+/// A protobuf message, or why it does not decode.
+fn protobuf<M: prost::Message + Default>(bytes: &[u8]) -> Result<M, CodecError> {
+    M::decode(bytes).map_err(|e| CodecError::Undecodable {
+        format: "protobuf",
+        message: e.to_string(),
+    })
+}
+
+/// A protobuf string field that must be set.
+fn required(s: String, field: &'static str) -> Result<String, CodecError> {
+    if s.is_empty() {
+        Err(CodecError::MissingField(field))
+    } else {
+        Ok(s)
+    }
+}
+
 fn is_protobuf(content_type: Option<&str>) -> bool {
     matches!(
         content_type.map(|c| c.split(';').next().unwrap_or("").trim()),

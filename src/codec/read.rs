@@ -1,11 +1,10 @@
 //! Reading the outputs back (the load generator's verifier, tools and tests): the inverse of
 //! [`super::output`].
 
-use prost::Message;
 use rust_decimal::Decimal;
 use serde_json::Value;
 
-use super::{is_protobuf, pb, top_up_source_label, CodecError};
+use super::{is_protobuf, pb, protobuf, required, top_up_source_label, CodecError};
 use crate::ledger::{
     BalanceChanged, CustomerId, MeterName, TopUpRequested, TopUpSource, Transition, TransitionKind,
 };
@@ -14,24 +13,16 @@ fn parse_json(bytes: &[u8]) -> Result<Value, CodecError> {
     serde_json::from_slice(bytes).map_err(undecodable_json)
 }
 
-fn required(s: String, field: &'static str) -> Result<String, CodecError> {
-    if s.is_empty() {
-        Err(CodecError::MissingField(field))
-    } else {
-        Ok(s)
-    }
-}
-
 /// Decodes a record of the `balance-changed` topic (as [`super::encode_changed`] writes it).
 pub fn decode_changed(
     payload: Option<&[u8]>,
     content_type: Option<&str>,
 ) -> Result<BalanceChanged, CodecError> {
-    let bytes = payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)?;
+    let bytes = super::payload(payload)?;
     if !is_protobuf(content_type) {
         return serde_json::from_slice(bytes).map_err(undecodable_json);
     }
-    let m = pb::BalanceChanged::decode(bytes).map_err(undecodable_protobuf)?;
+    let m: pb::BalanceChanged = protobuf(bytes)?;
     Ok(BalanceChanged {
         customer_id: CustomerId::parse(m.customer_id)?,
         meter: MeterName::parse(m.meter)?,
@@ -54,7 +45,7 @@ pub fn decode_transition(
     content_type: Option<&str>,
 ) -> Result<Transition, CodecError> {
     use pb::balance_transition::Transition as T;
-    let bytes = payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)?;
+    let bytes = super::payload(payload)?;
     if !is_protobuf(content_type) {
         let mut v = parse_json(bytes)?;
         if let Some(o) = v.as_object_mut() {
@@ -64,7 +55,7 @@ pub fn decode_transition(
         }
         return serde_json::from_value(v).map_err(undecodable_json);
     }
-    let m = pb::BalanceTransition::decode(bytes).map_err(undecodable_protobuf)?;
+    let m: pb::BalanceTransition = protobuf(bytes)?;
     // The three messages share their fields.
     macro_rules! common {
         ($x:expr) => {
@@ -101,11 +92,11 @@ pub fn decode_top_up(
     payload: Option<&[u8]>,
     content_type: Option<&str>,
 ) -> Result<TopUpRequested, CodecError> {
-    let bytes = payload.filter(|p| !p.is_empty()).ok_or(CodecError::Empty)?;
+    let bytes = super::payload(payload)?;
     if !is_protobuf(content_type) {
         return serde_json::from_slice(bytes).map_err(undecodable_json);
     }
-    let m = pb::TopUpRequested::decode(bytes).map_err(undecodable_protobuf)?;
+    let m: pb::TopUpRequested = protobuf(bytes)?;
     let optional = |field, text: &str| {
         (!text.is_empty())
             .then(|| output_decimal(field, text))
@@ -151,13 +142,6 @@ fn reason_of(label: &str) -> Result<crate::ledger::Reason, CodecError> {
 fn undecodable_json(e: serde_json::Error) -> CodecError {
     CodecError::Undecodable {
         format: "json",
-        message: e.to_string(),
-    }
-}
-
-fn undecodable_protobuf(e: prost::DecodeError) -> CodecError {
-    CodecError::Undecodable {
-        format: "protobuf",
         message: e.to_string(),
     }
 }
