@@ -22,7 +22,8 @@ pub const RECORDS_DUPLICATE: &str = "drawdown_records_duplicate_total";
 pub const RECORDS_UNMETERED: &str = "drawdown_records_unmetered_total";
 /// Input records sent to the dead-letter topic, by `reason` and `stage`.
 pub const RECORDS_REJECTED: &str = "drawdown_records_rejected_total";
-/// Input records found in a partition other than murmur2(customer) says.
+/// Input records without a key or in a partition other than murmur2(customer) says (each also
+/// dead-lettered as `misrouted`).
 pub const RECORDS_MISROUTED: &str = "drawdown_records_misrouted_total";
 /// Output records produced (committed), by `topic`.
 pub const OUTPUTS_PRODUCED: &str = "drawdown_outputs_produced_total";
@@ -123,12 +124,13 @@ pub const OUTPUT_TOPICS: [&str; 5] = [
     "top_up_requests",
 ];
 /// `reason` labels of records rejected while decoding (`codec::CodecError::reason`).
-pub const DECODE_REASONS: [&str; 9] = [
+pub const DECODE_REASONS: [&str; 10] = [
     "empty",
     "undecodable",
     "missing_field",
     "wrong_type",
     "key_mismatch",
+    "misrouted",
     "invalid_id",
     "invalid_amount",
     "missing_property",
@@ -243,7 +245,7 @@ fn describe() {
     describe_counter!(
         RECORDS_MISROUTED,
         Unit::Count,
-        "Input records in a partition other than murmur2(customer_id) gives."
+        "Input records without a key or in a partition other than murmur2(customer_id) gives (dead-lettered, never applied)."
     );
     describe_counter!(
         OUTPUTS_PRODUCED,

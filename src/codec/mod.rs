@@ -72,6 +72,10 @@ pub enum CodecError {
         /// The payload's customer.
         customer: String,
     },
+    /// The record is not in the partition murmur2(customer_id) gives, or has no key: applying
+    /// it would split the customer's ledger across two partitions (see `docs/topics.md`).
+    #[error("misrouted: {0}")]
+    Misrouted(String),
 }
 
 impl CodecError {
@@ -84,6 +88,7 @@ impl CodecError {
             CodecError::WrongType { .. } => "wrong_type",
             CodecError::Invalid(e) => e.reason(),
             CodecError::KeyMismatch { .. } => "key_mismatch",
+            CodecError::Misrouted(_) => "misrouted",
         }
     }
 }

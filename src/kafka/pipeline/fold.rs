@@ -250,12 +250,9 @@ impl Folder {
                 InputTopic::Usage => codec::decode_usage(payload, ct, key),
                 InputTopic::Grants => codec::decode_command(payload, ct, key),
             };
-            match decoded {
+            match decoded.and_then(|input| self.route(r, input, &mut d.counts)) {
                 Ok(input) => {
                     let customer = input.customer().clone();
-                    if partition_for(customer.as_str().as_bytes(), self.partitions) != r.partition {
-                        d.counts.misrouted += 1;
-                    }
                     let g = d.group(r.partition, &customer);
                     input.refs(&mut g.refs);
                     g.inputs.push((i, input));
@@ -264,6 +261,33 @@ impl Folder {
             }
         }
         d
+    }
+
+    /// `input` if `r` is keyed and in the partition murmur2 of its customer gives; a record
+    /// elsewhere is never applied (its customer's book, dedupe and history live in that one
+    /// partition), but dead-lettered as `misrouted`.
+    fn route(
+        &self,
+        r: &InputRecord<'_>,
+        input: Input,
+        counts: &mut Counts,
+    ) -> Result<Input, CodecError> {
+        let customer = input.customer().as_str();
+        let expected = partition_for(customer.as_bytes(), self.partitions);
+        let why = match r.key {
+            None | Some([]) => format!(
+                "record has no key; key it by customer_id {customer:?} \
+                 (partition {expected} by murmur2)"
+            ),
+            Some(_) if expected != r.partition => format!(
+                "customer_id {customer:?} belongs in partition {expected} (murmur2 of the key), \
+                 the record is in partition {}",
+                r.partition
+            ),
+            Some(_) => return Ok(input),
+        };
+        counts.misrouted += 1;
+        Err(CodecError::Misrouted(why))
     }
 
     /// Folds a decoded batch of `records` over `books` (loaded for [`Decoded::requests`], in
@@ -442,3 +466,7 @@ impl Folder {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "fold_tests.rs"]
+mod tests;
