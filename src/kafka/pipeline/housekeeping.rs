@@ -2,7 +2,7 @@
 //! index, and forgetting usage ids older than the dedupe window by dropping whole time buckets
 //! of deltas (see the `store` module docs).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::fold::DueUpdate;
@@ -13,14 +13,30 @@ use crate::store::{StateWrite, Store, StoreError};
 
 /// When each owned meter next has a time-driven change (activation or expiry), so the tick
 /// touches only what is due instead of scanning the store.
+///
+/// Only configured meters are indexed. A book may still hold a meter removed from the config;
+/// the rules never advance it, so its due time would never move, and enough of them would fill
+/// every tick's budget and starve the meters that are configured.
 #[derive(Default)]
 pub(super) struct DueIndex {
     by_time: BTreeSet<(i64, i32, CustomerId, MeterName)>,
     by_key: HashMap<(i32, CustomerId, MeterName), i64>,
+    meters: HashSet<MeterName>,
 }
 
 impl DueIndex {
+    /// An empty index of the meters `meters`.
+    pub(super) fn new(meters: &[MeterName]) -> Self {
+        Self {
+            meters: meters.iter().cloned().collect(),
+            ..Default::default()
+        }
+    }
+
     pub(super) fn set(&mut self, p: i32, c: &CustomerId, m: &MeterName, due: Option<i64>) {
+        if !self.meters.contains(m) {
+            return;
+        }
         let key = (p, c.clone(), m.clone());
         if let Some(old) = self.by_key.remove(&key) {
             self.by_time.remove(&(old, p, c.clone(), m.clone()));
@@ -120,9 +136,9 @@ pub(super) struct Housekeeping {
 }
 
 impl Housekeeping {
-    pub(super) fn new(cfg: &PipelineConfig) -> Self {
+    pub(super) fn new(cfg: &PipelineConfig, meters: &[MeterName]) -> Self {
         Self {
-            due: DueIndex::default(),
+            due: DueIndex::new(meters),
             deltas: Deltas::default(),
             tick_interval: cfg.tick_interval,
             dedupe_window_ms: cfg.dedupe_window.as_millis().min(i64::MAX as u128) as i64,
@@ -179,5 +195,40 @@ impl Housekeeping {
                 set.remove(b);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(s: &str) -> CustomerId {
+        CustomerId::parse(s.to_string()).unwrap()
+    }
+
+    fn meter(s: &str) -> MeterName {
+        MeterName::parse(s.to_string()).unwrap()
+    }
+
+    #[test]
+    fn meters_removed_from_the_config_never_starve_the_tick() {
+        let mut due = DueIndex::new(&[meter("api_calls")]);
+        for i in 0..20_000 {
+            due.set(0, &id(&format!("old-{i}")), &meter("gone"), Some(1));
+        }
+        due.set(0, &id("alice"), &meter("api_calls"), Some(5));
+        assert_eq!(due.len(), 1, "the unknown meter is not indexed");
+        assert_eq!(due.due(10, 10_000), [(0, id("alice"))]);
+    }
+
+    #[test]
+    fn a_meter_leaves_the_index_when_nothing_is_due_any_more() {
+        let mut due = DueIndex::new(&[meter("api_calls")]);
+        due.set(3, &id("alice"), &meter("api_calls"), Some(5));
+        assert_eq!(due.due(4, 10), []);
+        assert_eq!(due.due(5, 10), [(3, id("alice"))]);
+        due.set(3, &id("alice"), &meter("api_calls"), None);
+        assert_eq!(due.due(i64::MAX, 10), []);
+        assert_eq!(due.len(), 0);
     }
 }

@@ -233,7 +233,7 @@ impl<'a> Loop<'a> {
             clients,
             restorer: Restorer::new(&p.cfg)?,
             assignment: Assignment::default(),
-            housekeeping: Housekeeping::new(&p.cfg.pipeline),
+            housekeeping: Housekeeping::new(&p.cfg.pipeline, p.folder.meters()),
             cache: BookCache::new(p.cfg.store.book_cache_mb << 20),
             names: TopicNames::new(&p.cfg),
         };
