@@ -228,6 +228,16 @@ pub struct LoopStatus {
 }
 
 impl LoopStatus {
+    /// The loop's number.
+    fn id(&self) -> usize {
+        self.id
+    }
+
+    /// Marks the whole pipeline as stopped for good.
+    fn set_failed(&self) {
+        self.status.set_failed();
+    }
+
     fn set_running(&self, running: bool) {
         self.status.update(self.id, |s| s.running = running);
     }

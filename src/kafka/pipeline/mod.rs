@@ -155,24 +155,7 @@ impl Pipeline {
     /// stops every loop: the process must exit and be restarted or fixed).
     fn supervise(&self, id: usize) -> Result<(), PipelineError> {
         let status = self.status.for_loop(id);
-        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            self.restart_loop(id, &status)
-        }));
-        let result = run.unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default();
-            Err(PipelineError::Panicked(what))
-        });
-        status.set_running(false);
-        if let Err(e) = &result {
-            tracing::error!(error = %e, thread = id, "the pipeline cannot go on: stopping drawdown");
-            self.status.set_failed();
-            self.shutdown.trigger();
-        }
-        result
+        stop_on_failure(&status, &self.shutdown, || self.restart_loop(id, &status))
     }
 
     fn restart_loop(&self, id: usize, status: &LoopStatus) -> Result<(), PipelineError> {
@@ -199,6 +182,33 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+/// Runs loop `status` with `run`. If it fails for good or panics, the instance is failed at once
+/// (`/readyz` 503, no partition served or announced) and shutdown is triggered, so the process
+/// exits non-zero and its orchestrator restarts it; its partitions move to other members.
+fn stop_on_failure(
+    status: &LoopStatus,
+    shutdown: &Shutdown,
+    run: impl FnOnce() -> Result<(), PipelineError>,
+) -> Result<(), PipelineError> {
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(
+        |panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(PipelineError::Panicked(what))
+        },
+    );
+    if let Err(e) = &result {
+        tracing::error!(error = %e, thread = status.id(), "the pipeline cannot go on: stopping drawdown");
+        status.set_failed();
+        shutdown.trigger();
+    }
+    status.set_running(false);
+    result
 }
 
 /// What one poll of the loop brought.
@@ -462,5 +472,49 @@ fn input_record<'m>(m: &'m BorrowedMessage<'_>, usage_topic: &str) -> InputRecor
         key: m.key(),
         payload: m.payload(),
         content_type,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use super::*;
+
+    #[test]
+    fn a_panicking_loop_fails_the_instance_and_stops_the_process() {
+        let status = Arc::new(PipelineStatus::new(2));
+        let shutdown = Shutdown::default();
+        for id in 0..2 {
+            let l = status.for_loop(id);
+            l.set_running(true);
+            l.set_assigned(BTreeSet::from([id as i32]));
+            l.set_restoring(BTreeMap::new());
+        }
+        assert!(status.is_ready() && status.serves(0) && status.serves(1));
+        let result = stop_on_failure(&status.for_loop(1), &shutdown, || {
+            panic!("a bug in the fold")
+        });
+        assert!(
+            matches!(&result, Err(PipelineError::Panicked(m)) if m == "a bug in the fold"),
+            "{result:?}"
+        );
+        assert!(result.unwrap_err().is_fatal(), "no retry: the process exits");
+        assert!(shutdown.is_triggered());
+        assert!(!status.is_ready(), "/readyz turns 503 at once");
+        assert!(
+            !status.serves(0) && !status.serves(1),
+            "no partition is served or announced, not even the other loop's"
+        );
+    }
+
+    #[test]
+    fn a_loop_that_stops_cleanly_leaves_the_instance_alone() {
+        let status = Arc::new(PipelineStatus::new(1));
+        let shutdown = Shutdown::default();
+        stop_on_failure(&status.for_loop(0), &shutdown, || Ok(())).unwrap();
+        assert!(!shutdown.is_triggered());
+        status.for_loop(0).set_running(true);
+        assert!(status.is_running(), "not failed: it may run again");
     }
 }
