@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use std::time::{Duration, Instant};
 use drawdown::codec::pb;
 use prost::Message;
 use serde_json::{json, Value};
@@ -325,5 +326,53 @@ async fn state_is_restored_from_the_changelog_after_losing_the_disk() {
         .await;
     assert_eq!(page2["events"][0]["version"], 2);
     let _ = json!(null);
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_comes_from_state_not_restored_yet() {
+    let names = Names::new();
+    let app = spawn_app(&names).await;
+    let customers: Vec<String> = (0..2000).map(|i| format!("r{i}")).collect();
+    let grants: Vec<Value> = customers
+        .iter()
+        .map(|c| grant(c, "g1", "api_calls", "5"))
+        .collect();
+    app.grants(&grants);
+    for c in customers.iter().rev().take(50) {
+        app.meter_until(c, "api_calls", |b| b["version"] == 1).await;
+    }
+    app.stop().await;
+    std::fs::remove_dir_all(names.dir.join("state")).unwrap();
+    // A new instance on an empty disk, asked from the first moment: every answer is either
+    // "not here yet" (503) or the restored balance, and ready means restored.
+    let app = start_app_with(&names, names.config()).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let (mut ready_seen, mut answered, mut unavailable) = (0, 0, 0);
+    for i in 0usize.. {
+        assert!(Instant::now() < deadline, "not ready within 60 s");
+        let c = &customers[(i * 7919) % customers.len()];
+        let (status, body) = app.get("/readyz").await;
+        let (mstatus, m) = app
+            .get(&format!("/v1/customers/{c}/meters/api_calls"))
+            .await;
+        match mstatus {
+            200 => {
+                answered += 1;
+                assert_eq!(m["balance"], "5", "{c}: answered from unrestored state: {m}");
+            }
+            503 => unavailable += 1,
+            other => panic!("{c}: {other} {m}"),
+        }
+        if status == 200 {
+            assert_eq!(body["ready"], true);
+            ready_seen += 1;
+            if ready_seen >= 50 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(answered >= 40, "answered {answered}, unavailable {unavailable}");
     app.stop().await;
 }

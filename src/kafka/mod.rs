@@ -250,10 +250,12 @@ impl LoopStatus {
         });
     }
 
-    /// Assigned `owned` (possibly nothing) in a new generation.
-    fn set_assigned(&self, owned: BTreeSet<i32>) {
+    /// Assigned `owned` (possibly nothing) in a new generation, of which `restoring` are not
+    /// restored yet: one update, so no reader sees them owned and not restoring.
+    fn set_assigned(&self, owned: BTreeSet<i32>, restoring: BTreeMap<i32, i64>) {
         self.status.update(self.id, |s| {
             s.owned = owned;
+            s.restoring = restoring;
             s.assigned = true;
         });
     }

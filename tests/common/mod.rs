@@ -145,6 +145,13 @@ pub async fn spawn_app(names: &Names) -> TestApp {
 
 /// Like [`spawn_app`], with a config the test adjusted.
 pub async fn spawn_app_with(names: &Names, cfg: Config) -> TestApp {
+    let t = start_app_with(names, cfg).await;
+    t.wait_ready().await;
+    t
+}
+
+/// Starts the app without waiting for it to be ready.
+pub async fn start_app_with(names: &Names, cfg: Config) -> TestApp {
     let app = Application::build(cfg.clone()).await.expect("app builds");
     let base = format!("http://{}", app.addr());
     let shutdown = app.shutdown_handle();
@@ -157,7 +164,6 @@ pub async fn spawn_app_with(names: &Names, cfg: Config) -> TestApp {
         task,
         http: authed_client(),
     };
-    t.wait_ready().await;
     t
 }
 

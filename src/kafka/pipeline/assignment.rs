@@ -74,7 +74,6 @@ impl Assignment {
                 RebalanceEvent::Assign(parts) => {
                     tracing::info!(partitions = ?parts, "partitions assigned");
                     self.owned = parts.clone();
-                    x.status.set_assigned(self.owned.clone());
                     for p in &parts {
                         self.released.remove(p);
                     }
@@ -84,6 +83,11 @@ impl Assignment {
                             self.finish_restore(r, x)?;
                         }
                     }
+                    // Owned and restoring change in one step: the API must never see a
+                    // partition owned and not (yet) marked restoring, and answer from a store
+                    // that lacks its state.
+                    x.status
+                        .set_assigned(self.owned.clone(), x.restorer.remaining());
                 }
             }
         }

@@ -488,8 +488,7 @@ mod tests {
         for id in 0..2 {
             let l = status.for_loop(id);
             l.set_running(true);
-            l.set_assigned(BTreeSet::from([id as i32]));
-            l.set_restoring(BTreeMap::new());
+            l.set_assigned(BTreeSet::from([id as i32]), BTreeMap::new());
         }
         assert!(status.is_ready() && status.serves(0) && status.serves(1));
         let result = stop_on_failure(&status.for_loop(1), &shutdown, || {
