@@ -127,7 +127,8 @@ impl Application {
             self.status.clone(),
             self.shutdown.clone(),
             self.partitions,
-        );
+        )
+        .context("listing the partitions in the store")?;
         let span = tracing::Span::current();
         let worker = std::thread::Builder::new()
             .name("pipeline".into())

@@ -3,10 +3,10 @@
 mod common;
 
 use common::*;
-use std::time::{Duration, Instant};
 use drawdown::codec::pb;
 use prost::Message;
 use serde_json::{json, Value};
+use std::time::{Duration, Instant};
 
 fn dec(v: &Value) -> rust_decimal::Decimal {
     v.as_str().expect("decimal as string").parse().unwrap()
@@ -359,7 +359,10 @@ async fn no_answer_comes_from_state_not_restored_yet() {
         match mstatus {
             200 => {
                 answered += 1;
-                assert_eq!(m["balance"], "5", "{c}: answered from unrestored state: {m}");
+                assert_eq!(
+                    m["balance"], "5",
+                    "{c}: answered from unrestored state: {m}"
+                );
             }
             503 => unavailable += 1,
             other => panic!("{c}: {other} {m}"),
@@ -373,6 +376,70 @@ async fn no_answer_comes_from_state_not_restored_yet() {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    assert!(answered >= 40, "answered {answered}, unavailable {unavailable}");
+    assert!(
+        answered >= 40,
+        "answered {answered}, unavailable {unavailable}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_state_ahead_of_a_recreated_changelog_is_dropped_and_restored_from_scratch() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let names = Names::new();
+    let app = spawn_app(&names).await;
+    let grants: Vec<Value> = (0..20)
+        .map(|i| grant(&format!("hank{i}"), "g1", "api_calls", "5"))
+        .collect();
+    app.grants(&grants);
+    for i in 0..20 {
+        app.meter_until(&format!("hank{i}"), "api_calls", |b| b["version"] == 1)
+            .await;
+    }
+    app.stop().await;
+    // The changelog is deleted and recreated empty: the store's checkpoints are now above its
+    // log end, and the store no longer reflects it.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let changelog = names.config().changelog_topic();
+    admin
+        .delete_topics(&[&changelog], &AdminOptions::new())
+        .await
+        .unwrap();
+    // Deletion is asynchronous; the app recreates the topic when it is gone.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(&changelog), Duration::from_secs(5))
+            .unwrap();
+        if md.topics()[0].partitions().is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "changelog not deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let app = spawn_app(&names).await;
+    // The state comes from the (empty) changelog, not from the stale store.
+    for i in 0..20 {
+        let (status, body) = app
+            .get(&format!("/v1/customers/hank{i}/meters/api_calls"))
+            .await;
+        assert_eq!(
+            status, 404,
+            "hank{i}: served from a store the changelog does not back: {body}"
+        );
+    }
+    // And the pipeline goes on from there.
+    app.grants(&[grant("hank0", "g2", "api_calls", "3")]);
+    let m = app
+        .meter_until("hank0", "api_calls", |b| b["version"] == 1)
+        .await;
+    assert_eq!(m["balance"], "3");
     app.stop().await;
 }

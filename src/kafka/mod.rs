@@ -41,13 +41,21 @@
 //! transaction open while it polls, so a revocation only discards the uncommitted in-memory batch
 //! and every assignment restarts from the committed offsets: simple to reason about, at the cost
 //! of a short stop of all partitions per rebalance. On assignment each partition's input is
-//! paused and its state restored from the changelog (from the RocksDB checkpoint, or from the
-//! start after dropping stale local state), incrementally from the poll loop (never inside the
-//! rebalance callback), then resumed at an explicit position: the first record skipped while it
-//! restored, else the group's committed offset (fetched stable, as read_committed asks), else
-//! the start; records fetched meanwhile are thus re-read. On revocation the partition's local
-//! state is kept for `state_drop_delay` (a quick return restores from the checkpoint), then
-//! dropped.
+//! paused and handed over in three steps, from the poll loop (never inside the rebalance
+//! callback; see `pipeline::assignment`):
+//! 1. fetch the group's committed input offsets, *stable* (so a previous owner's open
+//!    transaction, stalled or not, is committed or aborted first);
+//! 2. restore its state from the changelog (from the RocksDB checkpoint, or from the start after
+//!    dropping stale local state) up to the log end as of then, not merely to the first
+//!    end-of-partition, which read_committed reports at the last stable offset;
+//! 3. resume the input exactly at the offsets of step 1.
+//!
+//! Until then the partition counts as restoring: not served by the API, not ready. A checkpoint
+//! above the changelog's log end (the topic was recreated) drops the local state and restores
+//! from scratch, with a warning. On revocation the partition's local state is kept for
+//! `state_drop_delay` (a quick return restores from the checkpoint), then dropped, unless another
+//! loop of the process owns it by then; state found on disk at start-up and not assigned is
+//! dropped the same way.
 //!
 //! # Failures
 //! Any transaction or client error aborts the open transaction if possible, drops the in-memory

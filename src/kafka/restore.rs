@@ -4,6 +4,21 @@
 //! never stops the member from heartbeating or handling a rebalance (restoring inside the
 //! rebalance callback, or for longer than `max.poll.interval.ms` without polling, gets the member
 //! evicted). The partition's input stays paused until its restore is done.
+//!
+//! # Where a restore ends
+//! A restore replays, read_committed, until its position reaches the changelog's **log end**
+//! (read_uncommitted high watermark) as queried when it began. Not the first end-of-partition:
+//! under read_committed that comes at the last stable offset (LSO), below any open transaction,
+//! and the records of a transaction that commits a moment later would be missed. (librdkafka's
+//! `query_watermark_offsets` honours `isolation.level`: a read_committed client is told the LSO.)
+//! The loop begins a restore only after the partition's committed input offsets are stable (see
+//! `pipeline::assignment`), so every transaction of the previous owner is resolved by then and the
+//! LSO reaches that log end. The position advances past aborted records and transaction markers.
+//!
+//! A checkpoint above the log end means the changelog is not the one the store was built from
+//! (the topic was deleted and recreated, or truncated): the local state is dropped and the
+//! partition restored from scratch, with a warning. A checkpoint above the LSO but within the
+//! log end is normal (a committed transaction whose markers are still being written).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -50,7 +65,7 @@ pub enum RestoreError {
 struct Progress {
     /// Next changelog offset to apply.
     next: i64,
-    /// The end seen when the restore began (progress reporting only: the restore runs to EOF).
+    /// The log end when the restore began: it is done when its position reaches it.
     high: i64,
     records: u64,
     started: Instant,
@@ -71,6 +86,8 @@ pub struct Restored {
 /// Replays changelog partitions into the store.
 pub(super) struct Restorer {
     consumer: BaseConsumer<QuietEof>,
+    /// read_uncommitted, for the log end only (never assigned).
+    ends: BaseConsumer<QuietEof>,
     changelog: String,
     active: BTreeMap<i32, Progress>,
 }
@@ -89,8 +106,14 @@ impl Restorer {
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "20")
             .create_with_context(QuietEof)?;
+        let ends = super::client_config(&cfg.kafka)
+            .set("group.id", format!("{}-restore", cfg.kafka.group_id))
+            .set("enable.auto.commit", "false")
+            .set("isolation.level", "read_uncommitted")
+            .create_with_context(QuietEof)?;
         Ok(Self {
             consumer,
+            ends,
             changelog: cfg.changelog_topic(),
             active: BTreeMap::new(),
         })
@@ -116,19 +139,31 @@ impl Restorer {
         p: i32,
     ) -> Result<Option<Restored>, RestoreError> {
         let started = Instant::now();
-        let checkpoint = store.checkpoint(p)?;
+        let mut checkpoint = store.checkpoint(p)?;
+        let timeout = Duration::from_secs(30);
+        let (low, _) = self
+            .consumer
+            .fetch_watermarks(&self.changelog, p, timeout)?;
+        let (_, high) = self.ends.fetch_watermarks(&self.changelog, p, timeout)?;
+        if let Some(c) = checkpoint.filter(|c| *c > high) {
+            tracing::warn!(
+                partition = p,
+                checkpoint = c,
+                log_end = high,
+                "the local state is ahead of the changelog (was the changelog topic recreated?): \
+                 dropping it and restoring the partition from scratch"
+            );
+            checkpoint = None;
+        }
         if checkpoint.is_none() {
             store.drop_partition(p)?;
         }
-        let (low, high) =
-            self.consumer
-                .fetch_watermarks(&self.changelog, p, Duration::from_secs(30))?;
         let start = checkpoint.unwrap_or(low).max(low);
         if start >= high {
             if checkpoint.is_none() {
                 store.restore(p, &[], start)?;
             }
-            tracing::info!(partition = p, checkpoint = ?checkpoint, high, "state up to date, nothing to restore");
+            tracing::info!(partition = p, checkpoint = ?checkpoint, log_end = high, "state up to date, nothing to restore");
             return Ok(Some(Restored {
                 partition: p,
                 records: 0,
@@ -157,7 +192,8 @@ impl Restorer {
         Ok(None)
     }
 
-    /// Applies changelog records for up to `budget`; returns the partitions that reached the end.
+    /// Applies changelog records for up to `budget`; returns the partitions whose position
+    /// reached the log end they began with.
     pub(super) fn step(
         &mut self,
         store: &Store,
@@ -183,36 +219,65 @@ impl Restorer {
                         metrics::counter!(m::RESTORE_RECORDS).increment(pr.pending.len() as u64);
                         pr.pending.clear();
                     }
+                    if pr.next >= pr.high {
+                        done.push(self.finish(store, p)?);
+                    }
                 }
-                Some(Err(KafkaError::PartitionEOF(p))) => {
-                    let Some(pr) = self.active.remove(&p) else {
-                        continue;
-                    };
-                    store.restore(p, &pr.pending, pr.next)?;
-                    metrics::counter!(m::RESTORE_RECORDS).increment(pr.pending.len() as u64);
-                    let mut tpl = TopicPartitionList::new();
-                    tpl.add_partition(&self.changelog, p);
-                    self.consumer.incremental_unassign(&tpl)?;
-                    let secs = pr.started.elapsed().as_secs_f64();
-                    let rate = pr.records as f64 / secs.max(1e-9);
-                    tracing::info!(
-                        partition = p,
-                        records = pr.records,
-                        secs,
-                        records_per_sec = rate as u64,
-                        "restored from the changelog"
-                    );
-                    done.push(Restored {
-                        partition: p,
-                        records: pr.records,
-                        secs,
-                    });
+                Some(Err(KafkaError::PartitionEOF(_))) | None => {
+                    // At the LSO: done if the position (past markers and aborted records) is
+                    // at the log end; else a transaction is still being resolved.
+                    for p in self.at_log_end()? {
+                        done.push(self.finish(store, p)?);
+                    }
                 }
                 Some(Err(e)) => return Err(e.into()),
-                None => {}
             }
         }
         Ok(done)
+    }
+
+    /// The active partitions whose consumer position reached their log end.
+    fn at_log_end(&self) -> Result<Vec<i32>, RestoreError> {
+        let position = self.consumer.position()?;
+        Ok(self
+            .active
+            .iter()
+            .filter(|(p, pr)| {
+                let at = match position
+                    .find_partition(&self.changelog, **p)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(o)) => o,
+                    _ => pr.next,
+                };
+                at.max(pr.next) >= pr.high
+            })
+            .map(|(p, _)| *p)
+            .collect())
+    }
+
+    /// Writes what is pending of `p`'s restore with its checkpoint, and stops reading `p`.
+    fn finish(&mut self, store: &Store, p: i32) -> Result<Restored, RestoreError> {
+        let pr = self.active.remove(&p).expect("an active restore");
+        store.restore(p, &pr.pending, pr.next.max(pr.high))?;
+        metrics::counter!(m::RESTORE_RECORDS).increment(pr.pending.len() as u64);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&self.changelog, p);
+        self.consumer.incremental_unassign(&tpl)?;
+        let secs = pr.started.elapsed().as_secs_f64();
+        let rate = pr.records as f64 / secs.max(1e-9);
+        tracing::info!(
+            partition = p,
+            records = pr.records,
+            secs,
+            records_per_sec = rate as u64,
+            "restored from the changelog"
+        );
+        Ok(Restored {
+            partition: p,
+            records: pr.records,
+            secs,
+        })
     }
 
     /// Abandons every restore in progress (on revocation). What was written stays valid: each

@@ -139,6 +139,19 @@ pub(super) fn checkpoint(p: i32) -> Vec<u8> {
     k
 }
 
+/// The prefix of every checkpoint key.
+pub(super) fn checkpoint_prefix() -> [u8; 1] {
+    [CHECKPOINT]
+}
+
+/// The partition of a checkpoint key.
+pub(super) fn checkpoint_partition(key: &[u8]) -> Option<i32> {
+    match key {
+        [CHECKPOINT, hi, lo] => Some(u16::from_be_bytes([*hi, *lo]) as i32),
+        _ => None,
+    }
+}
+
 /// `[lo, hi)` covering every state key of partition `p`.
 pub(super) fn partition_range(p: i32) -> (Vec<u8>, Vec<u8>) {
     let lo = kind_prefix(p, Kind::Book)[..3].to_vec();

@@ -328,6 +328,16 @@ impl Store {
         }))
     }
 
+    /// The partitions this store holds state of (those with a checkpoint).
+    pub fn partitions(&self) -> Result<Vec<i32>, StoreError> {
+        let mut out = Vec::new();
+        self.scan(&keys::checkpoint_prefix(), |k, _| {
+            out.extend(keys::checkpoint_partition(k));
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
     /// Writes the local part of `writes` and the checkpoints (next changelog offset per
     /// partition) atomically, then applies any new horizon.
     pub fn write(

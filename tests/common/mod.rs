@@ -156,15 +156,14 @@ pub async fn start_app_with(names: &Names, cfg: Config) -> TestApp {
     let base = format!("http://{}", app.addr());
     let shutdown = app.shutdown_handle();
     let task = tokio::spawn(app.run_until_stopped());
-    let t = TestApp {
+    TestApp {
         names: names.clone(),
         cfg,
         base,
         shutdown,
         task,
         http: authed_client(),
-    };
-    t
+    }
 }
 
 impl TestApp {

@@ -1,14 +1,36 @@
-//! Which partitions the loop owns, and what a rebalance does to them: on assignment the inputs
-//! are paused and the state restored (incrementally, see [`crate::kafka::restore`]), then the
-//! input is rewound to anything skipped meanwhile and resumed; on revocation the uncommitted
-//! work is dropped and the local state kept for `state_drop_delay`.
+//! Which partitions the loop owns, and what a rebalance does to them.
+//!
+//! # The handover of a partition
+//! On assignment the partition's inputs are paused, and it goes through three steps before its
+//! input resumes. Until the last one it counts as restoring: not served, not ready.
+//! 1. **Settle.** Fetch the group's committed input offsets, *stable* (librdkafka asks with
+//!    `require_stable` under read_committed: the broker refuses while a transaction holding
+//!    offsets for the partition is open). The previous owner may be stalled inside a
+//!    transaction that holds both its changelog records and its offsets; it commits or aborts
+//!    (at the latest when the transaction times out), and only then is the answer given. A fetch
+//!    that is refused is retried at the next turn of the loop, which keeps polling meanwhile.
+//! 2. **Restore** the state from the changelog, incrementally, up to the log end as of now (see
+//!    [`crate::kafka::restore`]): every transaction of the previous owner is resolved, so this
+//!    includes all it committed.
+//! 3. **Resume** the input exactly at the offsets of step 1: everything before them is in the
+//!    restored state, nothing after them is.
+//!
+//! Restoring first and fetching the offsets after (as before this design) lost a batch: the
+//! restore stopped at the open transaction's first record, the offsets fetch then waited for it
+//! to commit, and the partition resumed after that batch without its state.
+//!
+//! On revocation the uncommitted work is dropped and the local state kept for
+//! `state_drop_delay` (see [`super::claims`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
+use super::claims::Claims;
 use super::clients::{Clients, RebalanceEvent};
 use super::housekeeping::{Deltas, DueIndex};
 use super::PipelineError;
@@ -17,17 +39,18 @@ use crate::kafka::restore::{Restored, Restorer};
 use crate::kafka::{InputTopic, LoopStatus};
 use crate::store::{BookCache, Store};
 
+/// How long one attempt to fetch a partition's stable offsets may block the loop.
+const SETTLE_ATTEMPT: Duration = Duration::from_millis(200);
+
 /// The partitions of this loop and the bookkeeping of their moves.
 #[derive(Default)]
 pub(super) struct Assignment {
-    /// The partitions owned now (restored or restoring).
+    /// The partitions owned now (settling, restoring or serving).
     pub(super) owned: BTreeSet<i32>,
-    /// Input positions of records polled for a partition still restoring: they were not
-    /// processed, so the partition is rewound there when its restore is done.
-    skipped: HashMap<(InputTopic, i32), i64>,
-    /// Partitions that moved away, and since when: their local state is dropped after a delay
-    /// (it is kept a while so a quick return restores from the checkpoint, not from scratch).
-    released: HashMap<i32, Instant>,
+    /// Partitions waiting for stable committed offsets, since when.
+    settling: BTreeMap<i32, Instant>,
+    /// Where each partition's input resumes once restored (from its stable committed offsets).
+    resume_at: HashMap<(InputTopic, i32), Offset>,
 }
 
 /// What a rebalance or a finished restore needs to reach.
@@ -40,13 +63,27 @@ pub(super) struct Parts<'a> {
     pub(super) deltas: &'a mut Deltas,
     pub(super) cache: &'a mut BookCache,
     pub(super) topics: &'a TopicsConfig,
+    /// The claims of every loop of the process, and this loop's number.
+    pub(super) claims: &'a Claims,
+    pub(super) loop_id: usize,
+    /// The transaction timeout: a partition settling longer than it is reported.
+    pub(super) transaction_timeout: Duration,
 }
 
 impl Assignment {
-    /// Remembers that a record of a restoring partition was polled and not processed.
-    pub(super) fn skip(&mut self, topic: InputTopic, partition: i32, offset: i64) {
-        let e = self.skipped.entry((topic, partition)).or_insert(offset);
-        *e = (*e).min(offset);
+    /// Partitions not served yet (settling or restoring), with the changelog records left to
+    /// replay (0 while settling).
+    pub(super) fn unready(&self, restorer: &Restorer) -> BTreeMap<i32, i64> {
+        let mut out = restorer.remaining();
+        for p in self.settling.keys() {
+            out.entry(*p).or_insert(0);
+        }
+        out
+    }
+
+    /// Whether nothing is settling or restoring.
+    pub(super) fn is_settled(&self, restorer: &Restorer) -> bool {
+        self.settling.is_empty() && restorer.is_idle()
     }
 
     /// Handles the rebalance events of the consumer. Whatever was polled is not committed: the
@@ -59,14 +96,13 @@ impl Assignment {
         for ev in events {
             match ev {
                 RebalanceEvent::Revoke => {
-                    let now = Instant::now();
-                    for p in std::mem::take(&mut self.owned) {
-                        self.released.insert(p, now);
-                    }
+                    x.claims
+                        .release(x.loop_id, &std::mem::take(&mut self.owned));
                     x.due.clear();
                     x.deltas.clear();
                     x.cache.clear();
-                    self.skipped.clear();
+                    self.settling.clear();
+                    self.resume_at.clear();
                     x.restorer.cancel_all()?;
                     x.status.set_revoked();
                     tracing::info!("partitions revoked");
@@ -74,29 +110,72 @@ impl Assignment {
                 RebalanceEvent::Assign(parts) => {
                     tracing::info!(partitions = ?parts, "partitions assigned");
                     self.owned = parts.clone();
-                    for p in &parts {
-                        self.released.remove(p);
-                    }
+                    // Before the restore reads the checkpoint: no loop drops it from now on.
+                    x.claims.claim(x.loop_id, &parts);
                     pause(x.clients, x.topics, &parts, true)?;
-                    for p in parts {
-                        if let Some(r) = x.restorer.begin(x.store, p)? {
-                            self.finish_restore(r, x)?;
-                        }
-                    }
+                    let now = Instant::now();
+                    self.settling = parts.iter().map(|p| (*p, now)).collect();
                     // Owned and restoring change in one step: the API must never see a
                     // partition owned and not (yet) marked restoring, and answer from a store
                     // that lacks its state.
                     x.status
-                        .set_assigned(self.owned.clone(), x.restorer.remaining());
+                        .set_assigned(self.owned.clone(), self.unready(x.restorer));
+                    self.settle(x)?;
                 }
             }
         }
-        x.status.set_restoring(x.restorer.remaining());
+        x.status.set_restoring(self.unready(x.restorer));
         Ok(())
     }
 
-    /// A partition's state is restored: index its due times, rewind its input to anything
-    /// skipped meanwhile, and resume it.
+    /// Step 1 of the handover, for every partition settling: those whose committed offsets are
+    /// stable go on to their restore (and, if it has nothing to replay, resume at once).
+    pub(super) fn settle(&mut self, x: &mut Parts<'_>) -> Result<(), PipelineError> {
+        let settling: Vec<(i32, Instant)> = self.settling.iter().map(|(p, t)| (*p, *t)).collect();
+        for (p, since) in settling {
+            let mut tpl = TopicPartitionList::new();
+            for topic in InputTopic::ALL {
+                tpl.add_partition(topic.name(x.topics), p);
+            }
+            let committed = match x.clients.consumer.committed_offsets(tpl, SETTLE_ATTEMPT) {
+                Ok(c) => c,
+                Err(e) if is_unstable(&e) => {
+                    let waited = since.elapsed();
+                    if waited > x.transaction_timeout {
+                        tracing::warn!(partition = p, waited_secs = waited.as_secs(), error = %e,
+                            "the committed offsets are still not stable: a transaction of the previous owner is open");
+                    } else {
+                        tracing::debug!(partition = p, error = %e, "committed offsets not stable yet");
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for topic in InputTopic::ALL {
+                let at = match committed
+                    .find_partition(topic.name(x.topics), p)
+                    .map(|e| e.offset())
+                {
+                    Some(Offset::Offset(off)) => Offset::Offset(off),
+                    _ => Offset::Beginning,
+                };
+                self.resume_at.insert((topic, p), at);
+            }
+            self.settling.remove(&p);
+            tracing::debug!(
+                partition = p,
+                waited_ms = since.elapsed().as_millis() as u64,
+                "committed offsets stable"
+            );
+            if let Some(r) = x.restorer.begin(x.store, p)? {
+                self.finish_restore(r, x)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Step 3: a partition's state is restored: index its due times, put its input at the
+    /// stable committed offsets, and resume it.
     pub(super) fn finish_restore(
         &mut self,
         r: Restored,
@@ -109,36 +188,14 @@ impl Assignment {
         for (d, customer, meter) in x.store.due_meters(p)? {
             x.due.set(p, &customer, &meter, Some(d));
         }
-        // The input resumes at an explicit position: what was skipped while restoring, else
-        // the group's committed offset (stable: librdkafka asks with `require_stable` under
-        // read_committed), else the start. Left to librdkafka, a partition resumed while its
-        // committed offset was still being fetched (a restore with nothing to replay finishes
-        // within the rebalance) was seen never to fetch again after a broker restart.
-        let mut committed = TopicPartitionList::new();
         for topic in InputTopic::ALL {
-            if !self.skipped.contains_key(&(topic, p)) {
-                committed.add_partition(topic.name(x.topics), p);
-            }
-        }
-        let committed = if committed.count() > 0 {
+            let at = self
+                .resume_at
+                .remove(&(topic, p))
+                .unwrap_or(Offset::Beginning);
             x.clients
                 .consumer
-                .committed_offsets(committed, Duration::from_secs(30))?
-        } else {
-            committed
-        };
-        for topic in InputTopic::ALL {
-            let name = topic.name(x.topics);
-            let at = match self.skipped.remove(&(topic, p)) {
-                Some(off) => Offset::Offset(off),
-                None => match committed.find_partition(name, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(off)) => Offset::Offset(off),
-                    _ => Offset::Beginning,
-                },
-            };
-            x.clients
-                .consumer
-                .seek(name, p, at, Duration::from_secs(10))?;
+                .seek(topic.name(x.topics), p, at, Duration::from_secs(10))?;
         }
         pause(x.clients, x.topics, &BTreeSet::from([p]), false)?;
         tracing::info!(
@@ -149,29 +206,17 @@ impl Assignment {
         );
         Ok(())
     }
+}
 
-    /// Drops the local state of partitions released more than `delay` ago.
-    pub(super) fn drop_released(
-        &mut self,
-        store: &Store,
-        delay: Duration,
-    ) -> Result<(), PipelineError> {
-        let expired: Vec<i32> = self
-            .released
-            .iter()
-            .filter(|(_, t)| t.elapsed() >= delay)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in expired {
-            self.released.remove(&p);
-            store.drop_partition(p)?;
-            tracing::info!(
-                partition = p,
-                "dropped the local state of a partition owned elsewhere"
-            );
-        }
-        Ok(())
-    }
+/// Whether an offsets fetch failed because a transaction holding offsets is still open (the
+/// broker's UNSTABLE_OFFSET_COMMIT, which librdkafka retries until the timeout).
+fn is_unstable(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::OperationTimedOut)
+            | Some(RDKafkaErrorCode::UnstableOffsetCommit)
+            | Some(RDKafkaErrorCode::RequestTimedOut)
+    )
 }
 
 /// Pauses (or resumes) both input topics' partitions `parts`.

@@ -100,7 +100,11 @@ fn dlq_reasons(c: &Commit) -> Vec<String> {
         .iter()
         .filter(|o| o.topic == OutputTopic::Dlq)
         .map(|o| {
-            let (_, v) = o.headers.iter().find(|(k, _)| *k == "error.reason").unwrap();
+            let (_, v) = o
+                .headers
+                .iter()
+                .find(|(k, _)| *k == "error.reason")
+                .unwrap();
             String::from_utf8(v.clone()).unwrap()
         })
         .collect()
@@ -126,7 +130,11 @@ fn a_record_without_a_key_is_dead_lettered_as_misrouted_and_never_applied() {
     assert!(c.books.is_empty(), "no book was touched");
     assert_eq!(c.counts.misrouted, 2);
     let dlq = &c.outputs[0];
-    let (_, message) = dlq.headers.iter().find(|(k, _)| *k == "error.message").unwrap();
+    let (_, message) = dlq
+        .headers
+        .iter()
+        .find(|(k, _)| *k == "error.message")
+        .unwrap();
     assert!(String::from_utf8_lossy(message).contains("no key"));
 }
 
@@ -138,7 +146,11 @@ fn a_record_in_another_partition_than_murmur2_gives_is_dead_lettered_as_misroute
     wrong.partition = (right.partition + 1) % PARTITIONS;
     let c = fold(&f, &numbered(vec![right, wrong]), 2_000);
     assert_eq!(dlq_reasons(&c), ["misrouted"]);
-    assert_eq!(changed(&c), 1, "only the grant, in its own partition, is applied");
+    assert_eq!(
+        changed(&c),
+        1,
+        "only the grant, in its own partition, is applied"
+    );
     assert_eq!(c.books.len(), 1);
     let (p, book) = &c.books[0];
     assert_eq!(*p, partition_for(b"alice", PARTITIONS));
@@ -147,5 +159,9 @@ fn a_record_in_another_partition_than_murmur2_gives_is_dead_lettered_as_misroute
         "the usage was not applied"
     );
     let offsets: Vec<_> = c.offsets.keys().copied().collect();
-    assert_eq!(offsets.len(), 2, "both records are consumed (committed past)");
+    assert_eq!(
+        offsets.len(),
+        2,
+        "both records are consumed (committed past)"
+    );
 }

@@ -4,10 +4,12 @@
 //! - [`clients`]: the consumer and the transactional producer, with their callbacks;
 //! - [`fold`]: the pure part, records + books + now -> [`fold::Commit`];
 //! - [`transaction`]: one Kafka transaction per commit;
-//! - [`assignment`]: rebalances, restore hand-off, released partitions;
+//! - [`assignment`]: rebalances, restore hand-off;
+//! - [`claims`]: which loop owns what, and dropping the state of released partitions;
 //! - [`housekeeping`]: the due index (ticks) and the dedupe-window purge.
 
 mod assignment;
+mod claims;
 mod clients;
 pub mod fold;
 mod housekeeping;
@@ -22,6 +24,7 @@ use rdkafka::message::{BorrowedMessage, Headers};
 use rdkafka::Message;
 
 use self::assignment::{Assignment, Parts};
+use self::claims::Claims;
 use self::clients::{Clients, ConsumerCtx};
 use self::fold::{Folder, InputRecord};
 use self::housekeeping::Housekeeping;
@@ -94,6 +97,7 @@ pub struct Pipeline {
     store: Store,
     status: Arc<PipelineStatus>,
     shutdown: Shutdown,
+    claims: Claims,
 }
 
 impl Pipeline {
@@ -105,15 +109,17 @@ impl Pipeline {
         status: Arc<PipelineStatus>,
         shutdown: Shutdown,
         partitions: i32,
-    ) -> Self {
+    ) -> Result<Self, StoreError> {
         let folder = Folder::new(ledger, &cfg, partitions);
-        Self {
+        let claims = Claims::new(store.partitions()?);
+        Ok(Self {
             cfg,
             folder,
             store,
             status,
             shutdown,
-        }
+            claims,
+        })
     }
 
     /// Runs `pipeline.threads` loops until shutdown, each rebuilding its clients (with backoff)
@@ -192,16 +198,15 @@ fn stop_on_failure(
     shutdown: &Shutdown,
     run: impl FnOnce() -> Result<(), PipelineError>,
 ) -> Result<(), PipelineError> {
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(
-        |panic| {
+    let result =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)).unwrap_or_else(|panic| {
             let what = panic
                 .downcast_ref::<&str>()
                 .map(|s| s.to_string())
                 .or_else(|| panic.downcast_ref::<String>().cloned())
                 .unwrap_or_default();
             Err(PipelineError::Panicked(what))
-        },
-    );
+        });
     if let Err(e) = &result {
         tracing::error!(error = %e, thread = status.id(), "the pipeline cannot go on: stopping drawdown");
         status.set_failed();
@@ -248,6 +253,7 @@ impl<'a> Loop<'a> {
             names: TopicNames::new(&p.cfg),
         };
         l.status.set_revoked();
+        p.claims.release_all(l.status.id());
         l.status.set_restoring(l.restorer.remaining());
         l.status.set_running(true);
         Ok(l)
@@ -263,6 +269,9 @@ impl<'a> Loop<'a> {
             deltas: &mut self.housekeeping.deltas,
             cache: &mut self.cache,
             topics: &self.p.cfg.topics,
+            claims: &self.p.claims,
+            loop_id: self.status.id(),
+            transaction_timeout: self.p.cfg.kafka.transaction_timeout,
         }
     }
 
@@ -292,7 +301,7 @@ impl<'a> Loop<'a> {
                 .map(|m| input_record(m, usage_topic))
                 .collect();
             let delay = self.p.cfg.pipeline.state_drop_delay;
-            self.assignment.drop_released(&self.p.store, delay)?;
+            self.p.claims.drop_expired(&self.p.store, delay)?;
             let now = crate::clock::now_ms();
             self.forget(now)?;
             let ticks = self.housekeeping.ticks(now);
@@ -303,38 +312,40 @@ impl<'a> Loop<'a> {
         }
     }
 
-    /// Replays changelog records of the partitions restoring, for a short while.
+    /// Moves the partitions being handed over along: settles those waiting for stable
+    /// offsets, and replays changelog records of those restoring, for a short while.
     fn restore_step(&mut self) -> Result<(), PipelineError> {
-        if self.restorer.is_idle() {
+        if self.assignment.is_settled(&self.restorer) {
             return Ok(());
         }
-        let done = self
-            .restorer
-            .step(&self.p.store, Duration::from_millis(50))?;
         let mut assignment = std::mem::take(&mut self.assignment);
-        let mut result = Ok(());
-        for r in done {
-            result = assignment.finish_restore(r, &mut self.parts());
-            if result.is_err() {
-                break;
-            }
+        let mut result = assignment.settle(&mut self.parts());
+        if result.is_ok() && !self.restorer.is_idle() {
+            result = self
+                .restorer
+                .step(&self.p.store, Duration::from_millis(50))
+                .map_err(PipelineError::from)
+                .and_then(|done| {
+                    done.into_iter()
+                        .try_for_each(|r| assignment.finish_restore(r, &mut self.parts()))
+                });
         }
+        self.status
+            .set_restoring(assignment.unready(&self.restorer));
         self.assignment = assignment;
-        result?;
-        self.status.set_restoring(self.restorer.remaining());
-        Ok(())
+        result
     }
 
     /// Polls input for up to `commit_interval` (10 ms while restoring) or `max_batch` records.
     fn poll(&mut self) -> Result<Polled<'a>, PipelineError> {
         let cfg = &self.p.cfg.pipeline;
-        let window = if self.restorer.is_idle() {
+        let window = if self.assignment.is_settled(&self.restorer) {
             cfg.commit_interval
         } else {
             Duration::from_millis(10)
         };
         let deadline = Instant::now() + window;
-        let restoring = self.restorer.remaining();
+        let restoring = self.assignment.unready(&self.restorer);
         let consumer: &'a BaseConsumer<ConsumerCtx> = &self.clients.consumer;
         let mut batch = Vec::new();
         while batch.len() < cfg.max_batch {
@@ -347,14 +358,10 @@ impl<'a> Loop<'a> {
                 return Ok(Polled::Rebalanced);
             }
             match polled {
-                Some(Ok(msg)) => {
-                    if restoring.contains_key(&msg.partition()) {
-                        let topic = topic_of(&msg, &self.p.cfg.topics.usage);
-                        self.assignment.skip(topic, msg.partition(), msg.offset());
-                    } else {
-                        batch.push(msg);
-                    }
-                }
+                // A partition not served yet is paused; anything fetched before the pause is
+                // dropped (it resumes at its committed offsets).
+                Some(Ok(msg)) if !restoring.contains_key(&msg.partition()) => batch.push(msg),
+                Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "consumer error (librdkafka retries)");
                 }
@@ -498,7 +505,10 @@ mod tests {
             matches!(&result, Err(PipelineError::Panicked(m)) if m == "a bug in the fold"),
             "{result:?}"
         );
-        assert!(result.unwrap_err().is_fatal(), "no retry: the process exits");
+        assert!(
+            result.unwrap_err().is_fatal(),
+            "no retry: the process exits"
+        );
         assert!(shutdown.is_triggered());
         assert!(!status.is_ready(), "/readyz turns 503 at once");
         assert!(
