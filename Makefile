@@ -5,7 +5,7 @@ KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 LOADGEN := $(CARGO_TARGET_DIR)/debug/drawdown-loadgen
 
-.PHONY: bench-e2e bench-latency bounded-state browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: handover-test bench-e2e bench-latency bounded-state browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -40,6 +40,11 @@ crash-test: build kafka-start
 ## Three instances, 16 partitions, SIGKILL / join / SIGTERM, a 20 s broker outage, exact check.
 multi-instance-test: build kafka-start
 	scripts/multi-instance-test.sh
+
+## Two instances; one frozen (SIGSTOP) inside a transaction past its session, then thawed: the
+## new owner must take over from exactly the committed state. Exact check.
+handover-test: build kafka-start
+	scripts/handover-test.sh
 
 RELEASE := $(CARGO_TARGET_DIR)/release
 

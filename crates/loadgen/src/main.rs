@@ -4,6 +4,7 @@
 //!   are sent to an expectation built on `drawdown-model` ([`expect`]);
 //! - `wait-idle` ([`wait_idle`]): until drawdown's group has committed every input record;
 //! - `verify` ([`verify`]): the API and the output topics against the expectation;
+//! - `open-transactions` ([`open_txn`]): what open transactions hold now (for the handover test);
 //! - `bench e2e|latency` ([`bench`]): throughput against an exactly-once pass-through, and
 //!   latency to the committed outputs.
 //!
@@ -15,6 +16,7 @@ mod args;
 mod bench;
 mod expect;
 mod gen;
+mod open_txn;
 mod produce;
 mod sender;
 mod topics;
@@ -33,6 +35,9 @@ enum Command {
     Verify(args::VerifyArgs),
     /// Wait until the consumer group has committed every input record.
     WaitIdle(args::WaitIdleArgs),
+    /// Print what open transactions hold now (changelog partitions below their log end, input
+    /// offsets not stable); exit 1 if nothing.
+    OpenTransactions,
     /// End-to-end benchmarks against the broker (throughput against a pass-through, latency).
     #[command(subcommand)]
     Bench(bench::Bench),
@@ -54,5 +59,14 @@ async fn main() -> anyhow::Result<()> {
         Command::Verify(args) => verify::verify(&cfg, args).await,
         Command::WaitIdle(args) => wait_idle::wait_idle(&cfg, args).await,
         Command::Bench(b) => bench::run(&cfg, b).await,
+        Command::OpenTransactions => {
+            if !tokio::task::spawn_blocking(move || open_txn::open_transactions(&cfg))
+                .await
+                .context("open-transactions task")??
+            {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
     }
 }
