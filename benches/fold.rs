@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use drawdown::config::Config;
 use drawdown::kafka::pipeline::fold::{Folder, InputRecord};
+use drawdown::kafka::pipeline::stream_time::StreamTimes;
 use drawdown::kafka::{partition_for, InputTopic};
 use drawdown::ledger::{Book, CustomerId, Grant, GrantId, Input, Ledger, MeterName};
 use rust_decimal::Decimal;
@@ -57,7 +58,9 @@ fn bench(c: &mut Criterion) {
         .collect();
     // The books as the store would load them: every customer funded on every meter, and the
     // batch's event ids not seen before.
-    let decoded = folder.decode(&records);
+    let times = || StreamTimes::new(cfg.pipeline.grace, cfg.pipeline.max_future_skew);
+    let wall = 1_767_225_600_000;
+    let decoded = folder.decode(&records, &mut times(), wall);
     let books: Vec<Book> = decoded
         .requests()
         .iter()
@@ -89,8 +92,9 @@ fn bench(c: &mut Criterion) {
         b.iter_batched(
             || books.clone(),
             |books| {
-                let decoded = folder.decode(&records);
-                let commit = folder.fold(&records, decoded, books, &Default::default(), 1_000);
+                let mut times = times();
+                let decoded = folder.decode(&records, &mut times, wall);
+                let commit = folder.fold(&records, decoded, books, &Default::default(), &times);
                 assert!(commit.outputs.len() >= EVENTS);
                 commit
             },

@@ -149,6 +149,19 @@ pub struct PipelineConfig {
     /// Pipeline loops, each with its own consumer (a group member) and transactional producer
     /// over its share of the partitions; 0 = one per core.
     pub threads: usize,
+    /// The longest a partition's record waits for the other input topic's partition to catch
+    /// up, so the two are folded in timestamp order (see `pipeline::merge`).
+    #[serde(with = "humantime_serde")]
+    pub max_idle: Duration,
+    /// How far behind the newest event time of a partition its time-driven rules run (stream
+    /// time = the highest event time seen - `grace`): events this late still apply at their own
+    /// time. Later ones apply at stream time and are counted as late.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+    /// An event time further than this past the wall clock is dead-lettered
+    /// (`timestamp_in_future`), and never moves stream time.
+    #[serde(with = "humantime_serde")]
+    pub max_future_skew: Duration,
 }
 
 impl PipelineConfig {
@@ -173,6 +186,9 @@ impl Default for PipelineConfig {
             state_drop_delay: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(30),
             threads: 0,
+            max_idle: Duration::from_millis(500),
+            grace: Duration::from_secs(30),
+            max_future_skew: Duration::from_secs(300),
         }
     }
 }

@@ -25,6 +25,11 @@ pub const RECORDS_REJECTED: &str = "drawdown_records_rejected_total";
 /// Input records without a key or in a partition other than murmur2(customer) says (each also
 /// dead-lettered as `misrouted`).
 pub const RECORDS_MISROUTED: &str = "drawdown_records_misrouted_total";
+/// Input records later than `pipeline.grace` behind their partition's newest event time,
+/// applied at stream time.
+pub const RECORDS_LATE: &str = "drawdown_records_late_total";
+/// Input records held back for the other input topic's partition (folded in a later batch).
+pub const RECORDS_HELD: &str = "drawdown_records_held";
 /// Output records produced (committed), by `topic`.
 pub const OUTPUTS_PRODUCED: &str = "drawdown_outputs_produced_total";
 /// Top-up requests published, by `source` (`auto`: in the pipeline's transaction; `portal`,
@@ -124,13 +129,14 @@ pub const OUTPUT_TOPICS: [&str; 5] = [
     "top_up_requests",
 ];
 /// `reason` labels of records rejected while decoding (`codec::CodecError::reason`).
-pub const DECODE_REASONS: [&str; 10] = [
+pub const DECODE_REASONS: [&str; 11] = [
     "empty",
     "undecodable",
     "missing_field",
     "wrong_type",
     "key_mismatch",
     "misrouted",
+    "timestamp_in_future",
     "invalid_id",
     "invalid_amount",
     "missing_property",
@@ -163,6 +169,7 @@ fn zero_initialise() {
     }
     counter!(RECORDS_UNMETERED).increment(0);
     counter!(RECORDS_MISROUTED).increment(0);
+    counter!(RECORDS_LATE).increment(0);
     for topic in OUTPUT_TOPICS {
         counter!(OUTPUTS_PRODUCED, "topic" => topic).increment(0);
     }
@@ -241,6 +248,16 @@ fn describe() {
         RECORDS_REJECTED,
         Unit::Count,
         "Input records sent to the dead-letter topic, by reason and stage."
+    );
+    describe_counter!(
+        RECORDS_LATE,
+        Unit::Count,
+        "Input records later than pipeline.grace behind their partition's newest event time (applied at stream time)."
+    );
+    describe_gauge!(
+        RECORDS_HELD,
+        Unit::Count,
+        "Input records polled and held so a partition's two input topics are folded in timestamp order."
     );
     describe_counter!(
         RECORDS_MISROUTED,

@@ -76,6 +76,14 @@ pub enum CodecError {
     /// it would split the customer's ledger across two partitions (see `docs/topics.md`).
     #[error("misrouted: {0}")]
     Misrouted(String),
+    /// The event time is further ahead of the clock than `pipeline.max_future_skew` allows.
+    #[error("event time {at} is more than the allowed skew ahead of the clock (latest accepted now: {limit})")]
+    TimestampInFuture {
+        /// The event time (ms).
+        at: i64,
+        /// The latest accepted (ms).
+        limit: i64,
+    },
 }
 
 impl CodecError {
@@ -89,6 +97,7 @@ impl CodecError {
             CodecError::Invalid(e) => e.reason(),
             CodecError::KeyMismatch { .. } => "key_mismatch",
             CodecError::Misrouted(_) => "misrouted",
+            CodecError::TimestampInFuture { .. } => "timestamp_in_future",
         }
     }
 }

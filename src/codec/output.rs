@@ -27,6 +27,7 @@ pub fn encode_changed(c: &BalanceChanged, format: OutputFormat) -> Vec<u8> {
             overage: c.overage.to_string(),
             blocked: c.blocked.to_string(),
             at_ms: c.at,
+            late: c.late,
         }
         .encode_to_vec(),
     }
@@ -150,6 +151,9 @@ fn json_changed(c: &BalanceChanged) -> Vec<u8> {
     }
     out.extend_from_slice(b",\"at\":");
     int(&mut out, c.at);
+    if c.late {
+        out.extend_from_slice(b",\"late\":true");
+    }
     out.push(b'}');
     out
 }
@@ -221,6 +225,7 @@ mod tests {
                 overage: d(4),
                 blocked: d(5),
                 at,
+                late: version % 2 == 0,
             };
             prop_assert_eq!(
                 String::from_utf8(json_changed(&c)).unwrap(),

@@ -36,6 +36,7 @@ pub fn decode_changed(
         overage: output_decimal("overage", &m.overage)?,
         blocked: output_decimal("blocked", &m.blocked)?,
         at: m.at_ms,
+        late: m.late,
     })
 }
 
@@ -169,6 +170,7 @@ mod tests {
             overage: "0.5".parse().unwrap(),
             blocked: Decimal::ZERO,
             at: 1_767_225_600_000,
+            late: true,
         }
     }
 

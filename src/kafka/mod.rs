@@ -9,7 +9,10 @@
 //! transaction calls block). The loops share only the RocksDB store (disjoint key ranges) and
 //! the status. One cycle:
 //! 1. Poll input records (`usage-events`, `credit-grants`, `read_committed`) for up to
-//!    `commit_interval` or `max_batch` records; decode them; load the touched customers' books
+//!    `commit_interval` or `max_batch` records; release those that may be folded now, each
+//!    partition's two topics merged by timestamp ([`pipeline::merge`]; the rest stay held,
+//!    uncommitted, for a later cycle); decode them and place them on their partition's stream
+//!    time ([`pipeline::stream_time`]); load the touched customers' books
 //!    (from the loop's book cache, else RocksDB) and the usage/grant ids they refer to, in one
 //!    `multi_get` for the batch; fold the batch in memory with the pure rules
 //!    ([`pipeline::fold`]).
@@ -18,7 +21,8 @@
 //!    partition): each touched customer's book once, new grant records, and per partition one
 //!    delta per time bucket touched (the usage ids and balance changes of this commit; see the
 //!    `store` docs); `send_offsets_to_transaction(next offsets, consumer group metadata)`
-//!    (KIP-447 fencing); `commit_transaction`.
+//!    (KIP-447 fencing; the next offset of each topic-partition is one past the last record
+//!    released, so held records are polled again after a restart); `commit_transaction`.
 //! 3. Only after the commit: one RocksDB `WriteBatch` with the state and, per partition, the
 //!    changelog offset it now reflects (taken from the delivery reports); then the folded books go
 //!    back into the cache.

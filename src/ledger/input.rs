@@ -115,6 +115,15 @@ pub struct Refs {
 }
 
 impl Input {
+    /// The event time the input itself carries, if any: a usage event's `timestamp`. (Other
+    /// inputs take their record's timestamp.)
+    pub fn event_time(&self) -> Option<i64> {
+        match self {
+            Input::Usage(u) if u.timestamp_ms != 0 => Some(u.timestamp_ms),
+            _ => None,
+        }
+    }
+
     /// The customer the input belongs to.
     pub fn customer(&self) -> &CustomerId {
         match self {

@@ -1,6 +1,8 @@
 //! The credit rules: a pure function of (state, input, now) -> (state, outputs).
 //!
-//! No I/O, no clock reads: `now` (processing time, ms since the epoch) is an input. The caller
+//! No I/O, no clock reads: `now` (ms since the epoch) is an input: the time an input applies at
+//! (its event time, or its partition's stream time when it is later than the grace), and for
+//! [`Ledger::advance`] the stream time (see the table below). The caller
 //! loads a [`Book`] for one customer (the meter projections and the event/grant records that the
 //! inputs refer to, see [`Input::refs`]), applies inputs in order, then persists what
 //! [`Book::take_dirty`] names and publishes the [`Output`]s. A rejected input (an `Err`) leaves the
@@ -19,7 +21,8 @@
 //!   (`cycle_end`, counted in `expired`). Top-ups and adjustments are never ended by a cycle.
 //! - **Expiry**: at `expires_at` (exclusive: a grant is usable while `now < expires_at`) the
 //!   remainder is forfeited (`expired`). [`Ledger::advance`] applies expiries and activations; the
-//!   pipeline calls it before each input and on a periodic tick.
+//!   pipeline calls it at stream time for every customer it touches, and on a periodic tick for
+//!   those with something due; applying an input advances its meter to the input's time first.
 //! - **Voids**: `VoidUsage` returns what the event drew to the grants it drew from when they are
 //!   still active (else as a non-expiring adjustment), repays the debt it made, and takes back its
 //!   blocked units. A grant drained to 0 is still active until it expires, its cycle ends (with
@@ -29,6 +32,21 @@
 //! - **Idempotency**: an event id or grant id already recorded is a duplicate and changes nothing.
 //! - **Bookkeeping**: `balance = credited - consumed - expired + voided`, where `credited` is net
 //!   of voided grants' remainders and `voided` counts usage given back.
+//!
+//! # Time
+//! The pipeline keeps a stream time per partition (`kafka::pipeline::stream_time`: the newest
+//! event time folded, less `pipeline.grace`), and folds each partition's grants and usage in
+//! timestamp order (`kafka::pipeline::merge`). A meter's clock only moves forward: applying an
+//! input at `t` first advances that meter to `t`. With a grace of 30 s:
+//!
+//! | input (partition stream time before it) | applied at | effect |
+//! |---|---|---|
+//! | usage at 10:00:00 (09:59:00) | 10:00:00 | draws from the grants valid at 10:00:00; stream time 09:59:30 |
+//! | grant expiring 09:59:45, then usage at 09:59:40 (09:59:30) | 09:59:40 | still draws from it: the expiry has not run |
+//! | usage at 09:59:20 (09:59:30) | 09:59:30 (late) | counted late, `late: true`; applied after what expired by 09:59:30 |
+//! | nothing for a while, caught up | - | stream time follows the clock less the grace; the 09:59:45 expiry runs at 10:00:15 |
+//! | usage from before an outage, arriving after it | its own time | the backlog applies before the expiries it preceded |
+//! | a grant effective 10:05, usage at 10:06 | 10:06 | the grant is active for it (the meter advanced to 10:06) |
 //!
 //! # Transitions (emitted on crossing only)
 //! | from | to | emitted |

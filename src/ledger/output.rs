@@ -85,8 +85,13 @@ pub struct BalanceChanged {
     pub overage: Decimal,
     /// Blocked after.
     pub blocked: Decimal,
-    /// Processing time (ms).
+    /// The time the change applies at (ms): the event time of the input that caused it, or the
+    /// stream time (see the `kafka::pipeline::stream_time` docs).
     pub at: i64,
+    /// Caused by an input later than `pipeline.grace`, applied at stream time instead of its
+    /// own (omitted from JSON when false).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub late: bool,
 }
 
 /// A state transition, published on `balance-exhausted`.

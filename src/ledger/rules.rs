@@ -73,6 +73,7 @@ impl<'a> Change<'a> {
             overage: state.overage,
             blocked: state.blocked,
             at: self.now,
+            late: false,
         }));
         let Some(before) = crossed_from else { return };
         if before > Decimal::ZERO && after <= Decimal::ZERO && !state.exhausted {

@@ -11,7 +11,7 @@
 //! | `S p 'm'` | the partition's meta (the dedupe horizon) | yes |
 //! | `S p 'e' customer NUL event_id` | a usage id's record (expanded from the deltas) | no |
 //! | `S p 'h' customer NUL meter NUL slot(u32 BE)` | a movement, a ring of `history_len` (from the deltas) | no |
-//! | `C p` | the next changelog offset to read (i64 BE) | no |
+//! | `C p` | the next changelog offset to read, then the partition's stream time (i64 BE each) | no |
 //! | `V` | the store's state format (u8) | no |
 
 use crate::ledger::{CustomerId, MeterName};

@@ -199,14 +199,21 @@ impl StateBatch {
 
     /// The writes, with one delta record per (partition, bucket) touched, numbered from
     /// `next_seq[p]` on; also the delta keys used (so the caller can advance its sequences).
-    pub fn finish(mut self, next_seq: &BTreeMap<i32, u64>) -> (Vec<StateWrite>, Vec<DeltaKey>) {
+    /// Each delta carries its partition's stream time from `stream_times`.
+    pub fn finish(
+        mut self,
+        next_seq: &BTreeMap<i32, u64>,
+        stream_times: &BTreeMap<i32, i64>,
+    ) -> (Vec<StateWrite>, Vec<DeltaKey>) {
         let mut used = Vec::with_capacity(self.deltas.len());
         let mut seqs: BTreeMap<i32, u64> = BTreeMap::new();
         for ((p, bucket), deltas) in std::mem::take(&mut self.deltas) {
             let seq = seqs
                 .entry(p)
                 .or_insert_with(|| next_seq.get(&p).copied().unwrap_or(0));
-            for delta in deltas.into_records() {
+            let stream_time = stream_times.get(&p).copied().unwrap_or(i64::MIN);
+            for mut delta in deltas.into_records() {
+                delta.stream_time = stream_time;
                 let key = keys::delta(p, bucket, *seq);
                 self.writes.push(StateWrite {
                     partition: p,
@@ -272,11 +279,12 @@ mod tests {
             overage: 0.into(),
             blocked: 0.into(),
             at: 1_000,
+            late: false,
         };
         for v in 1..=20_000 {
             batch.change(3, &change(v));
         }
-        let (writes, used) = batch.finish(&BTreeMap::from([(3, 7)]));
+        let (writes, used) = batch.finish(&BTreeMap::from([(3, 7)]), &BTreeMap::new());
         let records: Vec<&StateWrite> = writes
             .iter()
             .filter(|w| w.target == Target::Changelog)

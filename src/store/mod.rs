@@ -22,6 +22,11 @@
 //!   history holds the movements of the dedupe window (the deltas still in the changelog);
 //!   `balance-changed` remains the complete, durable record of every movement.
 //!
+//! - **stream time** (the clock the rules run on, per partition; see
+//!   `kafka::pipeline::stream_time`): each delta carries its partition's stream time after the
+//!   commit, and the local checkpoint records it too, so a restored partition (from a checkpoint
+//!   or from scratch) goes on from the time it had, not from the wall clock.
+//!
 //! So a usage event costs its `balance-changed` records, a share of its customer's one book
 //! record per commit, and a share of its partition's one delta per commit.
 //!
@@ -55,6 +60,7 @@ pub use books::BookRequest;
 pub use cache::BookCache;
 pub use value::FORMAT;
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
@@ -338,12 +344,31 @@ impl Store {
         Ok(out)
     }
 
+    /// Partition `p`'s stream time as of its checkpoint, if one was recorded.
+    pub fn stream_time(&self, p: i32) -> Result<Option<i64>, StoreError> {
+        Ok(self
+            .db
+            .get(keys::checkpoint(p))?
+            .and_then(|v| Some(i64::from_be_bytes(v.get(8..16)?.try_into().ok()?))))
+    }
+
     /// Writes the local part of `writes` and the checkpoints (next changelog offset per
     /// partition) atomically, then applies any new horizon.
     pub fn write(
         &self,
         writes: &[StateWrite],
         checkpoints: &[(i32, i64)],
+    ) -> Result<(), StoreError> {
+        self.write_timed(writes, checkpoints, &BTreeMap::new())
+    }
+
+    /// [`Store::write`], recording with each checkpoint its partition's stream time from
+    /// `stream_times`.
+    pub fn write_timed(
+        &self,
+        writes: &[StateWrite],
+        checkpoints: &[(i32, i64)],
+        stream_times: &BTreeMap<i32, i64>,
     ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         let mut horizons = Vec::new();
@@ -360,7 +385,10 @@ impl Store {
             }
         }
         for (p, off) in checkpoints {
-            batch.put(keys::checkpoint(*p), off.to_be_bytes());
+            batch.put(
+                keys::checkpoint(*p),
+                checkpoint_value(*off, stream_times.get(p).copied()),
+            );
         }
         self.db.write_opt(batch, &no_wal())?;
         for (p, meta) in horizons {
@@ -380,13 +408,17 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
         let mut horizon = None;
+        let mut stream_time = self.stream_time(p)?;
         for (k, v) in records {
             let Some(v) = v else {
                 batch.delete(k);
                 continue;
             };
             match Kind::of(k) {
-                Some(Kind::Delta) => self.expand_delta(p, k, v, &mut batch)?,
+                Some(Kind::Delta) => {
+                    let t = self.expand_delta(p, k, v, &mut batch)?;
+                    stream_time = stream_time.max(Some(t));
+                }
                 Some(Kind::Meta) => {
                     horizon = Some(value::decode::<pb::PartitionMeta>(k, v)?.horizon);
                     batch.put(k, v);
@@ -397,7 +429,7 @@ impl Store {
                 }
             }
         }
-        batch.put(keys::checkpoint(p), next.to_be_bytes());
+        batch.put(keys::checkpoint(p), checkpoint_value(next, stream_time));
         self.db.write_opt(batch, &no_wal())?;
         if let Some(h) = horizon {
             self.horizons.set(p, h);
@@ -405,14 +437,16 @@ impl Store {
         Ok(())
     }
 
+    /// Expands a delta into `batch`; returns the stream time it carries.
     fn expand_delta(
         &self,
         p: i32,
         key: &[u8],
         v: &[u8],
         batch: &mut WriteBatch,
-    ) -> Result<(), StoreError> {
+    ) -> Result<i64, StoreError> {
         let delta: pb::Delta = value::decode(key, v)?;
+        let stream_time = delta.stream_time;
         for e in delta.events {
             let Ok(c) = crate::ledger::CustomerId::parse(e.customer) else {
                 continue;
@@ -438,7 +472,7 @@ impl Store {
             batch.put(keys::history(p, &c, &m, slot), value::with_format(&bytes));
         }
         batch.put(key, []);
-        Ok(())
+        Ok(stream_time)
     }
 
     /// Loads partition `p`'s horizon from its meta record (after a restore).
@@ -517,6 +551,16 @@ impl Store {
     pub fn property_int(&self, name: &str) -> Option<u64> {
         self.db.property_int_value(name).ok().flatten()
     }
+}
+
+/// A checkpoint's value: the next changelog offset, then the stream time if known (i64 BE
+/// each).
+fn checkpoint_value(next: i64, stream_time: Option<i64>) -> Vec<u8> {
+    let mut v = next.to_be_bytes().to_vec();
+    if let Some(t) = stream_time {
+        v.extend_from_slice(&t.to_be_bytes());
+    }
+    v
 }
 
 #[cfg(test)]

@@ -74,7 +74,7 @@ fn fold(
             batch.change(p, ch);
         }
     }
-    let (writes, used) = batch.finish(&BTreeMap::from([(p, seq)]));
+    let (writes, used) = batch.finish(&BTreeMap::from([(p, seq)]), &BTreeMap::new());
     assert!(used.iter().all(|(q, _, s)| *q == p && *s == seq));
     s.write(&writes, &[(p, 42)]).unwrap();
     writes
@@ -283,7 +283,7 @@ fn count_meters_counts_books_and_their_meters_of_one_partition() {
         }
         batch.book(p, &book, &dirty);
     }
-    let (writes, _) = batch.finish(&BTreeMap::new());
+    let (writes, _) = batch.finish(&BTreeMap::new(), &BTreeMap::new());
     s.write(&writes, &[]).unwrap();
     assert_eq!(s.count_meters(1).unwrap(), (2, 3));
     assert_eq!(s.count_meters(2).unwrap(), (1, 1));

@@ -411,6 +411,8 @@ pub(super) fn change_from(key: &[u8], c: pb::Change) -> Result<BalanceChanged, S
         overage: undec(key, &c.overage)?,
         blocked: undec(key, &c.blocked)?,
         at: c.at,
+        // The history keeps the movement, not how its input arrived.
+        late: false,
     })
 }
 
@@ -448,6 +450,7 @@ mod tests {
                 overage: Decimal::ONE,
                 blocked: Decimal::ZERO,
                 at,
+                late: false,
             };
             prop_assert_eq!(encode_change(&c), change_to(&c).encode_to_vec());
             let r = EventRecord {

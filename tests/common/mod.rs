@@ -100,6 +100,9 @@ impl Names {
             ("DRAWDOWN__API__KEYS".into(), keys),
             ("DRAWDOWN__API__PORTAL_SECRET".into(), PORTAL_SECRET.into()),
             ("DRAWDOWN__PIPELINE__COMMIT_INTERVAL".into(), "50ms".into()),
+            // Time rules run this far behind the newest event time: short, so an expiry on a
+            // tick comes within the tests' waits.
+            ("DRAWDOWN__PIPELINE__GRACE".into(), "1s".into()),
             (
                 "DRAWDOWN__STORE__PATH".into(),
                 self.dir.join("state").display().to_string(),

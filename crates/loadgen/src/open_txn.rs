@@ -50,7 +50,17 @@ pub fn open_transactions(cfg: &Config) -> anyhow::Result<bool> {
             tpl.add_partition(t, p);
         }
     }
-    match group.committed_offsets(tpl, Duration::from_secs(1)) {
+    // librdkafka retries an unstable answer a few times, then returns the partitions with
+    // that error: either way it is pending.
+    let fetched = group
+        .committed_offsets(tpl, Duration::from_secs(1))
+        .and_then(
+            |c| match c.elements().iter().find_map(|e| e.error().err()) {
+                Some(e) => Err(e),
+                None => Ok(c),
+            },
+        );
+    match fetched {
         Ok(_) => {}
         Err(e) if is_unstable(&e) => {
             println!("offsets pending");

@@ -47,6 +47,9 @@ pub struct Sender {
     started: Instant,
     sent: u64,
     counts: BTreeMap<&'static str, u64>,
+    /// The record timestamps given so far: the last one, and the last of a usage record.
+    last_ts: i64,
+    last_usage_ts: i64,
 }
 
 /// What a phase sent.
@@ -81,11 +84,14 @@ impl Sender {
             started: Instant::now(),
             sent: 0,
             counts: BTreeMap::new(),
+            last_ts: i64::MIN,
+            last_usage_ts: i64::MIN,
         })
     }
 
     /// Queues `rec`, counted as `what`; waits for room in the queue and for the pace.
     pub fn send(&mut self, rec: &Rec, what: &'static str) -> anyhow::Result<()> {
+        let timestamp = self.timestamp(rec.topic);
         let topic = match rec.topic {
             InputTopic::Usage => self.usage_topic.as_str(),
             InputTopic::Grants => self.grants_topic.as_str(),
@@ -97,7 +103,8 @@ impl Sender {
         let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
             .key(rec.key.as_str())
             .payload(rec.payload.as_slice())
-            .headers(headers);
+            .headers(headers)
+            .timestamp(timestamp);
         loop {
             match self.producer.send(record) {
                 Ok(()) => break,
@@ -122,6 +129,23 @@ impl Sender {
             }
         }
         Ok(())
+    }
+
+    /// The record timestamp of the next record, for `topic`: the clock, never going back, and
+    /// such that drawdown's merge of a partition's two topics (by timestamp, grants first on a
+    /// tie) folds the records in the order they were sent, the order the expectation applies
+    /// them in. Only a grant sent in the same millisecond as an earlier usage record is moved,
+    /// one millisecond on.
+    fn timestamp(&mut self, topic: InputTopic) -> i64 {
+        let mut ts = drawdown::clock::now_ms().max(self.last_ts);
+        if topic == InputTopic::Grants && ts <= self.last_usage_ts {
+            ts = self.last_usage_ts + 1;
+        }
+        if topic == InputTopic::Usage {
+            self.last_usage_ts = ts;
+        }
+        self.last_ts = ts;
+        ts
     }
 
     fn check(&self) -> anyhow::Result<()> {

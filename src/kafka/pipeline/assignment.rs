@@ -33,6 +33,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use super::claims::Claims;
 use super::clients::{Clients, RebalanceEvent};
 use super::housekeeping::{Deltas, DueIndex};
+use super::stream_time::StreamTimes;
 use super::PipelineError;
 use crate::config::TopicsConfig;
 use crate::kafka::restore::{Restored, Restorer};
@@ -68,6 +69,8 @@ pub(super) struct Parts<'a> {
     pub(super) loop_id: usize,
     /// The transaction timeout: a partition settling longer than it is reported.
     pub(super) transaction_timeout: Duration,
+    /// The partitions' stream times.
+    pub(super) times: &'a mut StreamTimes,
 }
 
 impl Assignment {
@@ -96,6 +99,9 @@ impl Assignment {
         for ev in events {
             match ev {
                 RebalanceEvent::Revoke => {
+                    for p in &self.owned {
+                        x.times.forget(*p);
+                    }
                     x.claims
                         .release(x.loop_id, &std::mem::take(&mut self.owned));
                     x.due.clear();
@@ -137,7 +143,19 @@ impl Assignment {
             for topic in InputTopic::ALL {
                 tpl.add_partition(topic.name(x.topics), p);
             }
-            let committed = match x.clients.consumer.committed_offsets(tpl, SETTLE_ATTEMPT) {
+            // librdkafka retries an unstable answer a few times, then returns the partition
+            // with that error and no offset: never take that for "no committed offset".
+            let fetched = x
+                .clients
+                .consumer
+                .committed_offsets(tpl, SETTLE_ATTEMPT)
+                .and_then(
+                    |c| match c.elements().iter().find_map(|e| e.error().err()) {
+                        Some(e) => Err(e),
+                        None => Ok(c),
+                    },
+                );
+            let committed = match fetched {
                 Ok(c) => c,
                 Err(e) if is_unstable(&e) => {
                     let waited = since.elapsed();
@@ -183,6 +201,10 @@ impl Assignment {
     ) -> Result<(), PipelineError> {
         let p = r.partition;
         x.store.load_meta(p)?;
+        x.times.forget(p);
+        if let Some(t) = x.store.stream_time(p)? {
+            x.times.raise(p, t);
+        }
         let (buckets, next_seq) = x.store.deltas(p)?;
         x.deltas.track(p, buckets, next_seq);
         for (d, customer, meter) in x.store.due_meters(p)? {

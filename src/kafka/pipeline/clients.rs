@@ -195,3 +195,28 @@ impl Clients {
         Ok(Self { consumer, producer })
     }
 }
+
+/// The low and high watermarks of `topic` [`partition`] as librdkafka last saw them in a fetch
+/// response (no request is made; `None` before the first). rust-rdkafka only offers the
+/// querying form, which costs a round trip to the broker.
+pub(super) fn cached_watermarks(
+    consumer: &BaseConsumer<ConsumerCtx>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client pointer is valid while `consumer` lives; librdkafka reads `topic`
+    // only during the call and writes only the two out-parameters.
+    let err = unsafe {
+        rdkafka::bindings::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdkafka::bindings::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0)
+        .then_some((low.max(0), high))
+}

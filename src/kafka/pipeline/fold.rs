@@ -1,12 +1,15 @@
 //! The pure part of a commit cycle: decode a batch of input records, fold it over the loaded
 //! books with the ledger, and describe everything the cycle must write as one [`Commit`].
 //!
-//! No Kafka, no RocksDB, no clock: the records, the books and `now` come in, the commit goes
-//! out. The loop around it ([`super`]) polls, loads, transacts and writes; the criterion
+//! No Kafka, no RocksDB, no clock: the records (in merged order, see [`super::merge`]), the
+//! books, the wall clock and the partitions' stream times ([`StreamTimes`]) come in, the commit
+//! goes out. Each input is applied at its place on its partition's stream time; the
+//! time-driven rules of every touched customer run at the stream time the batch ends on. The loop around it ([`super`]) polls, loads, transacts and writes; the criterion
 //! benchmark `benches/fold.rs` runs decode -> fold -> encode -> state writes without I/O.
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::stream_time::{Placed, StreamTimes};
 use crate::codec::{self, CodecError};
 use crate::config::{Config, OutputFormat};
 use crate::kafka::{partition_for, InputTopic, OutputTopic};
@@ -72,6 +75,8 @@ pub struct Counts {
     pub unmetered: u64,
     /// Records outside murmur2(customer_id)'s partition.
     pub misrouted: u64,
+    /// Records later than the grace, applied at stream time.
+    pub late: u64,
     /// Rejected records per (reason, stage).
     pub rejected: BTreeMap<(&'static str, &'static str), u64>,
     /// Transitions per kind label.
@@ -100,6 +105,7 @@ impl Counts {
         }
         metrics::counter!(m::RECORDS_UNMETERED).increment(self.unmetered);
         metrics::counter!(m::RECORDS_MISROUTED).increment(self.misrouted);
+        metrics::counter!(m::RECORDS_LATE).increment(self.late);
         for ((reason, stage), n) in &self.rejected {
             metrics::counter!(m::RECORDS_REJECTED, "reason" => *reason, "stage" => *stage)
                 .increment(*n);
@@ -145,8 +151,8 @@ struct Group {
     partition: i32,
     customer: CustomerId,
     refs: Refs,
-    /// (index of the record in the batch, decoded input).
-    inputs: Vec<(usize, Input)>,
+    /// (index of the record in the batch, decoded input, its place on the stream time).
+    inputs: Vec<(usize, Input, Placed)>,
 }
 
 /// A decoded batch, grouped by (partition, customer) in order of first appearance.
@@ -239,8 +245,15 @@ impl Folder {
         self.layout
     }
 
-    /// Decodes `records` and groups them by (partition, customer), keeping their order.
-    pub fn decode(&self, records: &[InputRecord<'_>]) -> Decoded {
+    /// Decodes `records` (in merged order) and groups them by (partition, customer), keeping
+    /// their order; places each on its partition's stream time in `times` (`wall`: the clock,
+    /// for the future-skew check and records without a timestamp).
+    pub fn decode(
+        &self,
+        records: &[InputRecord<'_>],
+        times: &mut StreamTimes,
+        wall: i64,
+    ) -> Decoded {
         let mut d = Decoded::default();
         for (i, r) in records.iter().enumerate() {
             d.offsets.insert((r.topic, r.partition), r.offset + 1);
@@ -250,12 +263,24 @@ impl Folder {
                 InputTopic::Usage => codec::decode_usage(payload, ct, key),
                 InputTopic::Grants => codec::decode_command(payload, ct, key),
             };
-            match decoded.and_then(|input| self.route(r, input, &mut d.counts)) {
-                Ok(input) => {
+            let placed = decoded
+                .and_then(|input| self.route(r, input, &mut d.counts))
+                .and_then(|input| {
+                    let t = input.event_time().or(r.timestamp).unwrap_or(wall);
+                    match times.place(r.partition, t, wall) {
+                        Ok(placed) => Ok((input, placed)),
+                        Err(f) => Err(CodecError::TimestampInFuture {
+                            at: t,
+                            limit: f.limit,
+                        }),
+                    }
+                });
+            match placed {
+                Ok((input, placed)) => {
                     let customer = input.customer().clone();
                     let g = d.group(r.partition, &customer);
                     input.refs(&mut g.refs);
-                    g.inputs.push((i, input));
+                    g.inputs.push((i, input, placed));
                 }
                 Err(e) => d.rejected.push((i, e)),
             }
@@ -291,15 +316,16 @@ impl Folder {
     }
 
     /// Folds a decoded batch of `records` over `books` (loaded for [`Decoded::requests`], in
-    /// that order) at processing time `now`. Delta records are numbered from `next_seq` (per
-    /// partition).
+    /// that order): each input at its place, then every touched customer's time-driven rules at
+    /// its partition's stream time in `times` (as [`Folder::decode`] left them). Delta records
+    /// are numbered from `next_seq` (per partition) and carry the stream times.
     pub fn fold(
         &self,
         records: &[InputRecord<'_>],
         decoded: Decoded,
         books: Vec<Book>,
         next_seq: &BTreeMap<i32, u64>,
-        now: i64,
+        times: &StreamTimes,
     ) -> Commit {
         let Decoded {
             groups,
@@ -325,11 +351,22 @@ impl Folder {
         for (g, mut book) in groups.into_iter().zip(books) {
             debug_assert_eq!(book.customer, g.customer);
             let p = g.partition;
-            // Time first: what expired or became active by now, for every meter of the customer.
-            self.ledger.advance(&mut book, now, &mut results);
-            for (i, input) in &g.inputs {
+            for (i, input, placed) in &g.inputs {
                 let r = &records[*i];
-                match self.ledger.apply(&mut book, input, now, &mut results) {
+                if placed.late {
+                    counts.late += 1;
+                }
+                // Applying advances the input's meter to `placed.at` first.
+                let first = results.len();
+                let applied = self.ledger.apply(&mut book, input, placed.at, &mut results);
+                if placed.late {
+                    for out in &mut results[first..] {
+                        if let Output::Changed(ch) = out {
+                            ch.late = true;
+                        }
+                    }
+                }
+                match applied {
                     Ok(Applied::Applied) => counts.record(r.topic, Outcome::Applied),
                     Ok(Applied::Duplicate) => counts.record(r.topic, Outcome::Duplicate),
                     Ok(Applied::NoMeter) => counts.unmetered += 1,
@@ -340,6 +377,8 @@ impl Folder {
                     }
                 }
             }
+            // Then what expired or became active by the stream time, on every meter.
+            self.ledger.advance(&mut book, times.get(p), &mut results);
             for out in results.drain(..) {
                 c.outputs
                     .push(self.output(p, &book.customer, out, &mut state, &mut counts));
@@ -354,7 +393,7 @@ impl Folder {
             state.book(p, &book, &dirty);
             c.books.push((p, book));
         }
-        (c.state, c.deltas) = state.finish(next_seq);
+        (c.state, c.deltas) = state.finish(next_seq, times.all());
         for o in &c.outputs {
             *counts.produced.entry(o.topic).or_default() += 1;
         }

@@ -1,5 +1,7 @@
 //! The fold without I/O: routing, input order and event time.
 
+use std::time::Duration;
+
 use super::*;
 use crate::ledger::Book;
 
@@ -73,10 +75,20 @@ fn numbered(mut recs: Vec<Rec>) -> Vec<Rec> {
     recs
 }
 
-/// Folds `recs` as one batch over empty books at `now`.
+/// Stream times with a grace of 30 s and a future skew of 5 min.
+fn times() -> StreamTimes {
+    StreamTimes::new(Duration::from_secs(30), Duration::from_secs(300))
+}
+
+/// Folds `recs` as one batch over empty books, the wall clock at `now`.
 fn fold(folder: &Folder, recs: &[Rec], now: i64) -> Commit {
+    fold_with(folder, recs, now, &mut times())
+}
+
+/// Folds `recs` as one batch over empty books with `times`, the wall clock at `now`.
+fn fold_with(folder: &Folder, recs: &[Rec], now: i64, times: &mut StreamTimes) -> Commit {
     let records: Vec<InputRecord<'_>> = recs.iter().map(Rec::borrow).collect();
-    let decoded = folder.decode(&records);
+    let decoded = folder.decode(&records, times, now);
     let books = decoded
         .requests()
         .iter()
@@ -92,7 +104,7 @@ fn fold(folder: &Folder, recs: &[Rec], now: i64) -> Commit {
             book
         })
         .collect();
-    folder.fold(&records, decoded, books, &BTreeMap::new(), now)
+    folder.fold(&records, decoded, books, &BTreeMap::new(), times)
 }
 
 fn dlq_reasons(c: &Commit) -> Vec<String> {
@@ -164,4 +176,89 @@ fn a_record_in_another_partition_than_murmur2_gives_is_dead_lettered_as_misroute
         2,
         "both records are consumed (committed past)"
     );
+}
+
+const S: i64 = 1_000;
+
+/// The book of `customer` in a commit.
+fn book<'c>(c: &'c Commit, customer: &str) -> &'c Book {
+    &c.books
+        .iter()
+        .find(|(_, b)| b.customer.as_str() == customer)
+        .expect("a book")
+        .1
+}
+
+#[test]
+fn usage_from_before_an_expiry_is_applied_before_it_after_an_outage() {
+    let f = folder();
+    let mut g = Rec::grant("carol", "g1", "10", 100 * S);
+    g.payload = g.payload.replace(
+        r#""effective_at":100000"#,
+        r#""effective_at":100000,"expires_at":1000000"#,
+    );
+    // Usage at 900 s, folded long after the grant expired (at 1000 s) by the wall clock.
+    let recs = numbered(vec![
+        g,
+        Rec::usage("carol", "e1", 900 * S),
+        Rec::usage("carol", "e2", 901 * S),
+    ]);
+    let c = fold(&f, &recs, 5_000 * S);
+    let m = &book(&c, "carol").meters[&MeterName::parse("api_calls").unwrap()];
+    assert_eq!(m.consumed, 2.into());
+    assert_eq!(m.overage, 0.into(), "drawn from the grant valid at 900 s");
+    assert_eq!(
+        m.expired,
+        0.into(),
+        "stream time (871 s) is before the expiry"
+    );
+    assert_eq!(m.balance(), 8.into());
+    assert_eq!(c.counts.late, 0);
+    // In one batch: usage after the expiry applies after it (the remainder is forfeited first).
+    let mut g = Rec::grant("cora", "g1", "10", 100 * S);
+    g.payload = g.payload.replace(
+        r#""effective_at":100000"#,
+        r#""effective_at":100000,"expires_at":1000000"#,
+    );
+    let recs = numbered(vec![
+        g,
+        Rec::usage("cora", "e1", 900 * S),
+        Rec::usage("cora", "e2", 1_031 * S),
+    ]);
+    let c = fold(&f, &recs, 5_000 * S);
+    let m = &book(&c, "cora").meters[&MeterName::parse("api_calls").unwrap()];
+    assert_eq!(
+        (m.consumed, m.expired, m.overage),
+        (2.into(), 9.into(), 1.into())
+    );
+}
+
+#[test]
+fn a_timestamp_too_far_ahead_is_dead_lettered_and_moves_no_time() {
+    let f = folder();
+    let mut times = times();
+    let wall = 1_000 * S;
+    let recs = numbered(vec![
+        Rec::usage("dan", "e1", wall + 301 * S),
+        Rec::usage("dan", "e2", wall),
+    ]);
+    let c = fold_with(&f, &recs, wall, &mut times);
+    assert_eq!(dlq_reasons(&c), ["timestamp_in_future"]);
+    assert_eq!(changed(&c), 1);
+    assert_eq!(times.get(recs[0].partition), wall - 30 * S);
+}
+
+#[test]
+fn usage_later_than_the_grace_is_applied_at_stream_time_and_counted() {
+    let f = folder();
+    let recs = numbered(vec![
+        Rec::grant("erin", "g1", "10", 1_000 * S),
+        Rec::usage("erin", "e1", 1_000 * S),
+        Rec::usage("erin", "e2", 980 * S),
+        Rec::usage("erin", "e3", 900 * S),
+    ]);
+    let c = fold(&f, &recs, 1_000 * S);
+    assert_eq!(c.counts.late, 1, "only e3 is more than 30 s behind");
+    let m = &book(&c, "erin").meters[&MeterName::parse("api_calls").unwrap()];
+    assert_eq!(m.consumed, 3.into(), "late usage still counts");
 }

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use super::fold::DueUpdate;
+use super::stream_time::StreamTimes;
 use crate::config::PipelineConfig;
 use crate::ledger::{CustomerId, MeterName};
 use crate::store::layout::{self, DeltaKey};
@@ -54,12 +55,14 @@ impl DueIndex {
         }
     }
 
-    /// The customers with something due at `now`, at most `limit` meters' worth.
-    fn due(&self, now: i64, limit: usize) -> Vec<(i32, CustomerId)> {
+    /// The customers with something due by their partition's time `now(p)`, at most `limit`
+    /// meters' worth.
+    fn due(&self, now: impl Fn(i32) -> i64, latest: i64, limit: usize) -> Vec<(i32, CustomerId)> {
         let mut out: Vec<(i32, CustomerId)> = self
             .by_time
             .iter()
-            .take_while(|(d, ..)| *d <= now)
+            .take_while(|(d, ..)| *d <= latest)
+            .filter(|(d, p, ..)| *d <= now(*p))
             .take(limit)
             .map(|(_, p, c, _)| (*p, c.clone()))
             .collect();
@@ -146,23 +149,26 @@ impl Housekeeping {
         }
     }
 
-    /// The customers whose time-driven changes are due, every `tick_interval`.
-    pub(super) fn ticks(&mut self, now_ms: i64) -> Vec<(i32, CustomerId)> {
+    /// The customers whose time-driven changes are due by their partition's stream time,
+    /// every `tick_interval`.
+    pub(super) fn ticks(&mut self, times: &StreamTimes) -> Vec<(i32, CustomerId)> {
         if self.last_tick.elapsed() < self.tick_interval {
             return Vec::new();
         }
         self.last_tick = Instant::now();
-        self.due.due(now_ms, 10_000)
+        let latest = times.all().values().copied().max().unwrap_or(i64::MIN);
+        self.due.due(|p| times.get(p), latest, 10_000)
     }
 
-    /// The buckets entirely older than the dedupe window at `now_ms`, as one drop (at most
-    /// [`DROP_BUDGET`] deltas): their deltas' tombstones, and a horizon past them.
-    pub(super) fn drop(&self, store: &Store, now_ms: i64) -> Result<Drop, StoreError> {
+    /// The buckets entirely older than the dedupe window at their partition's stream time,
+    /// as one drop (at most [`DROP_BUDGET`] deltas): their deltas' tombstones, and a horizon
+    /// past them.
+    pub(super) fn drop(&self, store: &Store, times: &StreamTimes) -> Result<Drop, StoreError> {
         let width = store.layout().bucket_ms();
-        let cutoff = now_ms.saturating_sub(self.dedupe_window_ms);
         let mut out = Drop::default();
         let mut budget = DROP_BUDGET;
         for (p, buckets) in &self.deltas.buckets {
+            let cutoff = times.get(*p).saturating_sub(self.dedupe_window_ms);
             let mut keys = Vec::new();
             let mut horizon = None;
             for b in buckets
@@ -218,17 +224,22 @@ mod tests {
         }
         due.set(0, &id("alice"), &meter("api_calls"), Some(5));
         assert_eq!(due.len(), 1, "the unknown meter is not indexed");
-        assert_eq!(due.due(10, 10_000), [(0, id("alice"))]);
+        assert_eq!(due.due(|_| 10, 10, 10_000), [(0, id("alice"))]);
     }
 
     #[test]
     fn a_meter_leaves_the_index_when_nothing_is_due_any_more() {
         let mut due = DueIndex::new(&[meter("api_calls")]);
         due.set(3, &id("alice"), &meter("api_calls"), Some(5));
-        assert_eq!(due.due(4, 10), []);
-        assert_eq!(due.due(5, 10), [(3, id("alice"))]);
+        assert_eq!(due.due(|_| 4, 4, 10), []);
+        assert_eq!(due.due(|_| 5, 5, 10), [(3, id("alice"))]);
+        assert_eq!(
+            due.due(|p| if p == 3 { 4 } else { 9 }, 9, 10),
+            [],
+            "partition 3's own time"
+        );
         due.set(3, &id("alice"), &meter("api_calls"), None);
-        assert_eq!(due.due(i64::MAX, 10), []);
+        assert_eq!(due.due(|_| i64::MAX, i64::MAX, 10), []);
         assert_eq!(due.len(), 0);
     }
 }

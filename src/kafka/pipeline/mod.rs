@@ -2,7 +2,9 @@
 //! docs). One file per job:
 //! - this file: [`Pipeline`] (restarts with backoff) and the loop, whose state is [`Loop`];
 //! - [`clients`]: the consumer and the transactional producer, with their callbacks;
-//! - [`fold`]: the pure part, records + books + now -> [`fold::Commit`];
+//! - [`merge`]: the order of a partition's input (its two topics merged by timestamp);
+//! - [`stream_time`]: the clock the rules run on, per partition (event time less a grace);
+//! - [`fold`]: the pure part, records + books + stream times -> [`fold::Commit`];
 //! - [`transaction`]: one Kafka transaction per commit;
 //! - [`assignment`]: rebalances, restore hand-off;
 //! - [`claims`]: which loop owns what, and dropping the state of released partitions;
@@ -13,6 +15,8 @@ mod claims;
 mod clients;
 pub mod fold;
 mod housekeeping;
+mod merge;
+pub mod stream_time;
 mod transaction;
 
 use std::sync::Arc;
@@ -28,6 +32,8 @@ use self::claims::Claims;
 use self::clients::{Clients, ConsumerCtx};
 use self::fold::{Folder, InputRecord};
 use self::housekeeping::Housekeeping;
+use self::merge::{Merge, Timed};
+use self::stream_time::StreamTimes;
 use self::transaction::TopicNames;
 use super::restore::{RestoreError, Restorer};
 use super::{InputTopic, LoopStatus, PipelineStatus};
@@ -218,8 +224,8 @@ fn stop_on_failure(
 
 /// What one poll of the loop brought.
 enum Polled<'c> {
-    /// Records to fold (possibly none), still in librdkafka's buffers.
-    Batch(Vec<BorrowedMessage<'c>>),
+    /// Records to fold (possibly none) in merged order, still in librdkafka's buffers.
+    Batch(Vec<Fetched<'c>>),
     /// The assignment changed: what was polled is dropped.
     Rebalanced,
 }
@@ -234,6 +240,31 @@ struct Loop<'a> {
     housekeeping: Housekeeping,
     cache: BookCache,
     names: TopicNames,
+    /// Records polled and not folded yet (waiting for the other topic's partition).
+    merge: Merge<Fetched<'a>>,
+    /// The stream time of each partition of the loop.
+    times: StreamTimes,
+}
+
+/// A polled record and its topic.
+struct Fetched<'c> {
+    msg: BorrowedMessage<'c>,
+    topic: InputTopic,
+}
+
+impl Timed for Fetched<'_> {
+    fn topic(&self) -> InputTopic {
+        self.topic
+    }
+    fn partition(&self) -> i32 {
+        self.msg.partition()
+    }
+    fn offset(&self) -> i64 {
+        self.msg.offset()
+    }
+    fn timestamp(&self) -> Option<i64> {
+        self.msg.timestamp().to_millis()
+    }
 }
 
 impl<'a> Loop<'a> {
@@ -251,6 +282,8 @@ impl<'a> Loop<'a> {
             housekeeping: Housekeeping::new(&p.cfg.pipeline, p.folder.meters()),
             cache: BookCache::new(p.cfg.store.book_cache_mb << 20),
             names: TopicNames::new(&p.cfg),
+            merge: Merge::new(p.cfg.pipeline.max_idle),
+            times: StreamTimes::new(p.cfg.pipeline.grace, p.cfg.pipeline.max_future_skew),
         };
         l.status.set_revoked();
         p.claims.release_all(l.status.id());
@@ -272,6 +305,7 @@ impl<'a> Loop<'a> {
             claims: &self.p.claims,
             loop_id: self.status.id(),
             transaction_timeout: self.p.cfg.kafka.transaction_timeout,
+            times: &mut self.times,
         }
     }
 
@@ -286,6 +320,7 @@ impl<'a> Loop<'a> {
             self.restore_step()?;
             let messages = match self.poll()? {
                 Polled::Rebalanced => {
+                    self.merge.clear();
                     let events = self.clients.consumer.context().take_events();
                     let mut assignment = std::mem::take(&mut self.assignment);
                     let result = assignment.rebalance(events, &mut self.parts());
@@ -295,16 +330,11 @@ impl<'a> Loop<'a> {
                 }
                 Polled::Batch(messages) => messages,
             };
-            let usage_topic = &self.p.cfg.topics.usage;
-            let records: Vec<InputRecord<'_>> = messages
-                .iter()
-                .map(|m| input_record(m, usage_topic))
-                .collect();
+            let records: Vec<InputRecord<'_>> = messages.iter().map(input_record).collect();
             let delay = self.p.cfg.pipeline.state_drop_delay;
             self.p.claims.drop_expired(&self.p.store, delay)?;
-            let now = crate::clock::now_ms();
-            self.forget(now)?;
-            let ticks = self.housekeeping.ticks(now);
+            self.forget()?;
+            let ticks = self.housekeeping.ticks(&self.times);
             if records.is_empty() && ticks.is_empty() {
                 continue;
             }
@@ -336,7 +366,10 @@ impl<'a> Loop<'a> {
         result
     }
 
-    /// Polls input for up to `commit_interval` (10 ms while restoring) or `max_batch` records.
+    /// Polls input for up to `commit_interval` (10 ms while restoring) or `max_batch` records
+    /// into the merge, and releases what may be folded now, in merged order. A served
+    /// partition with nothing to fold and nothing more on the broker is idle: its stream time
+    /// follows the wall clock.
     fn poll(&mut self) -> Result<Polled<'a>, PipelineError> {
         let cfg = &self.p.cfg.pipeline;
         let window = if self.assignment.is_settled(&self.restorer) {
@@ -347,10 +380,10 @@ impl<'a> Loop<'a> {
         let deadline = Instant::now() + window;
         let restoring = self.assignment.unready(&self.restorer);
         let consumer: &'a BaseConsumer<ConsumerCtx> = &self.clients.consumer;
-        let mut batch = Vec::new();
-        while batch.len() < cfg.max_batch {
+        let mut polled_n = 0;
+        while polled_n < cfg.max_batch {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() && !batch.is_empty() {
+            if left.is_zero() && polled_n > 0 {
                 break;
             }
             let polled = consumer.poll(left.max(Duration::from_millis(1)));
@@ -360,7 +393,11 @@ impl<'a> Loop<'a> {
             match polled {
                 // A partition not served yet is paused; anything fetched before the pause is
                 // dropped (it resumes at its committed offsets).
-                Some(Ok(msg)) if !restoring.contains_key(&msg.partition()) => batch.push(msg),
+                Some(Ok(msg)) if !restoring.contains_key(&msg.partition()) => {
+                    polled_n += 1;
+                    let topic = topic_of(&msg, &self.p.cfg.topics.usage);
+                    self.merge.push(Fetched { msg, topic });
+                }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "consumer error (librdkafka retries)");
@@ -371,21 +408,69 @@ impl<'a> Loop<'a> {
                 break;
             }
         }
+        let caught_up = self.caught_up();
+        let batch = self
+            .merge
+            .release(Instant::now(), |t, p| caught_up.contains(&(t, p)));
+        metrics::gauge!(m::RECORDS_HELD, "thread" => self.status.id().to_string())
+            .set(self.merge.held() as f64);
+        let wall = crate::clock::now_ms();
+        for p in &self.assignment.owned {
+            let quiet = !restoring.contains_key(p)
+                && !batch.iter().any(|f| f.msg.partition() == *p)
+                && InputTopic::ALL
+                    .iter()
+                    .all(|t| caught_up.contains(&(*t, *p)));
+            if quiet && !self.merge.holds(*p) {
+                self.times.idle(*p, wall);
+            }
+        }
         Ok(Polled::Batch(batch))
+    }
+
+    /// The input topic-partitions with nothing more on the broker past what was polled, as
+    /// far as librdkafka's last fetch responses tell (no request is made).
+    fn caught_up(&self) -> std::collections::HashSet<(InputTopic, i32)> {
+        let consumer = &self.clients.consumer;
+        let Ok(position) = consumer.position() else {
+            return Default::default();
+        };
+        let mut out = std::collections::HashSet::new();
+        for e in position.elements() {
+            let topic = if e.topic() == self.p.cfg.topics.usage {
+                InputTopic::Usage
+            } else {
+                InputTopic::Grants
+            };
+            let Some((low, high)) = clients::cached_watermarks(consumer, e.topic(), e.partition())
+            else {
+                continue;
+            };
+            let at = match e.offset() {
+                rdkafka::Offset::Offset(o) => o,
+                _ => low,
+            };
+            if at >= high {
+                out.insert((topic, e.partition()));
+            }
+        }
+        out
     }
 
     /// Commits `commit` in one transaction, then writes its state and checkpoints locally.
     fn transact(&mut self, commit: &fold::Commit) -> Result<(), PipelineError> {
         let timeout = self.p.cfg.kafka.transaction_timeout;
         let checkpoints = transaction::transact(self.clients, &self.names, commit, timeout)?;
-        self.p.store.write(&commit.state, &checkpoints)?;
+        self.p
+            .store
+            .write_timed(&commit.state, &checkpoints, self.times.all())?;
         Ok(())
     }
 
     /// Drops the time buckets that left the dedupe window, in a commit of their own (so the
     /// new horizon applies to every later load).
-    fn forget(&mut self, now: i64) -> Result<(), PipelineError> {
-        let drop = self.housekeeping.drop(&self.p.store, now)?;
+    fn forget(&mut self) -> Result<(), PipelineError> {
+        let drop = self.housekeeping.drop(&self.p.store, &self.times)?;
         if drop.writes.is_empty() {
             return Ok(());
         }
@@ -410,9 +495,9 @@ impl<'a> Loop<'a> {
         ticks: Vec<(i32, crate::ledger::CustomerId)>,
     ) -> Result<(), PipelineError> {
         let started = Instant::now();
-        let now = crate::clock::now_ms();
+        let wall = crate::clock::now_ms();
         let folder = &self.p.folder;
-        let mut decoded = folder.decode(&records);
+        let mut decoded = folder.decode(&records, &mut self.times, wall);
         for (p, customer) in &ticks {
             decoded.tick(*p, customer);
         }
@@ -425,7 +510,7 @@ impl<'a> Loop<'a> {
             decoded,
             books,
             self.housekeeping.deltas.next_seq(),
-            now,
+            &self.times,
         );
         self.transact(&commit)?;
         self.housekeeping.due.update(commit.due);
@@ -465,14 +550,15 @@ fn topic_of(m: &BorrowedMessage<'_>, usage_topic: &str) -> InputTopic {
 }
 
 /// A record as the fold reads it, borrowed from librdkafka's buffer (nothing is copied).
-fn input_record<'m>(m: &'m BorrowedMessage<'_>, usage_topic: &str) -> InputRecord<'m> {
+fn input_record<'m>(f: &'m Fetched<'_>) -> InputRecord<'m> {
+    let m = &f.msg;
     let content_type = m.headers().and_then(|h| {
         h.iter()
             .find(|h| h.key.eq_ignore_ascii_case("content-type"))
             .and_then(|h| std::str::from_utf8(h.value?).ok())
     });
     InputRecord {
-        topic: topic_of(m, usage_topic),
+        topic: f.topic,
         partition: m.partition(),
         offset: m.offset(),
         timestamp: m.timestamp().to_millis(),

@@ -1,0 +1,284 @@
+//! The order in which a partition's input is folded: its two topics merged by time.
+//!
+//! A customer's grants arrive on `credit-grants` and its usage on `usage-events`, partition p of
+//! each. librdkafka interleaves the partitions of one fetch arbitrarily, so poll order says
+//! nothing about which came first: a grant produced (and acknowledged) before the usage it
+//! funds could be folded after it. The merge restores the order, as Kafka Streams does across
+//! the partitions of a task:
+//! - each topic-partition is a queue in offset order (its own order is never changed, so the
+//!   committed offsets stay contiguous);
+//! - of the two heads, the one with the smaller `(record timestamp, topic, offset)` is folded
+//!   first (grants before usage on a tie);
+//! - a head is folded while the other queue is empty only if the other topic-partition is
+//!   **caught up** (librdkafka's last fetch response says there is nothing more on the broker
+//!   past what was polled), or after waiting `pipeline.max_idle` for it. Otherwise it is held,
+//!   uncommitted, for a later batch.
+//!
+//! So a batch is deterministic given the input; only the `max_idle` escape depends on arrival
+//! timing (a topic-partition that lags behind the other for longer than that).
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::kafka::InputTopic;
+
+/// What the merge needs of a record.
+pub(super) trait Timed {
+    /// Its topic.
+    fn topic(&self) -> InputTopic;
+    /// Its partition.
+    fn partition(&self) -> i32;
+    /// Its offset.
+    fn offset(&self) -> i64;
+    /// Its record timestamp (ms), if any (a record without one sorts first).
+    fn timestamp(&self) -> Option<i64>;
+}
+
+fn key<T: Timed>(r: &T) -> (i64, u8, i64) {
+    let topic = match r.topic() {
+        InputTopic::Grants => 0,
+        InputTopic::Usage => 1,
+    };
+    (r.timestamp().unwrap_or(i64::MIN), topic, r.offset())
+}
+
+fn slot(t: InputTopic) -> usize {
+    match t {
+        InputTopic::Grants => 0,
+        InputTopic::Usage => 1,
+    }
+}
+
+fn other(t: InputTopic) -> InputTopic {
+    match t {
+        InputTopic::Grants => InputTopic::Usage,
+        InputTopic::Usage => InputTopic::Grants,
+    }
+}
+
+/// The records polled and not folded yet, per partition and topic.
+#[derive(Debug)]
+pub(super) struct Merge<T> {
+    queues: BTreeMap<i32, [VecDeque<T>; 2]>,
+    /// Since when a head has been held waiting for the other topic-partition.
+    waiting: HashMap<(InputTopic, i32), Instant>,
+    max_idle: Duration,
+}
+
+impl<T: Timed> Merge<T> {
+    /// An empty merge that waits at most `max_idle` for a lagging topic-partition.
+    pub(super) fn new(max_idle: Duration) -> Self {
+        Self {
+            queues: BTreeMap::new(),
+            waiting: HashMap::new(),
+            max_idle,
+        }
+    }
+
+    /// Adds a polled record (records of one topic-partition come in offset order).
+    pub(super) fn push(&mut self, r: T) {
+        let q = self.queues.entry(r.partition()).or_default();
+        q[slot(r.topic())].push_back(r);
+    }
+
+    /// Records held, not yet released.
+    pub(super) fn held(&self) -> usize {
+        self.queues.values().map(|[a, b]| a.len() + b.len()).sum()
+    }
+
+    /// Whether records of partition `p` are held.
+    pub(super) fn holds(&self, p: i32) -> bool {
+        self.queues.contains_key(&p)
+    }
+
+    /// Forgets everything held (a rebalance or an error: the input resumes at the committed
+    /// offsets, so the records are polled again).
+    pub(super) fn clear(&mut self) {
+        self.queues.clear();
+        self.waiting.clear();
+    }
+
+    /// Takes, per partition and in merged order, every record that may be folded now.
+    /// `caught_up(topic, p)` says whether that topic-partition has nothing more on the broker
+    /// past what was polled.
+    pub(super) fn release(
+        &mut self,
+        now: Instant,
+        caught_up: impl Fn(InputTopic, i32) -> bool,
+    ) -> Vec<T> {
+        let mut out = Vec::new();
+        for (&p, q) in self.queues.iter_mut() {
+            loop {
+                let next = match (q[0].front(), q[1].front()) {
+                    (Some(g), Some(u)) => {
+                        self.waiting.remove(&(InputTopic::Grants, p));
+                        self.waiting.remove(&(InputTopic::Usage, p));
+                        if key(g) <= key(u) {
+                            InputTopic::Grants
+                        } else {
+                            InputTopic::Usage
+                        }
+                    }
+                    (Some(_), None) | (None, Some(_)) => {
+                        let t = if q[0].is_empty() {
+                            InputTopic::Usage
+                        } else {
+                            InputTopic::Grants
+                        };
+                        let since = *self.waiting.entry((t, p)).or_insert(now);
+                        if caught_up(other(t), p)
+                            || now.saturating_duration_since(since) >= self.max_idle
+                        {
+                            t
+                        } else {
+                            break;
+                        }
+                    }
+                    (None, None) => {
+                        self.waiting.remove(&(InputTopic::Grants, p));
+                        self.waiting.remove(&(InputTopic::Usage, p));
+                        break;
+                    }
+                };
+                out.extend(q[slot(next)].pop_front());
+            }
+        }
+        self.queues
+            .retain(|_, [a, b]| !a.is_empty() || !b.is_empty());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct R(InputTopic, i32, i64, i64);
+
+    impl Timed for R {
+        fn topic(&self) -> InputTopic {
+            self.0
+        }
+        fn partition(&self) -> i32 {
+            self.1
+        }
+        fn offset(&self) -> i64 {
+            self.2
+        }
+        fn timestamp(&self) -> Option<i64> {
+            Some(self.3)
+        }
+    }
+
+    const U: InputTopic = InputTopic::Usage;
+    const G: InputTopic = InputTopic::Grants;
+
+    fn merge() -> Merge<R> {
+        Merge::new(Duration::from_millis(500))
+    }
+
+    #[test]
+    fn a_grant_polled_after_the_usage_it_preceded_is_folded_first() {
+        let mut m = merge();
+        let t0 = Instant::now();
+        // The usage comes in one poll; the grants partition is behind (not caught up).
+        m.push(R(U, 3, 0, 2_000));
+        assert!(m.release(t0, |_, _| false).is_empty(), "held");
+        m.push(R(G, 3, 0, 1_000));
+        m.push(R(U, 3, 1, 2_500));
+        let out = m.release(t0, |_, _| false);
+        assert_eq!(out, [R(G, 3, 0, 1_000)]);
+        // The usage waits for the grants partition (a grant before it may be on its way),
+        // until that is caught up.
+        assert_eq!(m.held(), 2);
+        assert_eq!(
+            m.release(t0, |t, _| t == G),
+            [R(U, 3, 0, 2_000), R(U, 3, 1, 2_500)]
+        );
+        assert_eq!(m.held(), 0);
+    }
+
+    #[test]
+    fn a_topic_partition_that_stays_behind_is_waited_for_at_most_max_idle() {
+        let mut m = merge();
+        let t0 = Instant::now();
+        m.push(R(U, 0, 0, 10));
+        assert!(m.release(t0, |_, _| false).is_empty());
+        assert!(m
+            .release(t0 + Duration::from_millis(499), |_, _| false)
+            .is_empty());
+        assert_eq!(
+            m.release(t0 + Duration::from_millis(500), |_, _| false),
+            [R(U, 0, 0, 10)]
+        );
+    }
+
+    #[test]
+    fn each_topic_partition_keeps_its_offset_order_and_ties_go_to_grants() {
+        let mut m = merge();
+        // Usage out of time order within its partition: offset order is kept.
+        m.push(R(U, 1, 0, 50));
+        m.push(R(U, 1, 1, 10));
+        m.push(R(G, 1, 0, 50));
+        m.push(R(G, 1, 1, 60));
+        let out = m.release(Instant::now(), |_, _| true);
+        assert_eq!(
+            out,
+            [
+                R(G, 1, 0, 50),
+                R(U, 1, 0, 50),
+                R(U, 1, 1, 10),
+                R(G, 1, 1, 60)
+            ]
+        );
+    }
+
+    #[test]
+    fn partitions_are_merged_independently() {
+        let mut m = merge();
+        m.push(R(U, 0, 0, 5));
+        m.push(R(U, 1, 0, 5));
+        m.push(R(G, 1, 0, 1));
+        let out = m.release(Instant::now(), |_, p| p == 1);
+        assert_eq!(out, [R(G, 1, 0, 1), R(U, 1, 0, 5)], "partition 0 waits");
+        assert_eq!(m.held(), 1);
+    }
+
+    #[test]
+    fn merging_is_the_same_however_the_records_were_polled() {
+        use proptest::prelude::*;
+        proptest!(|(recs in proptest::collection::vec((any::<bool>(), 0i64..100), 0..40), cuts in proptest::collection::vec(any::<bool>(), 0..40))| {
+            // One partition; offsets per topic in order.
+            let mut next = [0i64; 2];
+            let all: Vec<R> = recs.iter().map(|(grant, ts)| {
+                let t = if *grant { G } else { U };
+                let o = next[slot(t)];
+                next[slot(t)] += 1;
+                R(t, 0, o, *ts)
+            }).collect();
+            // Everything at once, both topics caught up at the end.
+            let mut whole = merge();
+            for r in all.clone() { whole.push(r); }
+            let expected = whole.release(Instant::now(), |_, _| true);
+            // The same records in polls of arbitrary size, each topic interleaved differently;
+            // a topic counts as caught up once all of it was polled.
+            let mut m = merge();
+            let (gs, us): (Vec<R>, Vec<R>) = all.iter().cloned().partition(|r| r.0 == G);
+            let (mut gi, mut ui) = (0, 0);
+            let mut got = Vec::new();
+            let mut c = cuts.iter().cycle();
+            while gi < gs.len() || ui < us.len() {
+                if (c.next().copied().unwrap_or(true) && gi < gs.len()) || ui >= us.len() {
+                    m.push(gs[gi].clone()); gi += 1;
+                } else {
+                    m.push(us[ui].clone()); ui += 1;
+                }
+                let (gd, ud) = (gi == gs.len(), ui == us.len());
+                got.extend(m.release(Instant::now(), |t, _| if t == G { gd } else { ud }));
+            }
+            got.extend(m.release(Instant::now(), |_, _| true));
+            prop_assert_eq!(got, expected);
+        });
+    }
+}
