@@ -443,3 +443,51 @@ async fn local_state_ahead_of_a_recreated_changelog_is_dropped_and_restored_from
     assert_eq!(m["balance"], "3");
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitions_added_to_an_input_topic_while_running_stop_drawdown_with_a_clear_error() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+
+    let names = Names::new();
+    let mut cfg = names.config();
+    // librdkafka notices new partitions at its next metadata refresh (5 min by default).
+    cfg.kafka
+        .extra
+        .insert("topic.metadata.refresh.interval.ms".into(), "1000".into());
+    let app = spawn_app_with(&names, cfg).await;
+    app.grants(&[grant("ivy", "g1", "api_calls", "5")]);
+    app.meter_until("ivy", "api_calls", |b| b["version"] == 1)
+        .await;
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .create()
+        .unwrap();
+    let usage = app.cfg.topics.usage.clone();
+    let created = admin
+        .create_partitions(&[NewPartitions::new(&usage, 5)], &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(created.iter().all(|r| r.is_ok()), "{created:?}");
+    // Stopped for good with the reason (and never ready on the way out).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !app.task.is_finished() {
+        assert!(Instant::now() < deadline, "still running");
+        if let Ok(r) = app.http.get(format!("{}/readyz", app.base)).send().await {
+            if r.status() != 200 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    if let Ok(r) = app.http.get(format!("{}/readyz", app.base)).send().await {
+        assert_eq!(r.status(), 503, "a stopping instance is not ready");
+    }
+    let err = app.task.await.unwrap().unwrap_err();
+    let text = format!("{err:#}");
+    assert!(
+        text.contains("partitions were added to an input topic"),
+        "{text}"
+    );
+}

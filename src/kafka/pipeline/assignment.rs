@@ -71,6 +71,8 @@ pub(super) struct Parts<'a> {
     pub(super) transaction_timeout: Duration,
     /// The partitions' stream times.
     pub(super) times: &'a mut StreamTimes,
+    /// The partition count of the topics at start-up.
+    pub(super) partitions: i32,
 }
 
 impl Assignment {
@@ -115,6 +117,7 @@ impl Assignment {
                 }
                 RebalanceEvent::Assign(parts) => {
                     tracing::info!(partitions = ?parts, "partitions assigned");
+                    check_partitions(&parts, x.partitions)?;
                     self.owned = parts.clone();
                     // Before the restore reads the checkpoint: no loop drops it from now on.
                     x.claims.claim(x.loop_id, &parts);
@@ -230,6 +233,19 @@ impl Assignment {
     }
 }
 
+/// `parts` within the partition count the pipeline started with: partitions added to a topic
+/// while running would be folded without a changelog partition (or with another topic's
+/// partition missing), so the pipeline stops with [`PipelineError::PartitionsChanged`].
+fn check_partitions(parts: &BTreeSet<i32>, count: i32) -> Result<(), PipelineError> {
+    match parts.iter().find(|p| **p >= count) {
+        Some(p) => Err(PipelineError::PartitionsChanged {
+            partition: *p,
+            count,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Whether an offsets fetch failed because a transaction holding offsets is still open (the
 /// broker's UNSTABLE_OFFSET_COMMIT, which librdkafka retries until the timeout).
 fn is_unstable(e: &KafkaError) -> bool {
@@ -260,4 +276,17 @@ fn pause(
         c.consumer.resume(&tpl)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_beyond_the_start_up_count_stops_the_pipeline_for_good() {
+        assert!(check_partitions(&BTreeSet::from([0, 7]), 8).is_ok());
+        let e = check_partitions(&BTreeSet::from([3, 9]), 8).unwrap_err();
+        assert!(e.is_fatal());
+        assert!(e.to_string().contains("partition 9 was assigned"), "{e}");
+    }
 }

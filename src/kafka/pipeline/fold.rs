@@ -235,6 +235,11 @@ impl Folder {
         }
     }
 
+    /// The partition count of the (co-partitioned) topics, as found at start-up.
+    pub fn partitions(&self) -> i32 {
+        self.partitions
+    }
+
     /// The configured meters' names.
     pub fn meters(&self) -> &[MeterName] {
         &self.meters

@@ -61,6 +61,20 @@ pub enum PipelineError {
     /// A pipeline thread panicked.
     #[error("a pipeline thread panicked: {0}")]
     Panicked(String),
+    /// The topics' partition counts changed while running (partitions were added to a topic):
+    /// the inputs and the changelog are no longer co-partitioned.
+    #[error(
+        "partition {partition} was assigned, but the topics had {count} partitions at start-up: \
+         partitions were added to an input topic while running. The inputs and the changelog \
+         must have the same count: add the same partitions to the other input topic and to the \
+         changelog, then restart (a customer's partition changes with the count: see the runbook)"
+    )]
+    PartitionsChanged {
+        /// The unexpected partition.
+        partition: i32,
+        /// The count at start-up.
+        count: i32,
+    },
 }
 
 impl PipelineError {
@@ -73,16 +87,18 @@ impl PipelineError {
             PipelineError::Restore(_) => "restore",
             PipelineError::Delivery(_) => "delivery",
             PipelineError::Panicked(_) => "panic",
+            PipelineError::PartitionsChanged { .. } => "partitions",
         }
     }
 
-    /// Whether retrying cannot help: the state is of another format, or a thread panicked.
+    /// Whether retrying cannot help: the state is of another format, a thread panicked, or the
+    /// partition counts changed under a running pipeline.
     pub fn is_fatal(&self) -> bool {
         match self {
             PipelineError::Store(e) | PipelineError::Restore(RestoreError::Store(e)) => {
                 e.is_fatal()
             }
-            PipelineError::Panicked(_) => true,
+            PipelineError::Panicked(_) | PipelineError::PartitionsChanged { .. } => true,
             _ => false,
         }
     }
@@ -306,6 +322,7 @@ impl<'a> Loop<'a> {
             loop_id: self.status.id(),
             transaction_timeout: self.p.cfg.kafka.transaction_timeout,
             times: &mut self.times,
+            partitions: self.p.folder.partitions(),
         }
     }
 
