@@ -7,7 +7,9 @@
 #             stacked on them at varied priorities, replayed grant ids, malformed records;
 #   expiring  top-ups expiring after the next usage phase, grants scheduled to start then (some
 #             of them cycle grants);
-#   usage     usage at RATE, duplicates (same record, and ids of earlier phases), malformed;
+#   usage     usage at RATE, duplicates (same record, and ids of earlier phases), malformed, 2 %
+#             late (event time 2 min old: applied at stream time, flagged late); the generator's
+#             record timestamps keep its send order under drawdown's merge of the two topics;
 #   expire    the barrier: every input so far was processed before the first activation/expiry
 #             (else the test fails: raise EXPIRE_IN), sleep past the last one, the tick applies
 #             them without new events;
@@ -165,12 +167,13 @@ phase() {
 HALF=$(( EVENTS / 2 ))
 phase --phase grants --events "$HALF" --bad 20
 phase --phase expiring --events "$HALF" --expire-in "$EXPIRE_IN" --bad 5
-phase --phase usage --events "$HALF" --rate "$RATE" --duplicates 0.01 --bad 50
+# 2 % of the usage is late (event time 2 min old, past the 30 s grace): applied at stream time.
+phase --phase usage --events "$HALF" --rate "$RATE" --duplicates 0.01 --late 0.02 --bad 50
 phase --phase expire
 phase --phase voids --bad 10
 phase --phase topups --events "$HALF" --format protobuf --bad 20
 phase --phase renewal --events "$HALF" --format protobuf --bad 10
-phase --phase usage --events $(( EVENTS - HALF )) --rate "$RATE" --duplicates 0.01 --format protobuf --bad 50
+phase --phase usage --events $(( EVENTS - HALF )) --rate "$RATE" --duplicates 0.01 --late 0.02 --format protobuf --bad 50
 phase --phase voids --format protobuf --bad 10
 
 deadline=$(( $(date +%s) + 60 * KILLS ))
@@ -196,6 +199,7 @@ KILLED="$(cat "$DIR/kills")"
 WIPED="$(cat "$DIR/wipes")"
 if VERIFY="$(loadgen verify --expect "$EXPECT")"; then
     echo "$VERIFY"
+    grep -q "late=[1-9]" <<< "$VERIFY" || { log "FAILED: no balance change flagged late"; exit 1; }
     OK=1
     echo "crash-test: OK kills=$KILLED wipes=$WIPED events=$EVENTS customers=$CUSTOMERS elapsed=$(( $(date +%s) - T0 ))s"
 else

@@ -5,7 +5,8 @@
 //! - [`ledger`]: the credit rules, pure (state, input, now) -> (state, outputs); no I/O.
 //! - [`codec`]: JSON / protobuf records <-> domain types, validated once at the edge.
 //! - [`store`]: RocksDB, the local materialisation of the changelog, with checkpoints.
-//! - [`kafka`]: topics, the exactly-once consume-fold-transact loop, restore.
+//! - [`kafka`]: topics, the exactly-once consume-fold-transact loop (each partition's two input
+//!   topics merged by timestamp, rules on per-partition stream time), restore and handover.
 //! - [`api`]: the HTTP API (balances, history, health, readiness, metrics), access control,
 //!   the customer portal and top-up requests.
 //! - [`credentials`]: API keys (hashed) and signed, customer-scoped portal tokens, without HTTP.

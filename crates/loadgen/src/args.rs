@@ -52,6 +52,10 @@ pub struct ProduceArgs {
     /// Fraction of usage events re-sent with the same id.
     #[arg(long, default_value_t = 0.01)]
     pub duplicates: f64,
+    /// Fraction of usage events whose event time is 2 minutes old (later than drawdown's
+    /// default grace: applied at stream time, flagged `late`).
+    #[arg(long, default_value_t = 0.0)]
+    pub late: f64,
     /// `expiring`: how far in the future the grants expire (must cover the processing of
     /// everything sent before the `expire` barrier).
     #[arg(long, default_value = "60s", value_parser = parse_timeout)]

@@ -156,6 +156,9 @@ pub struct Expectation {
     /// Pending time-driven changes (activations, expiries): the first and the last time.
     #[serde(default)]
     pub due: Option<(i64, i64)>,
+    /// The last time-driven change applied so far (by the `expire` phase).
+    #[serde(default)]
+    pub last_due: Option<i64>,
     /// Expected DLQ records of the run's customers: `void_duplicate`, `void_unknown`, and
     /// `malformed` (the `--bad` records, whatever their reason).
     #[serde(default)]
@@ -244,6 +247,16 @@ impl Expectation {
             rules.advance(&mut c.book, now, &mut out);
             c.log(out);
         }
+    }
+
+    /// Whether a usage event sent now may carry an event time [`crate::gen::LATE_BY`] old. The
+    /// model applies every event at the time it is sent, drawdown a late one at its stream time
+    /// (up to the grace, 30 s, behind the newest event): the two agree unless a time-driven
+    /// change came due in between, so none may lie within that window (a minute of margin).
+    pub fn late_allowed(&self, now: i64) -> bool {
+        let window = crate::gen::LATE_BY.as_millis() as i64 + 60_000;
+        self.last_due.is_none_or(|t| t < now - window)
+            && self.due.is_none_or(|(first, _)| first > now + 60_000)
     }
 
     /// Notes a pending time-driven change at `at`.

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use drawdown::clock::now_ms;
 use drawdown::codec::{self, pb};
@@ -54,6 +54,9 @@ pub enum VoidCmd {
 /// adjustments (see `produce`'s module docs).
 const TOPUP_PRIORITIES: [u8; 6] = [0, 10, 10, 50, 100, 200];
 
+/// How old a late usage event's time is: more than drawdown's default grace (30 s).
+pub const LATE_BY: Duration = Duration::from_secs(120);
+
 /// A year, in ms: far expiries never come due during a run.
 const FAR: i64 = 365 * 24 * 3600 * 1000;
 
@@ -83,6 +86,10 @@ pub struct Gen {
     pub events: u64,
     /// Last id number used.
     pub seq: u64,
+    /// Fraction of usage events sent with an event time [`LATE_BY`] in the past.
+    pub late: f64,
+    /// Whether late events may be sent now (see `Expectation::late_allowed`).
+    pub late_allowed: bool,
 }
 
 impl Gen {
@@ -240,6 +247,16 @@ impl Gen {
         codec::content_type(self.format)
     }
 
+    /// The event time of the next usage event: now, or (a `late` fraction of them) [`LATE_BY`]
+    /// ago.
+    fn event_time(&mut self) -> i64 {
+        if self.late > 0.0 && self.late_allowed && self.rng.random_bool(self.late) {
+            now_ms() - LATE_BY.as_millis() as i64
+        } else {
+            now_ms()
+        }
+    }
+
     /// A usage event as a record.
     pub fn encode_usage(&mut self, customer: &str, e: &Usage) -> Rec {
         let payload = match self.format {
@@ -258,10 +275,16 @@ impl Gen {
                     };
                     props.insert(k.clone(), value);
                 }
+                let at = self.event_time();
                 let timestamp = if self.rng.random_bool(0.5) {
-                    Value::String(humantime::format_rfc3339_millis(SystemTime::now()).to_string())
+                    Value::String(
+                        humantime::format_rfc3339_millis(
+                            SystemTime::UNIX_EPOCH + Duration::from_millis(at as u64),
+                        )
+                        .to_string(),
+                    )
                 } else {
-                    Value::from(now_ms())
+                    Value::from(at)
                 };
                 serde_json::to_vec(&json!({
                     "id": e.id, "customer_id": customer, "name": e.name,
@@ -273,7 +296,7 @@ impl Gen {
                 id: e.id.clone(),
                 customer_id: customer.into(),
                 name: e.name.clone(),
-                timestamp_ms: now_ms(),
+                timestamp_ms: self.event_time(),
                 properties: e.properties.clone().into_iter().collect(),
             }
             .encode_to_vec(),
@@ -458,6 +481,8 @@ mod tests {
             format,
             events: 1_000,
             seq: 0,
+            late: 0.0,
+            late_allowed: false,
         }
     }
 

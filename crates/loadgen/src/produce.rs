@@ -83,6 +83,9 @@ pub async fn produce(cfg: &Config, args: ProduceArgs) -> anyhow::Result<()> {
     if args.customers == 0 {
         bail!("--customers must be >= 1");
     }
+    if !(0.0..=1.0).contains(&args.late) {
+        bail!("--late is a fraction in [0, 1]");
+    }
     if !(0.0..=1.0).contains(&args.duplicates) {
         bail!("--duplicates is a fraction in [0, 1]");
     }
@@ -138,6 +141,8 @@ fn produce_blocking(cfg: &Config, args: ProduceArgs) -> anyhow::Result<()> {
         format: args.format,
         events: args.events,
         seq: 0,
+        late: args.late,
+        late_allowed: false,
     };
     let mut run = Run {
         gen,
@@ -223,6 +228,7 @@ impl Run<'_> {
         let keep = drew && self.gen.rng.random_bool(SAMPLE_EVENTS);
         self.expect
             .sample_event(&customer, &e.id, keep, &mut self.gen.rng);
+        self.gen.late_allowed = self.expect.late_allowed(now_ms());
         let rec = self.gen.encode_usage(&customer, &e);
         self.sender.send(&rec, "usage")?;
         if self.recent.len() < 1000 {
@@ -476,6 +482,7 @@ impl Run<'_> {
         );
         std::thread::sleep(Duration::from_millis((until - now).max(0) as u64));
         self.expect.advance(&self.gen.rules, last);
+        self.expect.last_due = Some(last);
         self.expect.due = None;
         Ok(())
     }

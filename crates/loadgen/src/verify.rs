@@ -209,6 +209,8 @@ struct Outputs {
     /// (customer, meter) -> version -> what was seen.
     changed: HashMap<Pair, BTreeMap<u64, VersionSeen>>,
     changed_records: u64,
+    /// Of which applied late (`"late": true`).
+    late: u64,
     undecodable: u64,
     transitions: HashMap<Pair, Vec<ExpectedTransition>>,
     top_ups: HashMap<Pair, Vec<(String, String)>>,
@@ -233,6 +235,7 @@ fn read_outputs(cfg: &Config, exp: &Expectation) -> anyhow::Result<Outputs> {
         match codec::decode_changed(Some(r.payload), r.content_type()) {
             Ok(ch) if ours(ch.customer_id.as_str()) => {
                 o.changed_records += 1;
+                o.late += u64::from(ch.late);
                 let seen = o
                     .changed
                     .entry((ch.customer_id.to_string(), ch.meter.to_string()))
@@ -524,7 +527,7 @@ pub async fn verify(cfg: &Config, args: VerifyArgs) -> anyhow::Result<()> {
         .collect();
     let r = &report;
     let summary = format!(
-        "customers={} meters={} balances={}/{n_balances} changed={} (dups={} gaps={} extra={} wrong_reason={}) transitions={}/{} top_ups={}/{} dlq={} (void_duplicate={} void_unknown={}) elapsed={:.1}s\nverify: versions by reason: {}{}",
+        "customers={} meters={} balances={}/{n_balances} changed={} (dups={} gaps={} extra={} wrong_reason={} late={}) transitions={}/{} top_ups={}/{} dlq={} (void_duplicate={} void_unknown={}) elapsed={:.1}s\nverify: versions by reason: {}{}",
         exp.customers.len(),
         meter_names.len(),
         n_balances - api_failures.len(),
@@ -533,6 +536,7 @@ pub async fn verify(cfg: &Config, args: VerifyArgs) -> anyhow::Result<()> {
         r.gaps,
         r.extra,
         r.wrong_reason,
+        outputs.late,
         r.transitions.0,
         r.transitions.1,
         r.top_ups.0,
