@@ -260,6 +260,8 @@ struct Loop<'a> {
     merge: Merge<Fetched<'a>>,
     /// The stream time of each partition of the loop.
     times: StreamTimes,
+    /// Time spent polling so far: the merge's clock for `max_idle`.
+    polling: Duration,
 }
 
 /// A polled record and its topic.
@@ -300,6 +302,7 @@ impl<'a> Loop<'a> {
             names: TopicNames::new(&p.cfg),
             merge: Merge::new(p.cfg.pipeline.max_idle),
             times: StreamTimes::new(p.cfg.pipeline.grace, p.cfg.pipeline.max_future_skew),
+            polling: Duration::ZERO,
         };
         l.status.set_revoked();
         p.claims.release_all(l.status.id());
@@ -425,10 +428,11 @@ impl<'a> Loop<'a> {
                 break;
             }
         }
+        self.polling += window.min(Instant::now().saturating_duration_since(deadline - window));
         let caught_up = self.caught_up();
         let batch = self
             .merge
-            .release(Instant::now(), |t, p| caught_up.contains(&(t, p)));
+            .release(self.polling, |t, p| caught_up.contains(&(t, p)));
         metrics::gauge!(m::RECORDS_HELD, "thread" => self.status.id().to_string())
             .set(self.merge.held() as f64);
         let wall = crate::clock::now_ms();
