@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # `make run`: the whole pipeline on the local broker: drawdown with the example meters, plus
-# the load generator (grants, then a steady mix of usage and top-ups). Ctrl-C stops both.
+# the load generator (grants, then a steady mix of usage and top-ups). Ctrl-C (SIGINT) or SIGTERM
+# stops both; the broker keeps running (`make kafka-stop` stops it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown"
@@ -16,8 +17,24 @@ DRAWDOWN__API__KEYS="[{ name = \"demo\", sha256 = \"$KEY_SHA\" }]" \
 DRAWDOWN__API__PORTAL_SECRET="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')" \
     "$BIN" -c "$CONFIG" run > data/drawdown.log 2>&1 &
 DD=$!
-trap 'kill $DD $GEN 2>/dev/null || true; [[ -n "$GEN" ]] && pkill -P "$GEN" 2>/dev/null; wait 2>/dev/null || true; echo "demo stopped"' EXIT INT TERM
 GEN=""
+# Stops the generator (its loop first, then the generator it runs, then the loop: killing the
+# loop first orphaned the generator) and drawdown. The broker is left running for the next run.
+stop() {
+    trap - EXIT INT TERM
+    if [[ -n "$GEN" ]]; then
+        kill -STOP "$GEN" 2>/dev/null || true
+        pkill -TERM -P "$GEN" 2>/dev/null || true
+        kill -TERM "$GEN" 2>/dev/null || true
+        kill -CONT "$GEN" 2>/dev/null || true
+    fi
+    kill -TERM "$DD" 2>/dev/null || true
+    wait 2>/dev/null || true
+    echo "demo stopped: drawdown and the load generator are down; the broker keeps running for the next run (stop it: make kafka-stop)"
+}
+trap stop EXIT
+trap 'stop; exit 130' INT
+trap 'stop; exit 143' TERM
 for _ in $(seq 1 120); do
     curl -fs http://127.0.0.1:8080/readyz >/dev/null 2>&1 && break
     kill -0 $DD 2>/dev/null || { echo "drawdown exited; see data/drawdown.log"; tail -20 data/drawdown.log; exit 1; }
