@@ -8,7 +8,10 @@
 //!    offsets for the partition is open). The previous owner may be stalled inside a
 //!    transaction that holds both its changelog records and its offsets; it commits or aborts
 //!    (at the latest when the transaction times out), and only then is the answer given. A fetch
-//!    that is refused is retried at the next turn of the loop, which keeps polling meanwhile.
+//!    that is refused is retried at the next turn of the loop, which keeps polling meanwhile; for
+//!    at most twice the transaction timeout (+10 s), after which the loop starts over with new
+//!    clients (a consumer whose every fetch timed out for minutes after a broker restart was
+//!    seen: new clients recover it).
 //! 2. **Restore** the state from the changelog, incrementally, up to the log end as of now (see
 //!    [`crate::kafka::restore`]): every transaction of the previous owner is resolved, so this
 //!    includes all it committed.
@@ -67,7 +70,8 @@ pub(super) struct Parts<'a> {
     /// The claims of every loop of the process, and this loop's number.
     pub(super) claims: &'a Claims,
     pub(super) loop_id: usize,
-    /// The transaction timeout: a partition settling longer than it is reported.
+    /// The transaction timeout: a partition settling longer than twice it (+10 s) makes the
+    /// loop start over with new clients.
     pub(super) transaction_timeout: Duration,
     /// The partitions' stream times.
     pub(super) times: &'a mut StreamTimes,
@@ -161,13 +165,17 @@ impl Assignment {
             let committed = match fetched {
                 Ok(c) => c,
                 Err(e) if is_unstable(&e) => {
+                    // An open transaction is resolved within its timeout (the coordinator aborts
+                    // it then). Waiting much longer means the client is stuck (seen after a
+                    // broker restart: every fetch timed out for minutes): start over with new
+                    // clients, as for any other client error.
                     let waited = since.elapsed();
-                    if waited > x.transaction_timeout {
+                    if waited > x.transaction_timeout * 2 + Duration::from_secs(10) {
                         tracing::warn!(partition = p, waited_secs = waited.as_secs(), error = %e,
-                            "the committed offsets are still not stable: a transaction of the previous owner is open");
-                    } else {
-                        tracing::debug!(partition = p, error = %e, "committed offsets not stable yet");
+                            "the committed offsets were not fetched within twice the transaction timeout: restarting the consumer");
+                        return Err(e.into());
                     }
+                    tracing::debug!(partition = p, error = %e, "committed offsets not stable yet");
                     continue;
                 }
                 Err(e) => return Err(e.into()),
