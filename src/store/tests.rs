@@ -291,3 +291,43 @@ fn count_meters_counts_books_and_their_meters_of_one_partition() {
     assert!(s.property_int("rocksdb.estimate-num-keys").is_some());
     assert!(s.property_int("rocksdb.block-cache-capacity").unwrap() >= 8 << 20);
 }
+
+#[test]
+fn stream_time_is_kept_with_the_checkpoint_and_restored_from_the_deltas() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let s = open(a.path());
+    let c = CustomerId::parse("c1").unwrap();
+    let g = GrantId::parse("g1").unwrap();
+    let mut book = Book::new(c.clone());
+    book.grants.insert(g.clone(), None);
+    let mut out = Vec::new();
+    let grant = Input::Grant(Grant::top_up(
+        g,
+        c,
+        MeterName::parse("api").unwrap(),
+        5.into(),
+    ));
+    ledger().apply(&mut book, &grant, 10_000, &mut out).unwrap();
+    let mut batch = StateBatch::new(s.layout());
+    let dirty = book.take_dirty();
+    batch.book(2, &book, &dirty);
+    for o in &out {
+        if let Output::Changed(ch) = o {
+            batch.change(2, ch);
+        }
+    }
+    let times = BTreeMap::from([(2, 12_345)]);
+    let (writes, _) = batch.finish(&BTreeMap::new(), &times);
+    s.write_timed(&writes, &[(2, 7)], &times).unwrap();
+    assert_eq!(s.checkpoint(2).unwrap(), Some(7));
+    assert_eq!(s.stream_time(2).unwrap(), Some(12_345));
+    // A checkpoint written without one (tests, tools) has none.
+    s.write(&[], &[(3, 1)]).unwrap();
+    assert_eq!(s.stream_time(3).unwrap(), None);
+    assert_eq!(s.checkpoint(3).unwrap(), Some(1));
+    // Restored from the changelog alone: the deltas carry it.
+    let r = open(b.path());
+    r.restore(2, &changelog(&writes), 9).unwrap();
+    assert_eq!(r.checkpoint(2).unwrap(), Some(9));
+    assert_eq!(r.stream_time(2).unwrap(), Some(12_345));
+}
