@@ -9,3 +9,28 @@ isolate_run() {
         export "DRAWDOWN__TOPICS__${t^^}=$id-$t"
     done
 }
+
+# Instances of the multi-instance scripts. Needs BIN, DIR, BASE_PORT and a `log` function;
+# instance I gets the id "${INSTANCE_PREFIX:-}I", its API on BASE_PORT+I, its store in
+# $DIR/state-I and its log in $DIR/instance-I.log. PIDS maps I to its pid.
+declare -A PIDS
+port() { echo $(( BASE_PORT + $1 )); }
+api() { echo "http://127.0.0.1:$(port "$1")"; }
+
+start_instance() {
+    local i=$1
+    DRAWDOWN__KAFKA__INSTANCE_ID="${INSTANCE_PREFIX:-}$i" \
+    DRAWDOWN__API__LISTEN="127.0.0.1:$(port "$i")" \
+    DRAWDOWN__STORE__PATH="$DIR/state-$i" \
+        "$BIN" run >> "$DIR/instance-$i.log" 2>&1 &
+    PIDS[$i]=$!
+    log "instance $i started (pid ${PIDS[$i]}, $(api "$i"))"
+}
+
+wait_ready() {
+    local i=$1 deadline=$(( $(date +%s) + 120 ))
+    until curl -fs "$(api "$i")/readyz" > /dev/null 2>&1; do
+        (( $(date +%s) < deadline )) || { log "instance $i not ready in 120 s"; tail -30 "$DIR/instance-$i.log"; return 1; }
+        sleep 0.5
+    done
+}

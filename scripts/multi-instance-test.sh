@@ -31,28 +31,6 @@ export DRAWDOWN__KAFKA__PARTITIONS=16
 export DRAWDOWN__KAFKA__TRANSACTION_TIMEOUT=10s
 export DRAWDOWN__STORE__BLOCK_CACHE_MB=16 DRAWDOWN__STORE__WRITE_BUFFER_MB=16
 
-declare -A PIDS
-port() { echo $(( BASE_PORT + $1 )); }
-api() { echo "http://127.0.0.1:$(port "$1")"; }
-
-start_instance() {
-    local i=$1
-    DRAWDOWN__KAFKA__INSTANCE_ID="$i" \
-    DRAWDOWN__API__LISTEN="127.0.0.1:$(port "$i")" \
-    DRAWDOWN__STORE__PATH="$DIR/state-$i" \
-        "$BIN" run >> "$DIR/instance-$i.log" 2>&1 &
-    PIDS[$i]=$!
-    log "instance $i started (pid ${PIDS[$i]}, $(api "$i"))"
-}
-
-wait_ready() {
-    local i=$1 deadline=$(( $(date +%s) + 120 ))
-    until curl -fs "$(api "$i")/readyz" > /dev/null 2>&1; do
-        (( $(date +%s) < deadline )) || { log "instance $i not ready in 120 s"; tail -30 "$DIR/instance-$i.log"; return 1; }
-        sleep 0.5
-    done
-}
-
 cleanup() {
     local rc=$?
     for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done

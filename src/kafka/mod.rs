@@ -356,6 +356,33 @@ impl OutputTopic {
     }
 }
 
+/// The group's committed offsets of `tpl`, fetched stable (a read_committed consumer asks with
+/// `require_stable`). librdkafka retries an unstable answer a few times, then returns the
+/// partition with `UNSTABLE_OFFSET_COMMIT` and no offset inside an `Ok`: here any partition's
+/// error makes the whole fetch an error, so it is never taken for "no committed offset".
+pub fn stable_committed_offsets<C: rdkafka::consumer::ConsumerContext>(
+    consumer: &rdkafka::consumer::BaseConsumer<C>,
+    tpl: rdkafka::TopicPartitionList,
+    timeout: std::time::Duration,
+) -> rdkafka::error::KafkaResult<rdkafka::TopicPartitionList> {
+    use rdkafka::consumer::Consumer;
+    let c = consumer.committed_offsets(tpl, timeout)?;
+    match c.elements().iter().find_map(|e| e.error().err()) {
+        Some(e) => Err(e),
+        None => Ok(c),
+    }
+}
+
+/// Whether an offsets fetch failed because a transaction holding offsets is still open (the
+/// broker's UNSTABLE_OFFSET_COMMIT, which librdkafka retries until the timeout).
+pub fn offsets_not_stable(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e.rdkafka_error_code(),
+        Some(C::OperationTimedOut) | Some(C::UnstableOffsetCommit) | Some(C::RequestTimedOut)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -12,8 +12,6 @@ use std::time::Duration;
 use anyhow::Context;
 use drawdown::config::Config;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::TopicPartitionList;
 
 use crate::topics::partitions;
@@ -50,32 +48,14 @@ pub fn open_transactions(cfg: &Config) -> anyhow::Result<bool> {
             tpl.add_partition(t, p);
         }
     }
-    // librdkafka retries an unstable answer a few times, then returns the partitions with
-    // that error: either way it is pending.
-    let fetched = group
-        .committed_offsets(tpl, Duration::from_secs(1))
-        .and_then(
-            |c| match c.elements().iter().find_map(|e| e.error().err()) {
-                Some(e) => Err(e),
-                None => Ok(c),
-            },
-        );
+    let fetched = drawdown::kafka::stable_committed_offsets(&group, tpl, Duration::from_secs(1));
     match fetched {
         Ok(_) => {}
-        Err(e) if is_unstable(&e) => {
+        Err(e) if drawdown::kafka::offsets_not_stable(&e) => {
             println!("offsets pending");
             open = true;
         }
         Err(e) => return Err(e).context("fetching the committed offsets"),
     }
     Ok(open)
-}
-
-fn is_unstable(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::OperationTimedOut)
-            | Some(RDKafkaErrorCode::UnstableOffsetCommit)
-            | Some(RDKafkaErrorCode::RequestTimedOut)
-    )
 }

@@ -29,8 +29,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::Consumer;
-use rdkafka::error::KafkaError;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
 use super::claims::Claims;
@@ -40,7 +38,7 @@ use super::stream_time::StreamTimes;
 use super::PipelineError;
 use crate::config::TopicsConfig;
 use crate::kafka::restore::{Restored, Restorer};
-use crate::kafka::{InputTopic, LoopStatus};
+use crate::kafka::{offsets_not_stable, stable_committed_offsets, InputTopic, LoopStatus};
 use crate::store::{BookCache, Store};
 
 /// How long one attempt to fetch a partition's stable offsets may block the loop.
@@ -150,21 +148,10 @@ impl Assignment {
             for topic in InputTopic::ALL {
                 tpl.add_partition(topic.name(x.topics), p);
             }
-            // librdkafka retries an unstable answer a few times, then returns the partition
-            // with that error and no offset: never take that for "no committed offset".
-            let fetched = x
-                .clients
-                .consumer
-                .committed_offsets(tpl, SETTLE_ATTEMPT)
-                .and_then(
-                    |c| match c.elements().iter().find_map(|e| e.error().err()) {
-                        Some(e) => Err(e),
-                        None => Ok(c),
-                    },
-                );
+            let fetched = stable_committed_offsets(&x.clients.consumer, tpl, SETTLE_ATTEMPT);
             let committed = match fetched {
                 Ok(c) => c,
-                Err(e) if is_unstable(&e) => {
+                Err(e) if offsets_not_stable(&e) => {
                     // An open transaction is resolved within its timeout (the coordinator aborts
                     // it then). Waiting much longer means the client is stuck (seen after a
                     // broker restart: every fetch timed out for minutes): start over with new
@@ -252,17 +239,6 @@ fn check_partitions(parts: &BTreeSet<i32>, count: i32) -> Result<(), PipelineErr
         }),
         None => Ok(()),
     }
-}
-
-/// Whether an offsets fetch failed because a transaction holding offsets is still open (the
-/// broker's UNSTABLE_OFFSET_COMMIT, which librdkafka retries until the timeout).
-fn is_unstable(e: &KafkaError) -> bool {
-    matches!(
-        e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::OperationTimedOut)
-            | Some(RDKafkaErrorCode::UnstableOffsetCommit)
-            | Some(RDKafkaErrorCode::RequestTimedOut)
-    )
 }
 
 /// Pauses (or resumes) both input topics' partitions `parts`.

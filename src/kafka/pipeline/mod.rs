@@ -436,9 +436,11 @@ impl<'a> Loop<'a> {
         metrics::gauge!(m::RECORDS_HELD, "thread" => self.status.id().to_string())
             .set(self.merge.held() as f64);
         let wall = crate::clock::now_ms();
+        let in_batch: std::collections::BTreeSet<i32> =
+            batch.iter().map(|f| f.msg.partition()).collect();
         for p in &self.assignment.owned {
             let quiet = !restoring.contains_key(p)
-                && !batch.iter().any(|f| f.msg.partition() == *p)
+                && !in_batch.contains(p)
                 && InputTopic::ALL
                     .iter()
                     .all(|t| caught_up.contains(&(*t, *p)));
