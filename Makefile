@@ -5,13 +5,17 @@ KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 LOADGEN := $(CARGO_TARGET_DIR)/debug/drawdown-loadgen
 
-.PHONY: handover-test bench-e2e bench-latency bounded-state browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: setup handover-test bench-e2e bench-latency bounded-state browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
 ## The workspace's binaries: drawdown and drawdown-loadgen (the root's default-members).
 build:
 	cargo build --bins
+
+## Installs what a fresh machine lacks (Debian packages as root, the Kafka jars); idempotent.
+setup:
+	scripts/setup.sh
 
 kafka-start:
 	$(KAFKA) start
@@ -23,11 +27,11 @@ kafka-reset:
 	$(KAFKA) reset
 
 ## The whole pipeline on the local broker with the example meters and the load generator.
-run: build kafka-start
+run: setup build kafka-start
 	scripts/demo.sh
 
 ## Every test: unit, property and the integration tests against the real broker.
-test: kafka-start
+test: setup kafka-start
 	cargo test --lib --bins --tests -- --test-threads=4
 
 test-unit:

@@ -4,6 +4,7 @@
 # via deploy/kafka/pom.xml.
 #
 #   deploy/kafka/kafka.sh fetch    download the jars (only if not cached yet)
+#   deploy/kafka/kafka.sh have-libs   exit 0 iff the jars are cached
 #   deploy/kafka/kafka.sh start    fetch, format storage once, start, wait until it answers
 #   deploy/kafka/kafka.sh stop     SIGTERM, wait up to 30 s, then SIGKILL
 #   deploy/kafka/kafka.sh status   exit 0 iff the broker answers a metadata request
@@ -259,11 +260,12 @@ cmd_topics() {
 }
 
 usage() {
-    sed -n '2,19p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
     fetch) cmd_fetch ;;
+    have-libs) have_libs ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
     status) cmd_status ;;
