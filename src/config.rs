@@ -149,8 +149,9 @@ pub struct PipelineConfig {
     /// Pipeline loops, each with its own consumer (a group member) and transactional producer
     /// over its share of the partitions; 0 = one per core.
     pub threads: usize,
-    /// The longest a partition's record waits for the other input topic's partition to catch
-    /// up, so the two are folded in timestamp order (see `pipeline::merge`).
+    /// The longest a partition's record waits for the other input topic's partition to deliver
+    /// what the broker holds, so the two are folded in timestamp order (see `pipeline::merge`).
+    /// Normally the wait is one fetch; this bounds it for a partition the broker doesn't serve.
     #[serde(with = "humantime_serde")]
     pub max_idle: Duration,
     /// How far behind the newest event time of a partition its time-driven rules run (stream
@@ -186,7 +187,7 @@ impl Default for PipelineConfig {
             state_drop_delay: Duration::from_secs(600),
             shutdown_timeout: Duration::from_secs(30),
             threads: 0,
-            max_idle: Duration::from_millis(500),
+            max_idle: Duration::from_secs(10),
             grace: Duration::from_secs(30),
             max_future_skew: Duration::from_secs(300),
         }

@@ -28,6 +28,9 @@ pub const RECORDS_MISROUTED: &str = "drawdown_records_misrouted_total";
 /// Input records later than `pipeline.grace` behind their partition's newest event time,
 /// applied at stream time.
 pub const RECORDS_LATE: &str = "drawdown_records_late_total";
+/// Input records folded after waiting `pipeline.max_idle` for the other input topic's
+/// partition, without knowing that it had nothing earlier (their order depends on timing).
+pub const RECORDS_UNORDERED: &str = "drawdown_records_unordered_total";
 /// Input records held back for the other input topic's partition (folded in a later batch).
 pub const RECORDS_HELD: &str = "drawdown_records_held";
 /// Output records produced (committed), by `topic`.
@@ -170,6 +173,7 @@ fn zero_initialise() {
     counter!(RECORDS_UNMETERED).increment(0);
     counter!(RECORDS_MISROUTED).increment(0);
     counter!(RECORDS_LATE).increment(0);
+    counter!(RECORDS_UNORDERED).increment(0);
     for topic in OUTPUT_TOPICS {
         counter!(OUTPUTS_PRODUCED, "topic" => topic).increment(0);
     }
@@ -253,6 +257,11 @@ fn describe() {
         RECORDS_LATE,
         Unit::Count,
         "Input records later than pipeline.grace behind their partition's newest event time (applied at stream time)."
+    );
+    describe_counter!(
+        RECORDS_UNORDERED,
+        Unit::Count,
+        "Input records folded after waiting pipeline.max_idle for the other input topic's partition (order not guaranteed)."
     );
     describe_gauge!(
         RECORDS_HELD,

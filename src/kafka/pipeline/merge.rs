@@ -14,8 +14,15 @@
 //!   past what was polled), or after waiting `pipeline.max_idle` for it. Otherwise it is held,
 //!   uncommitted, for a later batch.
 //!
-//! So a batch is deterministic given the input; only the `max_idle` escape depends on arrival
-//! timing (a topic-partition that lags behind the other for longer than that).
+//! So a batch is deterministic given the input. Like Kafka Streams with `max.task.idle.ms = 0`,
+//! the merge never waits for records not yet produced, but does wait for records the broker
+//! already holds (or may hold: before the first fetch response of a topic-partition its end is
+//! unknown). That wait is as long as the fetcher takes, normally one fetch round trip; the
+//! first fetch after an assignment (an offset lookup, then a fetch) took over a second on a
+//! busy machine here. `max_idle` (10 s) only bounds it for a topic-partition the broker does
+//! not deliver (say its leader is down): the order then depends on arrival timing, and each
+//! record so released is counted ([`Merge::take_unordered`], the metric
+//! `drawdown_records_unordered_total`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
@@ -64,6 +71,8 @@ pub(super) struct Merge<T> {
     /// (On the polling clock: see [`Merge::release`].)
     waiting: HashMap<(InputTopic, i32), Duration>,
     max_idle: Duration,
+    /// Records released by the `max_idle` escape since the last [`Merge::take_unordered`].
+    unordered: u64,
 }
 
 impl<T: Timed> Merge<T> {
@@ -73,6 +82,7 @@ impl<T: Timed> Merge<T> {
             queues: BTreeMap::new(),
             waiting: HashMap::new(),
             max_idle,
+            unordered: 0,
         }
     }
 
@@ -85,6 +95,12 @@ impl<T: Timed> Merge<T> {
     /// Records held, not yet released.
     pub(super) fn held(&self) -> usize {
         self.queues.values().map(|[a, b]| a.len() + b.len()).sum()
+    }
+
+    /// How many records were released by the `max_idle` escape (folded without knowing that
+    /// the other topic-partition had nothing earlier) since the last call.
+    pub(super) fn take_unordered(&mut self) -> u64 {
+        std::mem::take(&mut self.unordered)
     }
 
     /// Whether records of partition `p` are held.
@@ -130,7 +146,10 @@ impl<T: Timed> Merge<T> {
                             InputTopic::Grants
                         };
                         let since = *self.waiting.entry((t, p)).or_insert(now);
-                        if caught_up(other(t), p) || now.saturating_sub(since) >= self.max_idle {
+                        if caught_up(other(t), p) {
+                            t
+                        } else if now.saturating_sub(since) >= self.max_idle {
+                            self.unordered += 1;
                             t
                         } else {
                             break;
@@ -214,6 +233,12 @@ mod tests {
             m.release(t0 + Duration::from_millis(500), |_, _| false),
             [R(U, 0, 0, 10)]
         );
+        assert_eq!(m.take_unordered(), 1, "the escape is counted");
+        assert_eq!(m.take_unordered(), 0);
+        // Released because the other side is caught up: in order, not counted.
+        m.push(R(U, 0, 1, 11));
+        assert_eq!(m.release(t0, |_, _| true), [R(U, 0, 1, 11)]);
+        assert_eq!(m.take_unordered(), 0);
     }
 
     #[test]

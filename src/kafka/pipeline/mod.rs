@@ -435,6 +435,10 @@ impl<'a> Loop<'a> {
             .release(self.polling, |t, p| caught_up.contains(&(t, p)));
         metrics::gauge!(m::RECORDS_HELD, "thread" => self.status.id().to_string())
             .set(self.merge.held() as f64);
+        let unordered = self.merge.take_unordered();
+        if unordered > 0 {
+            metrics::counter!(m::RECORDS_UNORDERED).increment(unordered);
+        }
         let wall = crate::clock::now_ms();
         let in_batch: std::collections::BTreeSet<i32> =
             batch.iter().map(|f| f.msg.partition()).collect();
