@@ -5,7 +5,7 @@ KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 LOADGEN := $(CARGO_TARGET_DIR)/debug/drawdown-loadgen
 
-.PHONY: setup handover-test bench-e2e bench-latency bounded-state browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: setup demo-stop-test bench-check handover-test bench-e2e bench-latency bounded-state browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -29,6 +29,10 @@ kafka-reset:
 ## The whole pipeline on the local broker with the example meters and the load generator.
 run: setup build kafka-start
 	scripts/demo.sh
+
+## The demo stops drawdown and the generator on SIGINT / SIGTERM / Ctrl-C; the broker runs on.
+demo-stop-test: build kafka-start
+	scripts/demo-stop-test.sh
 
 ## Every test: unit, property and the integration tests against the real broker.
 test: setup kafka-start
@@ -64,6 +68,11 @@ bench-e2e: kafka-start
 bench-latency: kafka-start
 	cargo build --release --bins
 	$(RELEASE)/drawdown-loadgen bench latency $(if $(RATE),--rate $(RATE),--rate-from $(CARGO_TARGET_DIR)/bench-e2e.json)
+
+## The entitlement check under wrk: requests/s and latency percentiles against one instance.
+bench-check: kafka-start
+	cargo build --release --bins
+	scripts/bench-check.sh
 
 ## 10 min at load with a 60 s dedupe window: RocksDB, changelog and memory must plateau.
 bounded-state: build kafka-start

@@ -45,7 +45,7 @@ INSTANCE_PREFIX="ho-"
 
 cleanup() {
     local rc=$?
-    for pid in "${PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; kill -9 "$pid" 2>/dev/null || true; done
+    for pid in "${INSTANCE_PIDS[@]}"; do kill -CONT "$pid" 2>/dev/null || true; kill -9 "$pid" 2>/dev/null || true; done
     [[ -n "${GEN:-}" ]] && kill "$GEN" 2>/dev/null || true
     if (( rc == 0 )); then rm -rf "$DIR"; else log "FAILED; logs kept in $DIR"; fi
 }
@@ -82,20 +82,20 @@ attempts=0
 while (( caught < FREEZES )) && (( $(date +%s) - phase_started < DURATION - FREEZE - 30 )); do
     attempts=$(( attempts + 1 ))
     sleep "0.$(( RANDOM % 10 ))"
-    kill -STOP "${PIDS[$A]}"
+    kill -STOP "${INSTANCE_PIDS[$A]}"
     now="$(open_now)"
     # Offsets still pending after a second are the frozen instance's: it froze between
     # send_offsets_to_transaction and commit_transaction, the window that lost a batch.
     if grep -q "^offsets pending" <<< "$now"; then
         log "instance $A frozen inside a transaction holding offsets (attempt $attempts; $(grep changelog <<< "$now" | tr '\n' ' ')); thawing in ${FREEZE}s"
         sleep "$FREEZE"
-        kill -CONT "${PIDS[$A]}"
+        kill -CONT "${INSTANCE_PIDS[$A]}"
         log "instance $A thawed"
         caught=$(( caught + 1 ))
         A=$(( 1 - A ))
         sleep 10
     else
-        kill -CONT "${PIDS[$A]}"
+        kill -CONT "${INSTANCE_PIDS[$A]}"
     fi
 done
 wait "$GEN"; GEN=""

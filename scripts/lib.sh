@@ -12,8 +12,8 @@ isolate_run() {
 
 # Instances of the multi-instance scripts. Needs BIN, DIR, BASE_PORT and a `log` function;
 # instance I gets the id "${INSTANCE_PREFIX:-}I", its API on BASE_PORT+I, its store in
-# $DIR/state-I and its log in $DIR/instance-I.log. PIDS maps I to its pid.
-declare -A PIDS
+# $DIR/state-I and its log in $DIR/instance-I.log. INSTANCE_PIDS maps I to its pid.
+declare -A INSTANCE_PIDS
 port() { echo $(( BASE_PORT + $1 )); }
 api() { echo "http://127.0.0.1:$(port "$1")"; }
 
@@ -23,8 +23,8 @@ start_instance() {
     DRAWDOWN__API__LISTEN="127.0.0.1:$(port "$i")" \
     DRAWDOWN__STORE__PATH="$DIR/state-$i" \
         "$BIN" run >> "$DIR/instance-$i.log" 2>&1 &
-    PIDS[$i]=$!
-    log "instance $i started (pid ${PIDS[$i]}, $(api "$i"))"
+    INSTANCE_PIDS[$i]=$!
+    log "instance $i started (pid ${INSTANCE_PIDS[$i]}, $(api "$i"))"
 }
 
 wait_ready() {

@@ -33,7 +33,7 @@ export DRAWDOWN__STORE__BLOCK_CACHE_MB=16 DRAWDOWN__STORE__WRITE_BUFFER_MB=16
 
 cleanup() {
     local rc=$?
-    for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    for pid in "${INSTANCE_PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
     [[ -n "${GEN:-}" ]] && kill "$GEN" 2>/dev/null || true
     $KAFKA status > /dev/null 2>&1 || $KAFKA start > /dev/null 2>&1 || true
     if (( rc == 0 )); then rm -rf "$DIR"; else log "FAILED; logs kept in $DIR"; fi
@@ -62,24 +62,24 @@ log "load 1: usage at $RATE/s; kill -9 instance 0, start instance 3, SIGTERM ins
 gen --phase usage --events $(( EVENTS / 2 )) --rate "$RATE" --duplicates 0.01 &
 GEN=$!
 sleep 4
-kill -9 "${PIDS[0]}"; unset 'PIDS[0]'
+kill -9 "${INSTANCE_PIDS[0]}"; unset 'INSTANCE_PIDS[0]'
 log "instance 0 SIGKILLed"
 sleep 4
 start_instance 3
 sleep 6
 t0=$(date +%s)
-kill -TERM "${PIDS[1]}"
-if ! wait "${PIDS[1]}"; then log "instance 1 exited non-zero after SIGTERM"; exit 1; fi
+kill -TERM "${INSTANCE_PIDS[1]}"
+if ! wait "${INSTANCE_PIDS[1]}"; then log "instance 1 exited non-zero after SIGTERM"; exit 1; fi
 t1=$(date +%s)
 grep -q "drawdown stopped cleanly" "$DIR/instance-1.log" || { log "instance 1 did not log a clean stop"; exit 1; }
 log "instance 1 stopped cleanly in $(( t1 - t0 ))s after SIGTERM"
-unset 'PIDS[1]'
+unset 'INSTANCE_PIDS[1]'
 # A zombie: instance 2 is frozen past its session timeout while the group moves on, then thawed;
 # its in-flight transaction must be fenced (KIP-447) and it must rejoin without double counting.
-kill -STOP "${PIDS[2]}"
+kill -STOP "${INSTANCE_PIDS[2]}"
 log "instance 2 frozen (SIGSTOP) for 15s"
 sleep 15
-kill -CONT "${PIDS[2]}"
+kill -CONT "${INSTANCE_PIDS[2]}"
 log "instance 2 thawed"
 wait "$GEN"; GEN=""
 "$LOADGEN" wait-idle --timeout 300

@@ -810,6 +810,75 @@ async fn every_route_answers_what_the_openapi_document_says() {
     }
     check_response(&app, &doc, "-", "/v1/portal-sessions", Method::GET, 405).await;
 
+    // The entitlement check and its batch form.
+    let check = "/v1/customers/{id}/meters/{meter}/check";
+    for (path, want, cred) in [
+        (
+            "/v1/customers/oa-1/meters/tokens/check?units=5",
+            200,
+            Cred::Key,
+        ),
+        (
+            "/v1/customers/oa-1/meters/api_calls/check?units=5",
+            200,
+            Cred::Key,
+        ),
+        (
+            "/v1/customers/oa-1/meters/nope/check?units=5",
+            200,
+            Cred::Key,
+        ),
+        (
+            "/v1/customers/oa-1/meters/tokens/check?units=-5",
+            400,
+            Cred::Key,
+        ),
+        ("/v1/customers/oa-1/meters/tokens/check", 400, Cred::Key),
+        (
+            "/v1/customers/oa-1/meters/tokens/check?units=5",
+            401,
+            Cred::Anonymous,
+        ),
+        (
+            "/v1/customers/oa-1/meters/tokens/check?units=5",
+            200,
+            bearer(&own),
+        ),
+        (
+            "/v1/customers/oa-1/meters/tokens/check?units=5",
+            403,
+            bearer(&other),
+        ),
+    ] {
+        checked.push(check_request(&app, &doc, check, path, Method::GET, want, cred, None).await);
+    }
+    let checks = "/v1/checks";
+    let items = json!({"checks": [
+        {"customer_id": "oa-1", "meter": "tokens", "units": "1"},
+        {"customer_id": "oa-1", "meter": "api_calls", "units": "100"},
+        {"customer_id": "oa-2", "meter": "nope", "units": "0"},
+    ]});
+    for (want, cred, body) in [
+        (200, Cred::Key, items.clone()),
+        (400, Cred::Key, json!({"checks": []})),
+        (401, Cred::Anonymous, items.clone()),
+        (403, bearer(&own), items.clone()),
+    ] {
+        checked.push(
+            check_request(
+                &app,
+                &doc,
+                checks,
+                checks,
+                Method::POST,
+                want,
+                cred,
+                Some(body),
+            )
+            .await,
+        );
+    }
+
     // Every documented status was seen, but the ones a healthy instance cannot give.
     for (template, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {

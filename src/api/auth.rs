@@ -2,11 +2,11 @@
 //!
 //! Every `/v1` route takes `Authorization: Bearer <credential>`, where the credential is either a
 //! service's **API key** (any route, any customer) or a customer's **portal token** (only that
-//! customer's state, meters, history and top-ups, plus `GET /v1/portal-sessions/current`).
+//! customer's state, meters, history, checks and top-ups, plus `GET /v1/portal-sessions/current`).
 //! `/healthz`, `/readyz`, `/metrics`, `/openapi.json` and the portal page itself (which holds no
 //! data; it calls the API with the token) are open.
 //!
-//! | credential | customer routes | `POST /v1/portal-sessions` | `GET /v1/portal-sessions/current` |
+//! | credential | customer routes | `POST /v1/portal-sessions`, `POST /v1/checks` | `GET /v1/portal-sessions/current` |
 //! |---|---|---|---|
 //! | none, or not a key / valid token | 401 | 401 | 401 |
 //! | expired portal token | 401 | 401 | 401 |
@@ -132,6 +132,9 @@ fn permit(route: &str, params: &RawPathParams, principal: &Principal) -> Result<
         Principal::Portal(_) if route == routes::PORTAL_SESSIONS => Err(ApiError::Forbidden(
             "creating portal sessions takes an API key".into(),
         )),
+        Principal::Portal(_) if route == routes::CHECKS => {
+            Err(ApiError::Forbidden("batch checks take an API key".into()))
+        }
         Principal::Portal(claims) => {
             let id = params.iter().find(|(k, _)| *k == "id").map(|(_, v)| v);
             if id == Some(claims.customer.as_str()) {

@@ -10,6 +10,7 @@
 //! `GET /openapi.json`; `tests/ops.rs` checks live responses against it.
 
 pub mod auth;
+pub mod check;
 pub mod portal;
 pub mod route;
 
@@ -233,6 +234,10 @@ pub mod routes {
     pub const METER: &str = "/v1/customers/{id}/meters/{meter}";
     /// A meter's movements, paginated.
     pub const EVENTS: &str = "/v1/customers/{id}/meters/{meter}/events";
+    /// May the customer use N more units of the meter?
+    pub const CHECK: &str = "/v1/customers/{id}/meters/{meter}/check";
+    /// Many checks at once, each answered by its owner.
+    pub const CHECKS: &str = "/v1/checks";
     /// Liveness.
     pub const HEALTHZ: &str = "/healthz";
     /// Readiness (restored and consuming).
@@ -252,10 +257,12 @@ pub mod routes {
     /// The portal page's script and style sheet.
     pub const PORTAL_ASSET: &str = "/portal/{asset}";
     /// All of them.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         STATE,
         METER,
         EVENTS,
+        CHECK,
+        CHECKS,
         TOP_UPS,
         PORTAL_SESSIONS,
         PORTAL_SESSION,
@@ -281,12 +288,14 @@ pub fn router(state: ApiState) -> Router {
         .route(routes::STATE, get(customer_state))
         .route(routes::METER, get(meter_detail))
         .route(routes::EVENTS, get(meter_events))
+        .route(routes::CHECK, get(check::check))
         .route(routes::TOP_UPS, post(portal::request_top_up))
         .route_layer(middleware::from_fn_with_state(state.clone(), route::route))
         .route_layer(authorize.clone());
     let session_routes = Router::new()
         .route(routes::PORTAL_SESSIONS, post(portal::create_session))
         .route(routes::PORTAL_SESSION, get(portal::current_session))
+        .route(routes::CHECKS, post(check::check_batch))
         .route_layer(authorize);
     let mut r = Router::new()
         .merge(customer_routes)
