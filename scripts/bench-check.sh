@@ -6,12 +6,13 @@
 # for SECONDS (30), each request a random customer's
 # GET /v1/customers/{id}/meters/api_calls/check?units=N (API key). Prints wrk's summary with
 # its latency percentiles; the pipeline is idle (no usage) so the figure is the API's.
-# Needs wrk (Debian package; installed here when run as root).
+# Needs wrk (Debian package; installed here when run as root). PROFILE=debug uses the dev build.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}"
-BIN="$CARGO_TARGET_DIR/release/drawdown"
-LOADGEN="$CARGO_TARGET_DIR/release/drawdown-loadgen"
+PROFILE="${PROFILE:-release}"
+BIN="$CARGO_TARGET_DIR/$PROFILE/drawdown"
+LOADGEN="$CARGO_TARGET_DIR/$PROFILE/drawdown-loadgen"
 CUSTOMERS="${CUSTOMERS:-10000}"
 CONNECTIONS="${CONNECTIONS:-64}"
 SECONDS_="${SECONDS:-30}"

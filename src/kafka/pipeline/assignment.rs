@@ -53,6 +53,10 @@ pub(super) struct Assignment {
     settling: BTreeMap<i32, Instant>,
     /// Where each partition's input resumes once restored (from its stable committed offsets).
     resume_at: HashMap<(InputTopic, i32), Offset>,
+    /// The offset each input topic-partition was last resumed at (absent: from the beginning).
+    /// Until a record of it is polled, librdkafka reports no position for it, and this is
+    /// where it stands (see `Loop::caught_up`).
+    pub(super) resumed: HashMap<(InputTopic, i32), i64>,
 }
 
 /// What a rebalance or a finished restore needs to reach.
@@ -213,6 +217,10 @@ impl Assignment {
                 .resume_at
                 .remove(&(topic, p))
                 .unwrap_or(Offset::Beginning);
+            match at {
+                Offset::Offset(o) => self.resumed.insert((topic, p), o),
+                _ => self.resumed.remove(&(topic, p)),
+            };
             x.clients
                 .consumer
                 .seek(topic.name(x.topics), p, at, Duration::from_secs(10))?;

@@ -20,8 +20,9 @@
 //! unknown). That wait is as long as the fetcher takes, normally one fetch round trip; the
 //! first fetch after an assignment (an offset lookup, then a fetch) took over a second on a
 //! busy machine here. `max_idle` (10 s) only bounds it for a topic-partition the broker does
-//! not deliver (say its leader is down): the order then depends on arrival timing, and each
-//! record so released is counted ([`Merge::take_unordered`], the metric
+//! not deliver (say its leader is down), and a queue never holds more than `pipeline.max_batch`
+//! records while it waits (memory): the order then depends on arrival timing, and each record
+//! so released is counted ([`Merge::take_unordered`], the metric
 //! `drawdown_records_unordered_total`).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -71,17 +72,23 @@ pub(super) struct Merge<T> {
     /// (On the polling clock: see [`Merge::release`].)
     waiting: HashMap<(InputTopic, i32), Duration>,
     max_idle: Duration,
+    /// The most records a topic-partition's queue holds while waiting: past it, its head is
+    /// released (counted as unordered), so a lagging topic-partition cannot make the merge
+    /// hold the other's whole backlog in memory.
+    max_held: usize,
     /// Records released by the `max_idle` escape since the last [`Merge::take_unordered`].
     unordered: u64,
 }
 
 impl<T: Timed> Merge<T> {
-    /// An empty merge that waits at most `max_idle` for a lagging topic-partition.
-    pub(super) fn new(max_idle: Duration) -> Self {
+    /// An empty merge that waits at most `max_idle`, and holds at most `max_held` records of a
+    /// topic-partition, for a lagging topic-partition.
+    pub(super) fn new(max_idle: Duration, max_held: usize) -> Self {
         Self {
             queues: BTreeMap::new(),
             waiting: HashMap::new(),
             max_idle,
+            max_held: max_held.max(1),
             unordered: 0,
         }
     }
@@ -148,7 +155,9 @@ impl<T: Timed> Merge<T> {
                         let since = *self.waiting.entry((t, p)).or_insert(now);
                         if caught_up(other(t), p) {
                             t
-                        } else if now.saturating_sub(since) >= self.max_idle {
+                        } else if now.saturating_sub(since) >= self.max_idle
+                            || q[slot(t)].len() >= self.max_held
+                        {
                             self.unordered += 1;
                             t
                         } else {
@@ -196,7 +205,20 @@ mod tests {
     const G: InputTopic = InputTopic::Grants;
 
     fn merge() -> Merge<R> {
-        Merge::new(Duration::from_millis(500))
+        Merge::new(Duration::from_millis(500), 1000)
+    }
+
+    #[test]
+    fn a_queue_holds_at_most_max_held_records_while_waiting() {
+        let mut m = Merge::new(Duration::from_secs(10), 3);
+        for o in 0..5 {
+            m.push(R(U, 0, o, 10 + o));
+        }
+        // 5 held, the cap is 3: the first 3 are released (to 2 left, under the cap), counted.
+        let out = m.release(Duration::ZERO, |_, _| false);
+        assert_eq!(out, [R(U, 0, 0, 10), R(U, 0, 1, 11), R(U, 0, 2, 12)]);
+        assert_eq!(m.held(), 2);
+        assert_eq!(m.take_unordered(), 3);
     }
 
     #[test]

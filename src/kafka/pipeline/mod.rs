@@ -300,7 +300,7 @@ impl<'a> Loop<'a> {
             housekeeping: Housekeeping::new(&p.cfg.pipeline, p.folder.meters()),
             cache: BookCache::new(p.cfg.store.book_cache_mb << 20),
             names: TopicNames::new(&p.cfg),
-            merge: Merge::new(p.cfg.pipeline.max_idle),
+            merge: Merge::new(p.cfg.pipeline.max_idle, p.cfg.pipeline.max_batch),
             times: StreamTimes::new(p.cfg.pipeline.grace, p.cfg.pipeline.max_future_skew),
             polling: Duration::ZERO,
         };
@@ -473,10 +473,16 @@ impl<'a> Loop<'a> {
             else {
                 continue;
             };
-            let at = match e.offset() {
+            // Where the loop stands: librdkafka's position once a record was polled since the
+            // partition resumed, else the offset it resumed at. (Without the latter, a
+            // partition resumed at its end, with nothing new to poll, never counted as caught
+            // up, and the other topic's records waited out `max_idle` after every restart.)
+            let polled = match e.offset() {
                 rdkafka::Offset::Offset(o) => o,
                 _ => low,
             };
+            let resumed = self.assignment.resumed.get(&(topic, e.partition()));
+            let at = polled.max(resumed.copied().unwrap_or(low));
             if at >= high {
                 out.insert((topic, e.partition()));
             }
