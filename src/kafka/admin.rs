@@ -96,7 +96,10 @@ fn partition_counts(cfg: &Config) -> Result<Vec<(String, i32)>, AdminError> {
     ];
     let mut out = Vec::new();
     for name in names {
-        let mut tries = 0;
+        // A topic just created (here or by another instance starting at the same time) can
+        // show no partitions for a while on a broker that has just started: seen for more
+        // than 5 s with three instances starting together.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             let md = consumer.fetch_metadata(Some(&name), Duration::from_secs(10))?;
             let c = md
@@ -104,12 +107,11 @@ fn partition_counts(cfg: &Config) -> Result<Vec<(String, i32)>, AdminError> {
                 .first()
                 .map(|t| t.partitions().len() as i32)
                 .unwrap_or(0);
-            if c > 0 || tries > 50 {
+            if c > 0 || std::time::Instant::now() >= deadline {
                 out.push((name, c));
                 break;
             }
-            tries += 1;
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
     Ok(out)

@@ -57,6 +57,11 @@ pub(super) struct Assignment {
     /// Until a record of it is polled, librdkafka reports no position for it, and this is
     /// where it stands (see `Loop::caught_up`).
     pub(super) resumed: HashMap<(InputTopic, i32), i64>,
+    /// Partitions restored whose input could not be put at its offsets yet, since when: a seek
+    /// fails with "Erroneous state" while the group rebalances again (seen when instances
+    /// restart together). Retried at each step instead of restarting the loop, which made the
+    /// others rebalance, and their seeks fail, in turn.
+    resuming: BTreeMap<i32, Instant>,
 }
 
 /// What a rebalance or a finished restore needs to reach.
@@ -86,7 +91,7 @@ impl Assignment {
     /// replay (0 while settling).
     pub(super) fn unready(&self, restorer: &Restorer) -> BTreeMap<i32, i64> {
         let mut out = restorer.remaining();
-        for p in self.settling.keys() {
+        for p in self.settling.keys().chain(self.resuming.keys()) {
             out.entry(*p).or_insert(0);
         }
         out
@@ -94,7 +99,7 @@ impl Assignment {
 
     /// Whether nothing is settling or restoring.
     pub(super) fn is_settled(&self, restorer: &Restorer) -> bool {
-        self.settling.is_empty() && restorer.is_idle()
+        self.settling.is_empty() && self.resuming.is_empty() && restorer.is_idle()
     }
 
     /// Handles the rebalance events of the consumer. Whatever was polled is not committed: the
@@ -116,6 +121,7 @@ impl Assignment {
                     x.deltas.clear();
                     x.cache.clear();
                     self.settling.clear();
+                    self.resuming.clear();
                     self.resume_at.clear();
                     x.restorer.cancel_all()?;
                     x.status.set_revoked();
@@ -146,6 +152,10 @@ impl Assignment {
     /// Step 1 of the handover, for every partition settling: those whose committed offsets are
     /// stable go on to their restore (and, if it has nothing to replay, resume at once).
     pub(super) fn settle(&mut self, x: &mut Parts<'_>) -> Result<(), PipelineError> {
+        let resuming: Vec<i32> = self.resuming.keys().copied().collect();
+        for p in resuming {
+            self.resume(p, x)?;
+        }
         let settling: Vec<(i32, Instant)> = self.settling.iter().map(|(p, t)| (*p, *t)).collect();
         for (p, since) in settling {
             let mut tpl = TopicPartitionList::new();
@@ -212,26 +222,52 @@ impl Assignment {
         for (d, customer, meter) in x.store.due_meters(p)? {
             x.due.set(p, &customer, &meter, Some(d));
         }
-        for topic in InputTopic::ALL {
-            let at = self
-                .resume_at
-                .remove(&(topic, p))
-                .unwrap_or(Offset::Beginning);
-            match at {
-                Offset::Offset(o) => self.resumed.insert((topic, p), o),
-                _ => self.resumed.remove(&(topic, p)),
-            };
-            x.clients
-                .consumer
-                .seek(topic.name(x.topics), p, at, Duration::from_secs(10))?;
-        }
-        pause(x.clients, x.topics, &BTreeSet::from([p]), false)?;
         tracing::info!(
             partition = p,
             restored_records = r.records,
             secs_since_assignment = r.secs,
             "partition ready"
         );
+        self.resuming.insert(p, Instant::now());
+        self.resume(p, x)
+    }
+
+    /// Puts partition `p`'s input at its stable committed offsets and resumes it; if a seek
+    /// fails, it stays paused (not served) and is retried at the next step, for up to twice
+    /// the transaction timeout (+10 s), then the loop starts over with new clients.
+    fn resume(&mut self, p: i32, x: &mut Parts<'_>) -> Result<(), PipelineError> {
+        for topic in InputTopic::ALL {
+            let at = self
+                .resume_at
+                .get(&(topic, p))
+                .copied()
+                .unwrap_or(Offset::Beginning);
+            if let Err(e) =
+                x.clients
+                    .consumer
+                    .seek(topic.name(x.topics), p, at, Duration::from_secs(10))
+            {
+                let waited = self
+                    .resuming
+                    .get(&p)
+                    .map_or(Duration::ZERO, Instant::elapsed);
+                if waited > x.transaction_timeout * 2 + Duration::from_secs(10) {
+                    return Err(e.into());
+                }
+                tracing::info!(partition = p, error = %e, "seek failed; retrying");
+                return Ok(());
+            }
+            match at {
+                Offset::Offset(o) => self.resumed.insert((topic, p), o),
+                _ => self.resumed.remove(&(topic, p)),
+            };
+        }
+        for topic in InputTopic::ALL {
+            self.resume_at.remove(&(topic, p));
+        }
+        pause(x.clients, x.topics, &BTreeSet::from([p]), false)?;
+        self.resuming.remove(&p);
+        tracing::info!(partition = p, "input resumed");
         Ok(())
     }
 }
