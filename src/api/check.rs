@@ -30,7 +30,7 @@ use axum::Json;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::route::FORWARDED_BY;
+use super::route::{target, Target, FORWARDED_BY};
 use super::{blocking, customer, ApiError, ApiState};
 use crate::kafka::partition_for;
 use crate::ledger::{parse_amount, CustomerId, MeterDef, MeterName, MeterState, OnExhausted};
@@ -180,6 +180,29 @@ pub struct CheckResult {
     pub error: Option<ItemError>,
 }
 
+impl CheckResult {
+    /// The result for `item` (of `units`): an answer, or an `unavailable` error saying why.
+    fn new(item: &CheckItem, units: Decimal, answer: Result<Check, String>) -> Self {
+        let (check, error) = match answer {
+            Ok(c) => (Some(c), None),
+            Err(message) => (
+                None,
+                Some(ItemError {
+                    code: "unavailable".into(),
+                    message,
+                }),
+            ),
+        };
+        Self {
+            customer_id: item.customer_id.clone(),
+            meter: item.meter.clone(),
+            units: units.normalize(),
+            check,
+            error,
+        }
+    }
+}
+
 /// `POST /v1/checks` answer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct CheckResults {
@@ -213,33 +236,12 @@ pub async fn check_batch(
     let mut remote: BTreeMap<String, Vec<usize>> = BTreeMap::new();
     for (i, (c, n)) in parsed.iter().enumerate() {
         let p = partition_for(c.as_str().as_bytes(), s.partitions);
-        let item = &batch.checks[i];
-        let unavailable = |why: &str| CheckResult {
-            customer_id: item.customer_id.clone(),
-            meter: item.meter.clone(),
-            units: n.normalize(),
-            check: None,
-            error: Some(ItemError {
-                code: "unavailable".into(),
-                message: format!("partition {p} {why}; retry shortly"),
-            }),
-        };
-        if s.status.serves(p) {
-            local.push(i);
-        } else if forwarded {
-            results[i] = Some(unavailable("is moving between instances"));
-        } else {
-            match s
-                .directory
-                .owner(p)
-                .filter(|o| o.instance_id != s.instance_id)
-            {
-                Some(owner) => remote.entry(owner.api_url).or_default().push(i),
-                None => {
-                    results[i] = Some(unavailable(
-                        "has no ready owner (rebalance or restore in progress)",
-                    ))
-                }
+        match target(&s, p, forwarded) {
+            Target::Here => local.push(i),
+            Target::Owner(owner) => remote.entry(owner.api_url).or_default().push(i),
+            Target::Unavailable(why) => {
+                let why = format!("partition {p} {why}; retry shortly");
+                results[i] = Some(CheckResult::new(&batch.checks[i], *n, Err(why)));
             }
         }
     }
@@ -249,26 +251,15 @@ pub async fn check_batch(
         };
         let answers = forward(&s, &url, &headers, &sub).await;
         for (k, &i) in idx.iter().enumerate() {
-            let item = &batch.checks[i];
-            results[i] = Some(match answers.as_ref().ok().and_then(|a| a.get(k)) {
-                Some(r) => r.clone(),
-                None => CheckResult {
-                    customer_id: item.customer_id.clone(),
-                    meter: item.meter.clone(),
-                    units: parsed[i].1.normalize(),
-                    check: None,
-                    error: Some(ItemError {
-                        code: "unavailable".into(),
-                        message: match &answers {
-                            Err(e) => {
-                                format!("the owning instance did not answer: {e}; retry shortly")
-                            }
-                            Ok(_) => {
-                                "the owning instance gave no answer for it; retry shortly".into()
-                            }
-                        },
-                    }),
-                },
+            results[i] = Some(match &answers {
+                Ok(a) => a[k].clone(),
+                Err(e) => CheckResult::new(
+                    &batch.checks[i],
+                    parsed[i].1,
+                    Err(format!(
+                        "the owning instance did not answer: {e}; retry shortly"
+                    )),
+                ),
             });
         }
     }
@@ -282,16 +273,7 @@ pub async fn check_batch(
             .into_iter()
             .map(|(i, item, c, n)| {
                 let check = check_local(&s2, &c, &item.meter, n)?;
-                Ok((
-                    i,
-                    CheckResult {
-                        customer_id: item.customer_id,
-                        meter: item.meter,
-                        units: n.normalize(),
-                        check: Some(check),
-                        error: None,
-                    },
-                ))
+                Ok((i, CheckResult::new(&item, n, Ok(check))))
             })
             .collect::<Result<Vec<_>, ApiError>>()
     })

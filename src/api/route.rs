@@ -17,6 +17,7 @@ use axum::Json;
 use serde_json::json;
 
 use super::ApiState;
+use crate::kafka::directory::Announcement;
 use crate::kafka::partition_for;
 use crate::ledger::CustomerId;
 
@@ -33,6 +34,35 @@ fn unavailable(p: i32, why: &str) -> Response {
     r.headers_mut()
         .insert("retry-after", HeaderValue::from_static("1"));
     r
+}
+
+/// Where a request for a partition is answered.
+pub(super) enum Target {
+    /// Here: this instance serves the partition.
+    Here,
+    /// By its owner, another instance.
+    Owner(Announcement),
+    /// Nowhere now (why, for the message): retry.
+    Unavailable(&'static str),
+}
+
+/// Where a request for partition `p` is answered; `forwarded`: it was forwarded to us already
+/// (so it is never forwarded again).
+pub(super) fn target(s: &ApiState, p: i32, forwarded: bool) -> Target {
+    if s.status.serves(p) {
+        return Target::Here;
+    }
+    if forwarded {
+        return Target::Unavailable("is moving between instances");
+    }
+    match s
+        .directory
+        .owner(p)
+        .filter(|o| o.instance_id != s.instance_id)
+    {
+        Some(owner) => Target::Owner(owner),
+        None => Target::Unavailable("has no ready owner (rebalance or restore in progress)"),
+    }
 }
 
 /// Middleware on the customer routes: serve locally, forward to the owner, or 503.
@@ -53,22 +83,16 @@ pub async fn route(
         return next.run(req).await; // the handler answers 400
     };
     let p = partition_for(customer.as_str().as_bytes(), s.partitions);
-    if s.status.serves(p) {
-        let mut resp = next.run(req).await;
-        if let Ok(v) = HeaderValue::from_str(&s.instance_id) {
-            resp.headers_mut().insert(SERVED_BY, v);
+    let owner = match target(&s, p, req.headers().contains_key(FORWARDED_BY)) {
+        Target::Here => {
+            let mut resp = next.run(req).await;
+            if let Ok(v) = HeaderValue::from_str(&s.instance_id) {
+                resp.headers_mut().insert(SERVED_BY, v);
+            }
+            return resp;
         }
-        return resp;
-    }
-    if req.headers().contains_key(FORWARDED_BY) {
-        return unavailable(p, "is moving between instances");
-    }
-    let Some(owner) = s
-        .directory
-        .owner(p)
-        .filter(|o| o.instance_id != s.instance_id)
-    else {
-        return unavailable(p, "has no ready owner (rebalance or restore in progress)");
+        Target::Unavailable(why) => return unavailable(p, why),
+        Target::Owner(owner) => owner,
     };
     let path = req
         .uri()
