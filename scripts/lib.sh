@@ -34,3 +34,25 @@ wait_ready() {
         sleep 0.5
     done
 }
+
+# wait_idle_resolving_hangs SECONDS: `wait-idle`, for at most SECONDS. A broker stopped (SIGTERM)
+# in the middle of a transaction can leave it hanging: its records and offsets stay open on the
+# partitions while its coordinator reloads an older state and never ends it. The group's
+# committed offsets then stay unstable and read_committed readers stop at it, forever (seen
+# twice with Kafka 4.4 in CI runs of `make multi-instance-test`). The remedy is the
+# operator's, as the runbook says (DrawdownStalled): every 90 s of lag, transactions hanging for
+# over a minute are aborted (`kafka.sh hanging --abort 1`), and counted in HANGING_ABORTED. Needs
+# LOADGEN and a `log` function.
+HANGING_ABORTED=0
+wait_idle_resolving_hangs() {
+    local deadline=$(( $(date +%s) + $1 )) found
+    while ! "$LOADGEN" wait-idle --timeout 90; do
+        (( $(date +%s) < deadline )) || return 1
+        found="$(deploy/kafka/kafka.sh hanging --abort 1 2>/dev/null)" || true
+        if [[ -n "$found" ]]; then
+            HANGING_ABORTED=$(( HANGING_ABORTED + $(wc -l <<< "$found") ))
+            log "the broker left transactions hanging; aborted (topic partition producer start):"
+            sed 's/^/    /' <<< "$found"
+        fi
+    done
+}

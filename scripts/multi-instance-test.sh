@@ -96,7 +96,7 @@ sleep "$OUTAGE"
 $KAFKA start
 log "broker back"
 wait "$GEN"; GEN=""
-"$LOADGEN" wait-idle --timeout 600
+wait_idle_resolving_hangs 600
 
 for i in 2 3; do wait_ready "$i"; done
 for i in 2 3; do
@@ -106,4 +106,4 @@ done
 for i in 2 3; do
     grep -h "restored from the changelog\|partition ready" "$DIR/instance-$i.log" | tail -3 || true
 done
-log "OK instances=4 kills=1 sigterms=1 zombies=1 outage=${OUTAGE}s events=$EVENTS customers=$CUSTOMERS elapsed=$(( $(date +%s) - started ))s"
+log "OK instances=4 kills=1 sigterms=1 zombies=1 outage=${OUTAGE}s hanging_aborted=$HANGING_ABORTED events=$EVENTS customers=$CUSTOMERS elapsed=$(( $(date +%s) - started ))s"

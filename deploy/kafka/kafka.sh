@@ -10,6 +10,11 @@
 #   deploy/kafka/kafka.sh status   exit 0 iff the broker answers a metadata request
 #   deploy/kafka/kafka.sh reset    stop and delete the data dir
 #   deploy/kafka/kafka.sh topics [TopicCommand args]   default: --list
+#   deploy/kafka/kafka.sh hanging [--abort] [MINUTES]
+#                                  list transactions left open for more than MINUTES (default 15)
+#                                  that their coordinator no longer knows (hanging: they hold
+#                                  the partition's last stable offset forever); --abort writes an
+#                                  abort marker for each (kafka-transactions.sh, KIP-664)
 #
 # Environment: DRAWDOWN_CACHE (default ~/.cache/drawdown), KAFKA_DATA (default
 # $DRAWDOWN_CACHE/kafka-data), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
@@ -259,8 +264,32 @@ cmd_topics() {
     kjava org.apache.kafka.tools.TopicCommand --bootstrap-server "$BOOTSTRAP" "$@"
 }
 
+# Hanging transactions: `find-hanging` on this broker, then `abort` by start offset for each.
+# Prints one line per transaction found ("topic partition producer_id start_offset").
+cmd_hanging() {
+    have_libs || cmd_fetch
+    local abort=0 minutes=15
+    while (($#)); do
+        case "$1" in
+            --abort) abort=1 ;;
+            *) minutes="$1" ;;
+        esac
+        shift
+    done
+    local tx=(kjava org.apache.kafka.tools.TransactionsCommand --bootstrap-server "$BOOTSTRAP")
+    local found topic partition producer _epoch _coord start _rest
+    found="$("${tx[@]}" find-hanging --broker-id 1 --max-transaction-timeout "$minutes")"
+    while read -r topic partition producer _epoch _coord start _rest; do
+        [[ "$topic" == Topic || -z "$topic" ]] && continue
+        echo "$topic $partition $producer $start"
+        if ((abort)); then
+            "${tx[@]}" abort --topic "$topic" --partition "$partition" --start-offset "$start" >&2
+        fi
+    done <<< "$found"
+}
+
 usage() {
-    sed -n '2,20p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
@@ -271,6 +300,7 @@ case "${1:-}" in
     status) cmd_status ;;
     reset) cmd_reset ;;
     topics) shift; cmd_topics "$@" ;;
+    hanging) shift; cmd_hanging "$@" ;;
     -h | --help | help) usage ;;
     *) usage >&2; exit 2 ;;
 esac

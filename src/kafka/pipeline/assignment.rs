@@ -10,8 +10,12 @@
 //!    (at the latest when the transaction times out), and only then is the answer given. A fetch
 //!    that is refused is retried at the next turn of the loop, which keeps polling meanwhile; for
 //!    at most twice the transaction timeout (+10 s), after which the loop starts over with new
-//!    clients (a consumer whose every fetch timed out for minutes after a broker restart was
-//!    seen: new clients recover it).
+//!    clients. If that repeats, the broker most likely holds a *hanging* transaction: a broker
+//!    stopped in the middle of a transaction can reload its coordinator's state from before
+//!    it, so the transaction's records and offsets stay open on the partitions and nobody ends
+//!    it (seen with Kafka 4.4; `kafka-transactions.sh find-hanging` lists it). Only an abort
+//!    marker written by an operator ends it (runbook, DrawdownStalled); drawdown then goes on
+//!    from the last committed offsets, which is what the hanging transaction's producer did.
 //! 2. **Restore** the state from the changelog, incrementally, up to the log end as of now (see
 //!    [`crate::kafka::restore`]): every transaction of the previous owner is resolved, so this
 //!    includes all it committed.
@@ -173,7 +177,7 @@ impl Assignment {
                     let waited = since.elapsed();
                     if waited > x.transaction_timeout * 2 + Duration::from_secs(10) {
                         tracing::warn!(partition = p, waited_secs = waited.as_secs(), error = %e,
-                            "the committed offsets were not fetched within twice the transaction timeout: restarting the consumer");
+                            "the committed offsets were not fetched within twice the transaction timeout: restarting the consumer; if this repeats, a transaction may be hanging on the broker (runbook: DrawdownStalled)");
                         return Err(e.into());
                     }
                     tracing::debug!(partition = p, error = %e, "committed offsets not stable yet");
