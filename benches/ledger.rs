@@ -19,6 +19,9 @@ fn ledger() -> Ledger {
         low_balance: vec![],
         top_up_packs: vec![],
         auto_top_up: None,
+        burn_window: drawdown::ledger::default_burn_window(),
+        forecast_horizon: drawdown::ledger::default_forecast_horizon(),
+        forecast_alert: None,
     };
     Ledger::new(
         Meters::new(vec![

@@ -323,3 +323,44 @@ async fn a_grant_acknowledged_before_its_usage_is_always_folded_first() {
     );
     app.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_burn_rate_says_when_the_tokens_run_out_and_the_forecast_warns_once() {
+    // `tokens` has `forecast_alert = "24h"` (tests/common).
+    let app = spawn_app(&Names::new()).await;
+    app.grants(&[grant("c10", "g1", "tokens", "10000")]);
+    app.meter_until("c10", "tokens", |b| b["credited"] == "10000")
+        .await;
+    let t = now_ms();
+    let evs: Vec<Value> = (0..5)
+        .map(|i| {
+            json!({"id": format!("e{i}"), "customer_id": "c10", "name": "llm_completion",
+                   "timestamp": t + i * 1000, "properties": {"tokens": 150, "model": "small"}})
+        })
+        .collect();
+    app.usage(&evs);
+    let m = app
+        .meter_until("c10", "tokens", |b| b["consumed"] == "750")
+        .await;
+    // 750 tokens within seconds weigh as about 750/hour; 9,250 left last about 12.3 hours.
+    let rate: rust_decimal::Decimal = m["burn_rate"].as_str().unwrap().parse().unwrap();
+    assert!(rate > 740.into() && rate <= 750.into(), "{m}");
+    let out = m["runs_out_at"].as_i64().expect("a forecast");
+    let hour = 3_600_000;
+    assert!(out > t + 12 * hour && out < t + 13 * hour, "{out} vs {t}");
+    // Usage 1: 9,850 at 150/h (66 h); 2: 9,700 at 300/h (32 h); 3: 9,550 at 450/h (21 h): fires.
+    let topic = app.cfg.topics.balance_exhausted.clone();
+    let recs = read_until(&topic, |r| {
+        r.iter()
+            .any(|(k, _, h)| k == "c10" && h["type"] == "forecast")
+    })
+    .await;
+    let forecast: Value = recs
+        .iter()
+        .find(|(k, _, _)| k == "c10")
+        .map(|(_, v, _)| serde_json::from_slice(v).unwrap())
+        .unwrap();
+    assert!(forecast["runs_out_at"].as_i64().unwrap() < t + 24 * hour);
+    assert_eq!(transitions(&topic, "c10"), [("forecast".to_string(), 4)]);
+    app.stop().await;
+}

@@ -335,6 +335,9 @@ mod tests {
             low_balance: Vec::new(),
             top_up_packs: Vec::new(),
             auto_top_up: None,
+            burn_window: crate::ledger::default_burn_window(),
+            forecast_horizon: crate::ledger::default_forecast_horizon(),
+            forecast_alert: None,
         }
     }
 

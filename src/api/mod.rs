@@ -30,7 +30,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::kafka::{partition_for, PipelineStatus};
-use crate::ledger::{BalanceChanged, CustomerId, GrantSlot, MeterName, MeterState, Meters, Status};
+use crate::ledger::{
+    forecast, BalanceChanged, CustomerId, GrantSlot, MeterName, MeterState, Meters, Status,
+};
 use crate::store::{Store, StoreError};
 
 /// What the handlers share.
@@ -183,11 +185,31 @@ pub struct MeterView {
     pub version: u64,
     /// Processing time of the last change (ms since the epoch).
     pub updated_at: i64,
+    /// The usage rate now, in units per hour: exponentially weighted over the meter's
+    /// `burn_window` (see the ledger's forecast docs). 0 for a meter never used.
+    #[serde(default)]
+    pub burn_rate: Decimal,
+    /// When the balance reaches 0 at that rate, counting known expiries and pending grants (ms
+    /// since the epoch); null when the rate is 0, the balance is already <= 0, or it is further
+    /// than the meter's `forecast_horizon`.
+    #[serde(default)]
+    pub runs_out_at: Option<i64>,
 }
 
 impl MeterView {
-    fn new(name: &MeterName, s: &MeterState) -> Self {
+    /// The view of `s` as of the wall clock (or its last usage, if that is later).
+    fn new(meters: &Meters, name: &MeterName, s: &MeterState) -> Self {
+        let now = crate::clock::now_ms().max(s.burn_at);
+        let (burn_rate, runs_out_at) = match meters.get(name) {
+            Some(def) => (
+                forecast::burn_rate(s, def, now),
+                forecast::runs_out_at(s, def, now),
+            ),
+            None => (Decimal::ZERO, None),
+        };
         Self {
+            burn_rate,
+            runs_out_at,
             meter: name.to_string(),
             balance: s.balance(),
             credited: s.credited,
@@ -405,7 +427,10 @@ async fn customer_state(
         for p in partitions_for(&s, &c) {
             let meters = s.store.meters(p, &c)?;
             if !meters.is_empty() {
-                let meters = meters.iter().map(|(n, m)| MeterView::new(n, m)).collect();
+                let meters = meters
+                    .iter()
+                    .map(|(n, m)| MeterView::new(&s.meters, n, m))
+                    .collect();
                 return Ok(Json(CustomerState {
                     customer_id: c.to_string(),
                     meters,
@@ -449,7 +474,7 @@ async fn meter_detail(
         let recent_events = s.store.history(p, &c, &name, None, 20)?;
         Ok(Json(MeterDetail {
             customer_id: c.to_string(),
-            meter: MeterView::new(&name, &m),
+            meter: MeterView::new(&s.meters, &name, &m),
             grants: m.grants.clone(),
             recent_events,
         }))

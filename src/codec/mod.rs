@@ -167,11 +167,13 @@ pub fn top_up_source_label(source: TopUpSource) -> &'static str {
     }
 }
 
-/// The transition type label (`exhausted | restored | low`), also used as a record header.
+/// The transition type label (`exhausted | restored | low | forecast`), also used as a record
+/// header.
 pub fn transition_label(kind: TransitionKind) -> &'static str {
     match kind {
         TransitionKind::Exhausted => "exhausted",
         TransitionKind::Restored => "restored",
         TransitionKind::Low => "low",
+        TransitionKind::Forecast => "forecast",
     }
 }

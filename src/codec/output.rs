@@ -34,7 +34,7 @@ pub fn encode_changed(c: &BalanceChanged, format: OutputFormat) -> Vec<u8> {
 }
 
 /// Encodes a transition for the `balance-exhausted` topic. JSON carries `"type"`:
-/// `exhausted | restored | low`.
+/// `exhausted | restored | low | forecast`.
 pub fn encode_transition(t: &Transition, format: OutputFormat) -> Vec<u8> {
     match format {
         OutputFormat::Json => {
@@ -81,6 +81,15 @@ pub fn encode_transition(t: &Transition, format: OutputFormat) -> Vec<u8> {
                     threshold: t.threshold.map(|d| d.to_string()).unwrap_or_default(),
                     cause_id,
                     at_ms,
+                }),
+                TransitionKind::Forecast => T::Forecast(pb::BalanceForecast {
+                    customer_id,
+                    meter,
+                    version,
+                    balance,
+                    cause_id,
+                    at_ms,
+                    runs_out_at_ms: t.runs_out_at.unwrap_or_default(),
                 }),
             };
             pb::BalanceTransition {

@@ -67,13 +67,17 @@ pub fn decode_transition(
             )
         };
     }
-    let (kind, ([customer, meter, balance, cause_id], version, at), threshold) =
+    let (kind, ([customer, meter, balance, cause_id], version, at), threshold, runs_out_at) =
         match m.transition.ok_or(CodecError::MissingField("transition"))? {
-            T::Exhausted(x) => (TransitionKind::Exhausted, common!(x), None),
-            T::Restored(x) => (TransitionKind::Restored, common!(x), None),
+            T::Exhausted(x) => (TransitionKind::Exhausted, common!(x), None, None),
+            T::Restored(x) => (TransitionKind::Restored, common!(x), None, None),
             T::Low(x) => {
                 let threshold = output_decimal("threshold", &x.threshold)?;
-                (TransitionKind::Low, common!(x), Some(threshold))
+                (TransitionKind::Low, common!(x), Some(threshold), None)
+            }
+            T::Forecast(x) => {
+                let runs_out_at = Some(x.runs_out_at_ms);
+                (TransitionKind::Forecast, common!(x), None, runs_out_at)
             }
         };
     Ok(Transition {
@@ -83,6 +87,7 @@ pub fn decode_transition(
         version,
         balance: output_decimal("balance", &balance)?,
         threshold,
+        runs_out_at,
         cause_id,
         at,
     })
@@ -182,6 +187,7 @@ mod tests {
             version: 3,
             balance: "2.25".parse().unwrap(),
             threshold: (kind == TransitionKind::Low).then(|| "2.5".parse().unwrap()),
+            runs_out_at: (kind == TransitionKind::Forecast).then_some(1_767_312_000_000),
             cause_id: "g1".into(),
             at: 5,
         }
@@ -204,6 +210,7 @@ mod tests {
                 TransitionKind::Exhausted,
                 TransitionKind::Restored,
                 TransitionKind::Low,
+                TransitionKind::Forecast,
             ] {
                 let t = transition(kind);
                 let bytes = encode_transition(&t, format);

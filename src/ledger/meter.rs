@@ -1,6 +1,7 @@
 //! Meter definitions (from config) and how a usage event maps to units on each meter.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -90,6 +91,26 @@ pub struct MeterDef {
     /// Automatic top-up when the balance crosses below a threshold.
     #[serde(default)]
     pub auto_top_up: Option<AutoTopUp>,
+    /// The time constant of the burn rate's exponential weighting (see
+    /// [`super::forecast`]); default 1 hour.
+    #[serde(default = "default_burn_window", with = "humantime_serde")]
+    pub burn_window: Duration,
+    /// `runs_out_at` is given when it is at most this far ahead; default 30 days.
+    #[serde(default = "default_forecast_horizon", with = "humantime_serde")]
+    pub forecast_horizon: Duration,
+    /// The `forecast` transition fires when `runs_out_at` comes within this much; off when unset.
+    #[serde(default, with = "humantime_serde")]
+    pub forecast_alert: Option<Duration>,
+}
+
+/// The default `burn_window`: one hour.
+pub fn default_burn_window() -> Duration {
+    Duration::from_secs(3600)
+}
+
+/// The default `forecast_horizon`: 30 days.
+pub fn default_forecast_horizon() -> Duration {
+    Duration::from_secs(30 * 86_400)
 }
 
 impl MeterDef {
@@ -156,6 +177,17 @@ impl Meters {
             if let Some(a) = &d.auto_top_up {
                 if a.below.is_sign_negative() && !a.below.is_zero() {
                     return Err(format!("meter {}: auto_top_up.below must be >= 0", d.name));
+                }
+            }
+            if d.burn_window < Duration::from_secs(1) {
+                return Err(format!("meter {}: burn_window must be at least 1s", d.name));
+            }
+            if let Some(alert) = d.forecast_alert {
+                if alert.is_zero() || alert > d.forecast_horizon {
+                    return Err(format!(
+                        "meter {}: forecast_alert must be > 0 and at most forecast_horizon",
+                        d.name
+                    ));
                 }
             }
             if d.low_balance.len() > 32 {

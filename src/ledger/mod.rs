@@ -57,6 +57,10 @@
 //! | disarmed | balance >= t | (re-armed, nothing emitted) |
 //! | balance >= `auto_top_up.below` (armed) | balance < `below` | [`TopUpRequested`] (`source: auto`), disarmed |
 //! | auto top-up disarmed | balance >= `below` | (re-armed, nothing emitted) |
+//! | `runs_out_at` further than `forecast_alert`, or none (armed) | within it | `Forecast{runs_out_at}`, disarmed |
+//! | forecast disarmed | further again, or none | (re-armed, nothing emitted) |
+//!
+//! The burn rate and `runs_out_at` are described in [`forecast`].
 //!
 //! An automatic top-up request's `request_id` is `auto:<customer>:<meter>:<version>` (the version
 //! of the change that crossed), so it is the same on every replay, and a billing system that
@@ -69,6 +73,7 @@
 //! exactly one [`BalanceChanged`].
 
 mod error;
+pub mod forecast;
 mod ids;
 mod input;
 mod meter;
@@ -82,7 +87,10 @@ pub use ids::{
     MAX_ID_LEN, MAX_SCALE,
 };
 pub use input::{Grant, GrantKind, Input, Refs, Usage};
-pub use meter::{Aggregation, AutoTopUp, MeterDef, Meters, OnExhausted, Threshold};
+pub use meter::{
+    default_burn_window, default_forecast_horizon, Aggregation, AutoTopUp, MeterDef, Meters,
+    OnExhausted, Threshold,
+};
 pub use output::{
     auto_top_up_request_id, Applied, BalanceChanged, Output, Reason, TopUpRequested, TopUpSource,
     Transition, TransitionKind,

@@ -97,7 +97,7 @@ pub struct BalanceChanged {
 /// A state transition, published on `balance-exhausted`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Transition {
-    /// Exhausted, restored or low.
+    /// Exhausted, restored, low or forecast.
     pub kind: TransitionKind,
     /// Whose.
     pub customer_id: CustomerId,
@@ -110,6 +110,9 @@ pub struct Transition {
     /// The threshold crossed (low only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<Decimal>,
+    /// When the balance is expected to reach 0 (ms; forecast only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runs_out_at: Option<i64>,
     /// The event or grant id that caused it.
     pub cause_id: String,
     /// Processing time (ms).
@@ -126,6 +129,8 @@ pub enum TransitionKind {
     Restored,
     /// Crossed below a low threshold.
     Low,
+    /// `runs_out_at` came within the meter's `forecast_alert`.
+    Forecast,
 }
 
 /// Who asked for a top-up.

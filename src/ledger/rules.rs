@@ -57,6 +57,7 @@ impl<'a> Change<'a> {
             version: state.version,
             balance: after,
             threshold,
+            runs_out_at: None,
             cause_id: self.cause_id.to_string(),
             at: self.now,
         };
@@ -114,6 +115,20 @@ impl<'a> Change<'a> {
                 }));
             } else if state.auto_top_up_fired && after >= auto.below {
                 state.auto_top_up_fired = false;
+            }
+        }
+        if let Some(alert) = self.meter.forecast_alert {
+            let alert = i64::try_from(alert.as_millis()).unwrap_or(i64::MAX);
+            let runs_out_at = forecast::runs_out_at(state, self.meter, self.now);
+            let within = runs_out_at.is_some_and(|x| x - self.now <= alert);
+            if within && !state.forecast_fired {
+                state.forecast_fired = true;
+                out.push(Output::Transition(Transition {
+                    runs_out_at,
+                    ..base(TransitionKind::Forecast, None)
+                }));
+            } else if !within && state.forecast_fired {
+                state.forecast_fired = false;
             }
         }
     }
@@ -233,6 +248,7 @@ impl Ledger {
             }
             let state = book.meters.get_mut(&def.name).expect("ensured");
             let before = state.balance();
+            forecast::record_usage(state, def, q, now);
             let mut left = q;
             let mut drawn = Vec::new();
             for g in state.grants.iter_mut().filter(|g| g.active) {

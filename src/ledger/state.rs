@@ -94,6 +94,16 @@ pub struct MeterState {
     pub auto_top_up_fired: bool,
     /// Processing time of the last change (ms).
     pub updated_at: i64,
+    /// The usage units seen, exponentially decayed (time constant: the meter's `burn_window`)
+    /// as of `burn_at`; see [`super::forecast`].
+    #[serde(default)]
+    pub burn: Decimal,
+    /// The time (ms) `burn` is as of: the time of the last usage.
+    #[serde(default)]
+    pub burn_at: i64,
+    /// The forecast alert has fired and is disarmed until `runs_out_at` leaves its window.
+    #[serde(default)]
+    pub forecast_fired: bool,
 }
 
 impl MeterState {

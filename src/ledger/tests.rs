@@ -114,6 +114,9 @@ fn meters() -> Meters {
                 below: dec(below),
                 pack: pack.into(),
             }),
+            burn_window: super::default_burn_window(),
+            forecast_horizon: super::default_forecast_horizon(),
+            forecast_alert: None,
         })
         .collect();
     Meters::new(defs).unwrap()
@@ -1598,6 +1601,9 @@ fn output_to_model(o: &Output) -> model::Output {
                 TransitionKind::Exhausted => model::TransitionKind::Exhausted,
                 TransitionKind::Restored => model::TransitionKind::Restored,
                 TransitionKind::Low => model::TransitionKind::Low,
+                TransitionKind::Forecast => {
+                    unreachable!("no meter of the tests has forecast_alert")
+                }
             },
             customer: t.customer_id.to_string(),
             meter: t.meter.to_string(),

@@ -154,6 +154,9 @@ pub(super) fn meter_to(name: &MeterName, s: &MeterState) -> pb::MeterState {
         low_fired: s.low_fired,
         auto_top_up_fired: s.auto_top_up_fired,
         updated_at: s.updated_at,
+        burn: dec(s.burn),
+        burn_at: s.burn_at,
+        forecast_fired: s.forecast_fired,
     }
 }
 
@@ -182,6 +185,9 @@ pub(super) fn meter_from(
         low_fired: m.low_fired,
         auto_top_up_fired: m.auto_top_up_fired,
         updated_at: m.updated_at,
+        burn: undec(key, &m.burn)?,
+        burn_at: m.burn_at,
+        forecast_fired: m.forecast_fired,
     };
     Ok((name, state))
 }

@@ -155,10 +155,28 @@ try {
     const ms = Date.now() - t0;
     console.log(`     balance 100 -> 70 on the page after ${ms} ms`);
     assert(ms < 2500, `took ${ms} ms`);
-    const moves = await text(page, `${meterSel("api_calls")} .moves`);
-    assert(moves.includes("Usage"), `movements: ${moves}`);
+    // The movements are a page of their own, fetched after the balance.
+    await until("the usage among the movements", async () =>
+      (await text(page, `${meterSel("api_calls")} .moves`)).includes("Usage"), 5000);
     produce(USAGE, usage(100, 3, "llm_completion", { tokens: 1250 }));
     await until("tokens 46,250", async () => (await text(page, `${meterSel("tokens")} .balance`)) === "46,250");
+  });
+
+  await step("the chart shows the movements and the forecast to zero, in plain words", async () => {
+    const detail = (await api(`/v1/customers/${CUSTOMER}/meters/tokens`)).body;
+    const dots = `${meterSel("tokens")} svg.chart circle.pt`;
+    await until("a dot per movement", async () => (await page.locator(dots).count()) === detail.recent_events.length);
+    const shown = await page.locator(dots).evaluateAll((cs) =>
+      cs.map((c) => [Number(c.getAttribute("data-version")), c.getAttribute("data-balance")]));
+    const want = detail.recent_events.map((e) => [e.version, e.balance]).sort((a, b) => a[0] - b[0]);
+    assert(JSON.stringify(shown) === JSON.stringify(want), `chart ${JSON.stringify(shown)} vs API ${JSON.stringify(want)}`);
+    // 3,750 tokens within a second: about 3,750 an hour; 46,250 left last about 12 hours.
+    assert(Number(detail.burn_rate) > 3700 && detail.runs_out_at > Date.now(), `burn ${detail.burn_rate} ${detail.runs_out_at}`);
+    await until("the forecast line", async () =>
+      (await page.locator(`${meterSel("tokens")} svg.chart line.forecast-line`).count()) === 1);
+    const words = await text(page, `${meterSel("tokens")} .forecast`);
+    assert(/runs out in about 1[23] hours/.test(words), `forecast: ${words}`);
+    await page.locator(meterSel("tokens")).screenshot({ path: join(OUT_DIR, "portal-forecast.png") });
   });
 
   await step("the status turns low, visibly", async () => {
@@ -232,6 +250,6 @@ try {
   if (context) await context.close();
   rmSync(profile, { recursive: true, force: true });
 }
-console.log(`screenshots: ${OUT_DIR}/portal.png, portal-pending.png, portal-exhausted.png`);
+console.log(`screenshots: ${OUT_DIR}/portal.png, portal-pending.png, portal-exhausted.png, portal-forecast.png`);
 console.log(`browser: ${passed} passed, ${failed} failed`);
 process.exit(failed === 0 && passed > 0 ? 0 : 1);

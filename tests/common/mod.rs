@@ -40,6 +40,7 @@ name = "tokens"
 event = "llm_completion"
 aggregation = { type = "sum", property = "tokens" }
 on_exhausted = "block"
+forecast_alert = "24h"
 
 [[meters]]
 name = "llm_requests"

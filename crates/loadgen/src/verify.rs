@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use drawdown::codec;
 use drawdown::config::Config;
+use drawdown::ledger::TransitionKind;
 use drawdown_model::{MeterBook, Reason};
 use rust_decimal::Decimal;
 use serde_json::Value;
@@ -213,6 +214,8 @@ struct Outputs {
     late: u64,
     undecodable: u64,
     transitions: HashMap<Pair, Vec<ExpectedTransition>>,
+    /// `forecast` transitions: estimates of the burn rate, which the model does not predict.
+    forecasts: u64,
     top_ups: HashMap<Pair, Vec<(String, String)>>,
     /// DLQ records of the run's customers by `error.reason`.
     dlq: BTreeMap<String, u64>,
@@ -258,6 +261,9 @@ fn read_outputs(cfg: &Config, exp: &Expectation) -> anyhow::Result<Outputs> {
         cfg,
         &t.balance_exhausted,
         |r| match codec::decode_transition(Some(r.payload), r.content_type()) {
+            Ok(tr) if tr.kind == TransitionKind::Forecast => {
+                o.forecasts += u64::from(ours(tr.customer_id.as_str()));
+            }
             Ok(tr) if ours(tr.customer_id.as_str()) => o
                 .transitions
                 .entry((tr.customer_id.to_string(), tr.meter.to_string()))
@@ -527,7 +533,7 @@ pub async fn verify(cfg: &Config, args: VerifyArgs) -> anyhow::Result<()> {
         .collect();
     let r = &report;
     let summary = format!(
-        "customers={} meters={} balances={}/{n_balances} changed={} (dups={} gaps={} extra={} wrong_reason={} late={}) transitions={}/{} top_ups={}/{} dlq={} (void_duplicate={} void_unknown={}) elapsed={:.1}s\nverify: versions by reason: {}{}",
+        "customers={} meters={} balances={}/{n_balances} changed={} (dups={} gaps={} extra={} wrong_reason={} late={}) transitions={}/{} forecasts={} top_ups={}/{} dlq={} (void_duplicate={} void_unknown={}) elapsed={:.1}s\nverify: versions by reason: {}{}",
         exp.customers.len(),
         meter_names.len(),
         n_balances - api_failures.len(),
@@ -539,6 +545,7 @@ pub async fn verify(cfg: &Config, args: VerifyArgs) -> anyhow::Result<()> {
         outputs.late,
         r.transitions.0,
         r.transitions.1,
+        outputs.forecasts,
         r.top_ups.0,
         r.top_ups.1,
         outputs.dlq.values().sum::<u64>(),

@@ -110,6 +110,66 @@
     return e;
   }
 
+  // An SVG element (the chart is drawn with the DOM: no markup strings, no external resources).
+  function svg(tag, attrs, children) {
+    const e = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    for (const [k, v] of Object.entries(attrs || {})) e.setAttribute(k, v);
+    for (const c of children || []) if (c) e.appendChild(c);
+    return e;
+  }
+
+  // "about 3 days", "about 12 hours", "about 40 minutes": a forecast in plain words.
+  function about(ms) {
+    const min = Math.max(1, Math.round(ms / 60000));
+    if (min < 90) return "about " + min + (min === 1 ? " minute" : " minutes");
+    const h = Math.round(min / 60);
+    if (h < 36) return "about " + h + " hours";
+    const d = Math.round(h / 24);
+    return "about " + d + (d === 1 ? " day" : " days");
+  }
+
+  // The balance over the recent movements (a step line, one dot per movement, oldest left, evenly
+  // spaced), and the forecast as a dashed line from the latest balance down to zero at the right
+  // edge, at `runs_out_at` (not to the same time scale: minutes of movements against days).
+  function chart(m, events, width) {
+    const W = Math.max(200, Math.round(width || 320)), H = 90, PAD = 5;
+    const pts = events.slice().sort((a, b) => a.at - b.at || a.version - b.version);
+    if (pts.length === 0) return el("div", { class: "chart none", text: "No movements yet." });
+    const values = pts.map((p) => Number(p.balance)).concat([0]);
+    const lo = Math.min(...values), hi = Math.max(...values, lo + 1);
+    const span = (W - 2 * PAD) * (m.runs_out_at ? 0.75 : 1);
+    const x = (i) => PAD + (pts.length === 1 ? 0 : (span * i) / (pts.length - 1));
+    const y = (v) => H - PAD - ((H - 2 * PAD) * (v - lo)) / (hi - lo);
+    let d = "";
+    pts.forEach((p, i) => {
+      const px = x(i).toFixed(1), py = y(Number(p.balance)).toFixed(1);
+      d += i === 0 ? "M" + px + " " + py : "H" + px + "V" + py;
+    });
+    const last = pts.length - 1;
+    const parts = [
+      svg("line", { class: "zero", x1: PAD, x2: W - PAD, y1: y(0).toFixed(1), y2: y(0).toFixed(1) }),
+      svg("path", { class: "line", d: d }),
+    ];
+    if (m.runs_out_at) {
+      parts.push(svg("line", {
+        class: "forecast-line", "stroke-dasharray": "4 3",
+        x1: x(last).toFixed(1), y1: y(Number(pts[last].balance)).toFixed(1),
+        x2: (W - PAD).toFixed(1), y2: y(0).toFixed(1), "data-runs-out-at": m.runs_out_at,
+      }));
+    }
+    pts.forEach((p, i) => {
+      parts.push(svg("circle", {
+        class: "pt", r: 2.5, cx: x(i).toFixed(1), cy: y(Number(p.balance)).toFixed(1),
+        "data-at": p.at, "data-version": p.version, "data-balance": p.balance,
+      }));
+    });
+    return svg("svg", {
+      class: "chart", viewBox: "0 0 " + W + " " + H, role: "img",
+      "aria-label": "Balance over the last " + pts.length + " movements"
+        + (m.runs_out_at ? ", and the forecast to zero" : ""),
+    }, parts);
+  }
+
   function table(headers, rows) {
     const head = el("tr", {}, headers.map(([h, cls]) => el("th", { text: h, class: cls || "" })));
     const body = rows.map((cells) =>
@@ -176,6 +236,8 @@
       balance: el("div", { class: "balance" }),
       bar: el("div", {}),
       barLabel: el("div", { class: "muted" }),
+      forecast: el("div", { class: "muted forecast" }),
+      chart: el("div", { class: "chart-box" }),
       credited: el("b"), consumed: el("b"), extra: el("b"), extraLabel: el("span", { text: "Overage" }),
       pending: el("div", {}),
       grants: el("div", { class: "grants" }),
@@ -202,6 +264,8 @@
       el("div", { class: "balance-label", text: "units left" }),
       el("div", { class: "bar", role: "progressbar" }, [parts.bar]),
       parts.barLabel,
+      parts.chart,
+      parts.forecast,
       el("div", { class: "figures" }, [
         el("div", { class: "figure" }, [parts.credited, el("span", { text: "Credited" })]),
         el("div", { class: "figure" }, [parts.consumed, el("span", { text: "Consumed" })]),
@@ -253,6 +317,16 @@
     p.barLabel.textContent = total > 0
       ? Math.round(pct) + "% of " + fmt(String(total)) + " in active credits left"
       : "No active credits";
+    // The burn rate (units/hour, 6 places) is shown to 2; the forecast as a local date.
+    const [rInt, rFrac] = String(m.burn_rate || "0").split(".");
+    const rate = rInt + (rFrac && rFrac.slice(0, 2) !== "00" ? "." + rFrac.slice(0, 2) : "");
+    p.forecast.textContent = Number(m.burn_rate || 0) > 0
+      ? "Using about " + fmt(rate) + " an hour" + (m.runs_out_at
+        ? " · runs out in " + about(m.runs_out_at - Date.now()) + " ("
+          + new Date(m.runs_out_at).toLocaleString() + ")"
+        : "")
+      : "";
+    p.chart.replaceChildren(chart(m, detail.recent_events, p.chart.clientWidth));
 
     const rows = detail.grants
       .filter((g) => !g.active || Number(g.remaining) > 0)
