@@ -135,6 +135,28 @@ pub fn runs_out_at(state: &MeterState, def: &MeterDef, now: i64) -> Option<i64> 
     let rate = burn / Decimal::from(tau_ms(def));
     let horizon = i64::try_from(def.forecast_horizon.as_millis()).unwrap_or(i64::MAX);
     let end = now.saturating_add(horizon);
+    let balance = state.balance();
+    if balance <= Decimal::ZERO {
+        return None;
+    }
+    // The usual case, without allocating: nothing expires or activates before the balance is
+    // used up at this rate.
+    let naive = now.checked_add((balance / rate).ceil().to_i64()?.max(1))?;
+    let first_event = state
+        .grants
+        .iter()
+        .filter_map(|g| {
+            if g.active {
+                g.expires_at
+            } else {
+                Some(g.effective_at)
+            }
+        })
+        .filter(|&x| x > now)
+        .min();
+    if first_event.is_none_or(|e| e >= naive) {
+        return (naive <= end).then_some(naive);
+    }
     // The meter keeps its active grants in draw-down order already.
     let mut active: Vec<Slot> = state
         .grants
