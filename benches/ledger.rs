@@ -68,6 +68,7 @@ fn bench(c: &mut Criterion) {
                 properties: [("tokens".to_string(), "12.5".to_string())]
                     .into_iter()
                     .collect(),
+                reservation_id: None,
             })
         })
         .collect();

@@ -11,8 +11,8 @@
 //! | short, meter in `block` mode | false | `blocked_mode` (usage sent anyway is refused, counted in `blocked`) |
 //! | the meter is not configured | false | `unknown_meter` |
 //!
-//! `available` is the balance less the units reserved; nothing is reserved yet (reservations
-//! are the next part of this API), so today it equals the balance. A customer that never had a
+//! `available` is the balance less the units reservations hold ([`MeterState::available`];
+//! reservations are made through the pipeline, see the ledger docs). A customer that never had a
 //! grant on a configured meter has a balance of 0. The check reads, it never holds units: two
 //! callers checking at once may both be told `ok`.
 //!
@@ -77,7 +77,7 @@ pub fn decide(def: Option<&MeterDef>, state: Option<&MeterState>, units: Decimal
         };
     };
     let balance = state.map_or(Decimal::ZERO, MeterState::balance);
-    let available = balance;
+    let available = state.map_or(Decimal::ZERO, MeterState::available);
     let allowed = available >= units;
     let reason = match (allowed, def.on_exhausted) {
         (true, _) => CheckReason::Ok,
@@ -369,6 +369,41 @@ mod tests {
             (unknown.allowed, unknown.reason),
             (false, CheckReason::UnknownMeter)
         );
+    }
+
+    #[test]
+    fn what_reservations_hold_is_not_available() {
+        use crate::ledger::{GrantId, GrantKind, GrantSlot, Hold, ReservationId};
+        let seats = def("seats", OnExhausted::Block);
+        let state = MeterState {
+            grants: vec![GrantSlot {
+                id: GrantId::parse("g").unwrap(),
+                kind: GrantKind::TopUp,
+                priority: 0,
+                effective_at: 0,
+                expires_at: None,
+                subscription_id: None,
+                rollover: Decimal::ZERO,
+                amount: d("10"),
+                remaining: d("10"),
+                active: true,
+                cycle_ended: false,
+            }],
+            reserved: d("7"),
+            holds: vec![Hold {
+                id: ReservationId::parse("r").unwrap(),
+                units: d("7"),
+                expires_at: 1,
+            }],
+            ..MeterState::default()
+        };
+        let c = decide(Some(&seats), Some(&state), d("4"));
+        assert_eq!(
+            (c.allowed, c.balance, c.available),
+            (false, d("10"), d("3"))
+        );
+        assert_eq!(c.reason, CheckReason::BlockedMode);
+        assert!(decide(Some(&seats), Some(&state), d("3")).allowed);
     }
 
     #[test]

@@ -27,6 +27,7 @@ pub fn decode_usage(
             name: required(m.name, "name")?,
             timestamp_ms: m.timestamp_ms,
             properties: m.properties.into_iter().collect(),
+            reservation_id: None,
         }
     } else {
         let obj = Object::parse(bytes)?;
@@ -36,6 +37,7 @@ pub fn decode_usage(
             name: obj.str("name")?.into_owned(),
             timestamp_ms: obj.time("timestamp")?.unwrap_or(0),
             properties: obj.properties("properties")?,
+            reservation_id: None,
         }
     };
     check_key(key, &usage.customer)?;

@@ -31,6 +31,12 @@ pub enum LedgerError {
     /// A void refers to an event or grant already voided.
     #[error("{0} already voided")]
     AlreadyVoided(&'static str),
+    /// A reservation's units or ttl are out of range.
+    #[error("invalid reservation: {0}")]
+    InvalidReservation(String),
+    /// A release refers to a reservation that is unknown (or older than the dedupe window).
+    #[error("release of an unknown reservation")]
+    ReservationUnknown,
 }
 
 impl LedgerError {
@@ -44,6 +50,8 @@ impl LedgerError {
             LedgerError::InvalidGrant(_) => "invalid_grant",
             LedgerError::VoidUnknown(_) => "void_unknown",
             LedgerError::AlreadyVoided(_) => "void_duplicate",
+            LedgerError::InvalidReservation(_) => "invalid_reservation",
+            LedgerError::ReservationUnknown => "reservation_unknown",
         }
     }
 }

@@ -317,6 +317,7 @@ mod tests {
                 name: "call".into(),
                 timestamp_ms: at,
                 properties: [("tokens".to_string(), tokens.to_string())].into(),
+                reservation_id: None,
             };
             self.ledger
                 .apply(&mut self.book, &Input::Usage(u), at, &mut self.out)

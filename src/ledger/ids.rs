@@ -73,6 +73,11 @@ id_type!(
     GrantId,
     "grant_id"
 );
+id_type!(
+    /// A reservation's idempotency key (unique per customer).
+    ReservationId,
+    "reservation_id"
+);
 
 /// The largest magnitude accepted for any amount: far beyond any real credit balance, and
 /// small enough that sums of millions of them never overflow a `Decimal` (96-bit mantissa).

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::{CustomerId, EventId, GrantId, MeterName};
+use super::{CustomerId, EventId, GrantId, MeterName, ReservationId};
 
 /// The kind of a grant.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -32,6 +32,23 @@ pub struct Usage {
     pub timestamp_ms: i64,
     /// Properties as text (numbers in their exact decimal form).
     pub properties: BTreeMap<String, String>,
+    /// The reservation this usage settles, if any.
+    pub reservation_id: Option<ReservationId>,
+}
+
+/// A reservation: hold `units` of `meter` for `ttl_ms`, until settled or released.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reserve {
+    /// Idempotency key.
+    pub reservation_id: ReservationId,
+    /// Whose credits.
+    pub customer: CustomerId,
+    /// Which meter.
+    pub meter: MeterName,
+    /// Units held, > 0.
+    pub units: Decimal,
+    /// How long the hold lasts (ms, > 0), from the time the reservation applies at.
+    pub ttl_ms: i64,
 }
 
 /// A grant, validated.
@@ -103,6 +120,15 @@ pub enum Input {
         /// Which event.
         event_id: EventId,
     },
+    /// Hold units for a job about to run.
+    Reserve(Reserve),
+    /// End a hold without usage.
+    Release {
+        /// Whose reservation.
+        customer: CustomerId,
+        /// Which reservation.
+        reservation_id: ReservationId,
+    },
 }
 
 /// The records (beyond the meter projections) an input needs loaded in the [`Book`].
@@ -112,6 +138,8 @@ pub struct Refs {
     pub events: Vec<EventId>,
     /// Grant records.
     pub grants: Vec<GrantId>,
+    /// Reservation records.
+    pub reservations: Vec<ReservationId>,
 }
 
 impl Input {
@@ -129,7 +157,10 @@ impl Input {
         match self {
             Input::Usage(u) => &u.customer,
             Input::Grant(g) => &g.customer,
-            Input::VoidGrant { customer, .. } | Input::VoidUsage { customer, .. } => customer,
+            Input::VoidGrant { customer, .. }
+            | Input::VoidUsage { customer, .. }
+            | Input::Release { customer, .. } => customer,
+            Input::Reserve(r) => &r.customer,
         }
     }
 
@@ -140,6 +171,8 @@ impl Input {
             Input::VoidUsage { event_id, .. } => refs.events.push(event_id.clone()),
             Input::Grant(g) => refs.grants.push(g.grant_id.clone()),
             Input::VoidGrant { grant_id, .. } => refs.grants.push(grant_id.clone()),
+            Input::Reserve(r) => refs.reservations.push(r.reservation_id.clone()),
+            Input::Release { reservation_id, .. } => refs.reservations.push(reservation_id.clone()),
         }
     }
 
@@ -150,6 +183,8 @@ impl Input {
             Input::Grant(g) => g.grant_id.as_str(),
             Input::VoidGrant { grant_id, .. } => grant_id.as_str(),
             Input::VoidUsage { event_id, .. } => event_id.as_str(),
+            Input::Reserve(r) => r.reservation_id.as_str(),
+            Input::Release { reservation_id, .. } => reservation_id.as_str(),
         }
     }
 }

@@ -33,6 +33,34 @@
 //! - **Bookkeeping**: `balance = credited - consumed - expired + voided`, where `credited` is net
 //!   of voided grants' remainders and `voided` counts usage given back.
 //!
+//! # Reservations (authorize, then settle)
+//! A reservation holds units of one meter for a job about to run: `available = balance -
+//! reserved`, where `reserved` is the sum of the meter's holds. A hold never changes the balance
+//! or the bookkeeping; only the usage that settles it does.
+//!
+//! | input | when | effect | reason |
+//! |---|---|---|---|
+//! | `Reserve{id, meter, units, ttl}` | id new; `block` meter with `available >= units`, or any `overage` meter | hold `units` until `at + ttl`; version +1, delta 0 | `reserved` |
+//! | `Reserve` | id new; `block` meter with `available < units` | refused (`insufficient`), recorded; no change of the meter | - |
+//! | `Reserve` | id new; the meter has [`MAX_HOLDS`] holds | refused (`too_many`), recorded | - |
+//! | `Reserve` | id seen before | nothing; the first answer stands (a repeated id gets it) | - |
+//! | usage with `reservation_id` | the meter holds it | the hold ends, the usage draws its real amount | `settled` |
+//! | usage with `reservation_id` | no such hold on the meter (settled, released, expired, other meter) | plain usage | `usage` |
+//! | `Release{id}` | held | the hold ends; delta 0 | `released` |
+//! | `Release{id}` | ended, refused, or its meter removed | nothing (`Duplicate`) | - |
+//! | `Release{id}` | unknown id | rejected (`reservation_unknown`) | - |
+//! | time reaches `at + ttl` | held | the hold ends (in [`Ledger::advance`], after expiries of grants; a usage or release at or past it sees it ended) | `reservation_expired` |
+//!
+//! On a `block` meter usage never draws units that *other* holds keep: it may draw
+//! `balance - (reserved - its own hold)`, and the rest is blocked. So a settle gets at least
+//! what it held, more only if nobody holds it, and plain usage cannot take what a running job
+//! was promised. On an `overage` meter holds limit nothing (usage beyond the balance is
+//! overage anyway); a hold may exceed the balance (`available` goes negative). Transitions
+//! (`exhausted`, `low`, ...) follow the balance, not `available`. A reservation's record (its
+//! first answer: meter, units, expiry, outcome) is kept like a grant's, for idempotency and
+//! releases. Reservations are not yet produced by any input decoder or route (the HTTP API and
+//! the `credit-grants` commands come next); the rules, their state and its persistence are here.
+//!
 //! # Time
 //! The pipeline keeps a stream time per partition (`kafka::pipeline::stream_time`: the newest
 //! event time folded, less `pipeline.grace`), and folds each partition's grants and usage in
@@ -83,10 +111,10 @@ mod state;
 
 pub use error::{IdProblem, LedgerError};
 pub use ids::{
-    check_amount, check_id, parse_amount, CustomerId, EventId, GrantId, MeterName, MAX_AMOUNT,
-    MAX_ID_LEN, MAX_SCALE,
+    check_amount, check_id, parse_amount, CustomerId, EventId, GrantId, MeterName, ReservationId,
+    MAX_AMOUNT, MAX_ID_LEN, MAX_SCALE,
 };
-pub use input::{Grant, GrantKind, Input, Refs, Usage};
+pub use input::{Grant, GrantKind, Input, Refs, Reserve, Usage};
 pub use meter::{
     default_burn_window, default_forecast_horizon, Aggregation, AutoTopUp, MeterDef, Meters,
     OnExhausted, Threshold,
@@ -97,8 +125,11 @@ pub use output::{
 };
 pub use rules::Ledger;
 pub use state::{
-    Book, Dirty, EventRecord, GrantRecord, GrantSlot, MeterDraw, MeterState, Status, MAX_DRAINED,
+    Book, Dirty, EventRecord, GrantRecord, GrantSlot, Hold, MeterDraw, MeterState,
+    ReservationOutcome, ReservationRecord, Status, MAX_DRAINED, MAX_HOLDS,
 };
 
+#[cfg(test)]
+mod reservation_tests;
 #[cfg(test)]
 mod tests;

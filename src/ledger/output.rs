@@ -25,11 +25,19 @@ pub enum Reason {
     VoidUsage,
     /// A grant was voided.
     VoidGrant,
+    /// A reservation now holds units (the balance is unchanged, `available` drops).
+    Reserved,
+    /// Usage settled a reservation: it drew its real amount and the hold ended.
+    Settled,
+    /// A reservation was released without usage.
+    Released,
+    /// A reservation's ttl ran out.
+    ReservationExpired,
 }
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Usage,
         Reason::Grant,
         Reason::GrantScheduled,
@@ -38,6 +46,10 @@ impl Reason {
         Reason::CycleEnd,
         Reason::VoidUsage,
         Reason::VoidGrant,
+        Reason::Reserved,
+        Reason::Settled,
+        Reason::Released,
+        Reason::ReservationExpired,
     ];
 
     /// The reason with this label ([`Reason::as_str`]).
@@ -56,6 +68,10 @@ impl Reason {
             Reason::CycleEnd => "cycle_end",
             Reason::VoidUsage => "void_usage",
             Reason::VoidGrant => "void_grant",
+            Reason::Reserved => "reserved",
+            Reason::Settled => "settled",
+            Reason::Released => "released",
+            Reason::ReservationExpired => "reservation_expired",
         }
     }
 }

@@ -202,6 +202,20 @@ impl Ledger {
             let change = Change::new(&book.customer, def, now, id.as_str());
             change.emit(state, before, Reason::Expired, out);
         }
+        // Then holds whose ttl ran out, soonest first.
+        let mut ending: Vec<(i64, ReservationId)> = state
+            .holds
+            .iter()
+            .filter(|h| h.expires_at <= now)
+            .map(|h| (h.expires_at, h.id.clone()))
+            .collect();
+        ending.sort();
+        for (_, id) in ending {
+            let before = state.balance();
+            state.take_hold(&id);
+            let change = Change::new(&book.customer, def, now, id.as_str());
+            change.emit(state, before, Reason::ReservationExpired, out);
+        }
         book.dirty.insert(Dirty::Meter(name.clone()));
     }
 
@@ -222,6 +236,8 @@ impl Ledger {
             Input::Grant(g) => self.apply_grant(book, g, now, out),
             Input::VoidGrant { grant_id, .. } => self.void_grant(book, grant_id, now, out),
             Input::VoidUsage { event_id, .. } => self.void_usage(book, event_id, now, out),
+            Input::Reserve(r) => self.reserve(book, r, now, out),
+            Input::Release { reservation_id, .. } => self.release(book, reservation_id, now, out),
         }
     }
 
@@ -249,7 +265,21 @@ impl Ledger {
             let state = book.meters.get_mut(&def.name).expect("ensured");
             let before = state.balance();
             forecast::record_usage(state, def, q, now);
-            let mut left = q;
+            // Settling: the hold ends and the usage draws its real amount.
+            let settled = u
+                .reservation_id
+                .as_ref()
+                .and_then(|r| state.take_hold(r))
+                .is_some();
+            // In block mode the units other reservations hold are not drawn.
+            let withheld = match def.on_exhausted {
+                OnExhausted::Block => {
+                    let usable = (state.balance() - state.reserved).max(Decimal::ZERO);
+                    (q - usable).max(Decimal::ZERO)
+                }
+                OnExhausted::Overage => Decimal::ZERO,
+            };
+            let mut left = q - withheld;
             let mut drawn = Vec::new();
             for g in state.grants.iter_mut().filter(|g| g.active) {
                 if left.is_zero() {
@@ -263,6 +293,7 @@ impl Ledger {
                 }
             }
             state.prune_drained();
+            left += withheld;
             let (debt, blocked) = match def.on_exhausted {
                 OnExhausted::Overage => {
                     state.debt += left;
@@ -277,7 +308,12 @@ impl Ledger {
                 }
             };
             let change = Change::new(&book.customer, def, now, u.id.as_str());
-            change.emit(state, before, Reason::Usage, out);
+            let reason = if settled {
+                Reason::Settled
+            } else {
+                Reason::Usage
+            };
+            change.emit(state, before, reason, out);
             book.dirty.insert(Dirty::Meter(def.name.clone()));
             draws.push(MeterDraw {
                 meter: def.name.clone(),
@@ -380,6 +416,102 @@ impl Ledger {
             }),
         );
         book.dirty.insert(Dirty::Grant(g.grant_id.clone()));
+        Ok(Applied::Applied)
+    }
+
+    fn reserve(
+        &self,
+        book: &mut Book,
+        r: &Reserve,
+        now: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<Applied, LedgerError> {
+        let seen = book
+            .reservations
+            .get(&r.reservation_id)
+            .expect("reservation record not loaded");
+        if seen.is_some() {
+            return Ok(Applied::Duplicate);
+        }
+        let def = self
+            .meters
+            .get(&r.meter)
+            .ok_or_else(|| LedgerError::UnknownMeter(r.meter.to_string()))?;
+        if r.units <= Decimal::ZERO {
+            return Err(LedgerError::InvalidReservation(format!(
+                "units must be > 0, got {}",
+                r.units
+            )));
+        }
+        if r.ttl_ms <= 0 {
+            return Err(LedgerError::InvalidReservation("ttl must be > 0".into()));
+        }
+        self.ensure_meter(book, &def.name, now, out);
+        let state = book.meters.get_mut(&def.name).expect("ensured");
+        let expires_at = now.saturating_add(r.ttl_ms);
+        let outcome = if state.holds.len() >= MAX_HOLDS {
+            ReservationOutcome::TooMany
+        } else if def.on_exhausted == OnExhausted::Block && state.available() < r.units {
+            ReservationOutcome::Insufficient
+        } else {
+            ReservationOutcome::Held
+        };
+        if outcome == ReservationOutcome::Held {
+            let before = state.balance();
+            state.holds.push(Hold {
+                id: r.reservation_id.clone(),
+                units: r.units,
+                expires_at,
+            });
+            state.reserved += r.units;
+            let change = Change::new(&book.customer, def, now, r.reservation_id.as_str());
+            change.emit(state, before, Reason::Reserved, out);
+            book.dirty.insert(Dirty::Meter(def.name.clone()));
+        }
+        book.reservations.insert(
+            r.reservation_id.clone(),
+            Some(ReservationRecord {
+                meter: def.name.clone(),
+                units: r.units,
+                expires_at,
+                at: now,
+                outcome,
+            }),
+        );
+        book.dirty
+            .insert(Dirty::Reservation(r.reservation_id.clone()));
+        Ok(Applied::Applied)
+    }
+
+    fn release(
+        &self,
+        book: &mut Book,
+        id: &ReservationId,
+        now: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<Applied, LedgerError> {
+        let rec = book
+            .reservations
+            .get(id)
+            .expect("reservation record not loaded")
+            .clone()
+            .ok_or(LedgerError::ReservationUnknown)?;
+        let Some(def) = self.meters.get(&rec.meter) else {
+            return Ok(Applied::Duplicate);
+        };
+        if rec.outcome != ReservationOutcome::Held {
+            return Ok(Applied::Duplicate);
+        }
+        // Time first: a hold whose ttl ran out has ended by itself.
+        self.ensure_meter(book, &def.name, now, out);
+        let state = book.meters.get_mut(&def.name).expect("ensured");
+        let before = state.balance();
+        if state.take_hold(id).is_none() {
+            return Ok(Applied::Duplicate);
+        }
+        let change = Change::new(&book.customer, def, now, id.as_str());
+        change.emit(state, before, Reason::Released, out);
+        book.dirty.insert(Dirty::Meter(def.name.clone()));
         Ok(Applied::Applied)
     }
 

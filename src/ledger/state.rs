@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::{CustomerId, EventId, GrantId, GrantKind, MeterName, Refs};
+use super::{CustomerId, EventId, GrantId, GrantKind, MeterName, Refs, ReservationId};
 
 /// One grant held by a meter, active or pending.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,6 +46,20 @@ impl GrantSlot {
         )
     }
 }
+
+/// Units held for a reservation until it is settled, released or expires.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The reservation.
+    pub id: ReservationId,
+    /// Units held.
+    pub units: Decimal,
+    /// When the hold ends by itself (ms, exclusive, like a grant's expiry).
+    pub expires_at: i64,
+}
+
+/// The most holds a meter keeps at once; a reservation beyond is refused (`too_many`).
+pub const MAX_HOLDS: usize = 1000;
 
 /// The most drained (remainder 0) grants a meter keeps; see [`MeterState::prune_drained`].
 pub const MAX_DRAINED: usize = 16;
@@ -104,6 +118,12 @@ pub struct MeterState {
     /// The forecast alert has fired and is disarmed until `runs_out_at` leaves its window.
     #[serde(default)]
     pub forecast_fired: bool,
+    /// Units held by reservations: the sum of `holds`.
+    #[serde(default)]
+    pub reserved: Decimal,
+    /// Active reservations, in the order they were made.
+    #[serde(default)]
+    pub holds: Vec<Hold>,
 }
 
 impl MeterState {
@@ -115,6 +135,12 @@ impl MeterState {
             .map(|g| g.remaining)
             .sum::<Decimal>()
             - self.debt
+    }
+
+    /// Units that may still be reserved or used without touching a hold: the balance less what
+    /// reservations hold.
+    pub fn available(&self) -> Decimal {
+        self.balance() - self.reserved
     }
 
     /// Active / low / exhausted.
@@ -176,7 +202,16 @@ impl MeterState {
                     Some(g.effective_at)
                 }
             })
+            .chain(self.holds.iter().map(|h| h.expires_at))
             .min()
+    }
+
+    /// Removes the hold of reservation `id`, if the meter has it.
+    pub(super) fn take_hold(&mut self, id: &ReservationId) -> Option<Hold> {
+        let pos = self.holds.iter().position(|h| &h.id == id)?;
+        let h = self.holds.remove(pos);
+        self.reserved -= h.units;
+        Some(h)
     }
 }
 
@@ -215,6 +250,34 @@ pub struct GrantRecord {
     pub voided: bool,
 }
 
+/// What a reservation was answered, when it was made: kept as it is (a repeated
+/// `reservation_id` gets the same answer), whatever happened to the hold since.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationRecord {
+    /// The meter.
+    pub meter: MeterName,
+    /// Units asked for.
+    pub units: Decimal,
+    /// When the hold ends by itself (ms).
+    pub expires_at: i64,
+    /// When it was made (ms).
+    pub at: i64,
+    /// Held, or why not.
+    pub outcome: ReservationOutcome,
+}
+
+/// The answer to a reservation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReservationOutcome {
+    /// The units are held.
+    Held,
+    /// Refused: a `block` meter whose available units do not cover it.
+    Insufficient,
+    /// Refused: the meter already has [`MAX_HOLDS`] holds.
+    TooMany,
+}
+
 /// A key of the state that a [`Book`] changed.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Dirty {
@@ -224,6 +287,8 @@ pub enum Dirty {
     Event(EventId),
     /// A grant record.
     Grant(GrantId),
+    /// A reservation record.
+    Reservation(ReservationId),
 }
 
 /// One customer's state as loaded for a batch.
@@ -237,6 +302,8 @@ pub struct Book {
     pub events: HashMap<EventId, Option<EventRecord>>,
     /// Grant records loaded for the batch's [`Refs`]; `None` = not in the store.
     pub grants: HashMap<GrantId, Option<GrantRecord>>,
+    /// Reservation records loaded for the batch's [`Refs`]; `None` = not in the store.
+    pub reservations: HashMap<ReservationId, Option<ReservationRecord>>,
     pub(super) dirty: BTreeSet<Dirty>,
 }
 
@@ -248,6 +315,7 @@ impl Book {
             meters: BTreeMap::new(),
             events: HashMap::new(),
             grants: HashMap::new(),
+            reservations: HashMap::new(),
             dirty: BTreeSet::new(),
         }
     }
@@ -261,5 +329,9 @@ impl Book {
     pub fn has(&self, refs: &Refs) -> bool {
         refs.events.iter().all(|e| self.events.contains_key(e))
             && refs.grants.iter().all(|g| self.grants.contains_key(g))
+            && refs
+                .reservations
+                .iter()
+                .all(|r| self.reservations.contains_key(r))
     }
 }

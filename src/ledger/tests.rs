@@ -150,6 +150,7 @@ fn usage(id: &str, name: &str, props: &[(&str, &str)]) -> Input {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        reservation_id: None,
     })
 }
 
@@ -1575,6 +1576,9 @@ fn to_model(input: &Input) -> model::Input {
         }),
         Input::VoidGrant { grant_id, .. } => model::Input::VoidGrant(grant_id.to_string()),
         Input::VoidUsage { event_id, .. } => model::Input::VoidUsage(event_id.to_string()),
+        Input::Reserve(_) | Input::Release { .. } => {
+            unreachable!("the generated ops make no reservations")
+        }
     }
 }
 
@@ -1977,6 +1981,7 @@ fn steps(ops: &[Op]) -> Vec<Step> {
                     name: name.into(),
                     timestamp_ms: now,
                     properties: props,
+                    reservation_id: None,
                 })
             }
             Op::VoidUsage(id) => void_usage(&format!("e{id}")),
@@ -2051,6 +2056,7 @@ fn run_batches(
                     let rec = book.grants[&g].clone().expect("a dirty grant has a record");
                     store.grants.insert(g, rec);
                 }
+                Dirty::Reservation(_) => unreachable!("the generated ops make no reservations"),
             }
         }
     }

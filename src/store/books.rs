@@ -59,6 +59,12 @@ impl Store {
             }
             keys.extend(w.refs.events.iter().map(|e| keys::event(p, c, e.as_str())));
             keys.extend(w.refs.grants.iter().map(|g| keys::grant(p, c, g.as_str())));
+            keys.extend(
+                w.refs
+                    .reservations
+                    .iter()
+                    .map(|r| keys::reservation(p, c, r.as_str())),
+            );
             books.push(book);
         }
         let cf = self
@@ -97,6 +103,14 @@ impl Store {
                     None => None,
                 };
                 book.grants.insert(g.clone(), rec);
+            }
+            for r in &w.refs.reservations {
+                let (k, v) = next()?;
+                let rec = match v {
+                    Some(v) => Some(value::reservation_from(k, value::decode(k, &v)?)?),
+                    None => None,
+                };
+                book.reservations.insert(r.clone(), rec);
             }
         }
         Ok(books)

@@ -7,6 +7,7 @@
 //! |---|---|---|
 //! | `S p 'b' customer` | the customer's book: every meter projection | yes |
 //! | `S p 'g' customer NUL grant_id` | a grant record (idempotency, voids) | yes |
+//! | `S p 'r' customer NUL reservation_id` | a reservation's first answer (idempotency, releases) | yes |
 //! | `S p 'd' bucket(i64 BE) seq(u64 BE)` | a commit's delta of one time bucket | yes (locally an empty marker) |
 //! | `S p 'm'` | the partition's meta (the dedupe horizon) | yes |
 //! | `S p 'e' customer NUL event_id` | a usage id's record (expanded from the deltas) | no |
@@ -27,6 +28,7 @@ pub(super) const FORMAT: &[u8] = b"V";
 pub(super) enum Kind {
     Book = b'b' as isize,
     Grant = b'g' as isize,
+    Reservation = b'r' as isize,
     Delta = b'd' as isize,
     Meta = b'm' as isize,
     Event = b'e' as isize,
@@ -40,6 +42,7 @@ impl Kind {
             [STATE, _, _, k, ..] => [
                 Kind::Book,
                 Kind::Grant,
+                Kind::Reservation,
                 Kind::Delta,
                 Kind::Meta,
                 Kind::Event,
@@ -92,6 +95,14 @@ pub(super) fn event(p: i32, customer: &CustomerId, id: &str) -> Vec<u8> {
 /// The key of a grant record.
 pub(super) fn grant(p: i32, customer: &CustomerId, id: &str) -> Vec<u8> {
     with(customer_prefix(p, Kind::Grant, customer), id.as_bytes())
+}
+
+/// The key of a reservation record.
+pub(super) fn reservation(p: i32, customer: &CustomerId, id: &str) -> Vec<u8> {
+    with(
+        customer_prefix(p, Kind::Reservation, customer),
+        id.as_bytes(),
+    )
 }
 
 /// `S p 'h' customer NUL meter NUL`: every movement kept of one meter.
@@ -195,6 +206,7 @@ mod tests {
                 (book(p, &c), Kind::Book),
                 (event(p, &c, "e"), Kind::Event),
                 (grant(p, &c, "g"), Kind::Grant),
+                (reservation(p, &c, "r"), Kind::Reservation),
                 (history(p, &c, &m, 3), Kind::History),
                 (delta(p, 5, 9), Kind::Delta),
                 (meta(p), Kind::Meta),

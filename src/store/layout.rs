@@ -139,6 +139,16 @@ impl StateBatch {
         for d in dirty {
             match d {
                 Dirty::Meter(_) => {}
+                Dirty::Reservation(id) => {
+                    if let Some(Some(r)) = book.reservations.get(id) {
+                        self.writes.push(StateWrite {
+                            partition: p,
+                            key: keys::reservation(p, c, id.as_str()),
+                            value: Some(value::encode(&value::reservation_to(r))),
+                            target: Target::Both,
+                        });
+                    }
+                }
                 Dirty::Grant(id) => {
                     if let Some(Some(r)) = book.grants.get(id) {
                         self.writes.push(StateWrite {

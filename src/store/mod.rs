@@ -6,6 +6,10 @@
 //! written (to the changelog and RocksDB) at most once per commit. Beside it:
 //! - **grant records** (idempotency of grant ids, forever; what a `VoidGrant` needs), one key per
 //!   grant: written only when a grant or a void of one arrives;
+//! - **reservation records** (a reservation's first answer, for idempotency and releases), one
+//!   key per reservation id, like grant records. They are kept like grant records for now;
+//!   once routes make reservations (one per job), they must be forgotten with the usage ids'
+//!   time buckets instead, or they grow without bound;
 //! - **usage ids** (idempotency within `pipeline.dedupe_window`, and what each event drew, for
 //!   `VoidUsage`) live in **time buckets** of an eighth of the window. What a commit adds to a
 //!   bucket of a partition is *one* changelog record, a **delta** (`D p bucket seq`), holding the
@@ -156,6 +160,8 @@ pub enum RecordKind {
     Book,
     /// A grant record.
     Grant,
+    /// A reservation record.
+    Reservation,
     /// A delta of usage ids and balance changes (one time bucket, one commit).
     Delta,
     /// A partition's meta (the dedupe horizon).
@@ -167,6 +173,7 @@ pub fn record_kind(key: &[u8]) -> Option<RecordKind> {
     match Kind::of(key)? {
         Kind::Book => Some(RecordKind::Book),
         Kind::Grant => Some(RecordKind::Grant),
+        Kind::Reservation => Some(RecordKind::Reservation),
         Kind::Delta => Some(RecordKind::Delta),
         Kind::Meta => Some(RecordKind::Meta),
         Kind::Event | Kind::History => None,

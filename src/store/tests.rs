@@ -37,6 +37,7 @@ fn usage(c: &CustomerId, id: &str) -> Input {
         name: "call".into(),
         timestamp_ms: 0,
         properties: Default::default(),
+        reservation_id: None,
     })
 }
 
@@ -149,6 +150,7 @@ fn a_folded_book_round_trips_and_restores_from_its_changelog_records() {
     let refs = Refs {
         events: vec![EventId::parse("e1").unwrap(), EventId::parse("e9").unwrap()],
         grants: vec![GrantId::parse("g1").unwrap()],
+        reservations: vec![],
     };
     let want = [BookRequest {
         partition: 2,

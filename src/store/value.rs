@@ -7,8 +7,8 @@ use rust_decimal::Decimal;
 
 use super::StoreError;
 use crate::ledger::{
-    BalanceChanged, CustomerId, EventRecord, GrantId, GrantKind, GrantRecord, GrantSlot, MeterDraw,
-    MeterName, MeterState, Reason,
+    BalanceChanged, CustomerId, EventRecord, GrantId, GrantKind, GrantRecord, GrantSlot, Hold,
+    MeterDraw, MeterName, MeterState, Reason, ReservationId, ReservationOutcome, ReservationRecord,
 };
 
 /// The generated state messages.
@@ -157,6 +157,16 @@ pub(super) fn meter_to(name: &MeterName, s: &MeterState) -> pb::MeterState {
         burn: dec(s.burn),
         burn_at: s.burn_at,
         forecast_fired: s.forecast_fired,
+        holds: s
+            .holds
+            .iter()
+            .map(|h| pb::Hold {
+                id: h.id.to_string(),
+                units: dec(h.units),
+                expires_at: h.expires_at,
+            })
+            .collect(),
+        reserved: dec(s.reserved),
     }
 }
 
@@ -188,6 +198,18 @@ pub(super) fn meter_from(
         burn: undec(key, &m.burn)?,
         burn_at: m.burn_at,
         forecast_fired: m.forecast_fired,
+        holds: m
+            .holds
+            .into_iter()
+            .map(|h| {
+                Ok(Hold {
+                    id: id(key, ReservationId::parse(h.id))?,
+                    units: undec(key, &h.units)?,
+                    expires_at: h.expires_at,
+                })
+            })
+            .collect::<Result<_, StoreError>>()?,
+        reserved: undec(key, &m.reserved)?,
     };
     Ok((name, state))
 }
@@ -207,6 +229,40 @@ pub(super) fn grant_from(key: &[u8], r: pb::GrantRecord) -> Result<GrantRecord, 
         meter: id(key, MeterName::parse(r.meter))?,
         at: r.at,
         voided: r.voided,
+    })
+}
+
+/// A reservation record as a message.
+pub(super) fn reservation_to(r: &ReservationRecord) -> pb::ReservationRecord {
+    pb::ReservationRecord {
+        meter: r.meter.to_string(),
+        units: dec(r.units),
+        expires_at: r.expires_at,
+        at: r.at,
+        outcome: match r.outcome {
+            ReservationOutcome::Held => 0,
+            ReservationOutcome::Insufficient => 1,
+            ReservationOutcome::TooMany => 2,
+        },
+    }
+}
+
+/// A reservation record from a message.
+pub(super) fn reservation_from(
+    key: &[u8],
+    r: pb::ReservationRecord,
+) -> Result<ReservationRecord, StoreError> {
+    Ok(ReservationRecord {
+        meter: id(key, MeterName::parse(r.meter))?,
+        units: undec(key, &r.units)?,
+        expires_at: r.expires_at,
+        at: r.at,
+        outcome: match r.outcome {
+            0 => ReservationOutcome::Held,
+            1 => ReservationOutcome::Insufficient,
+            2 => ReservationOutcome::TooMany,
+            _ => return Err(corrupt(key, "unknown reservation outcome")),
+        },
     })
 }
 
@@ -475,6 +531,63 @@ mod tests {
             };
             prop_assert_eq!(encode_event(&r), event_to(&r).encode_to_vec());
         }
+    }
+
+    #[test]
+    fn holds_burn_and_reservation_records_read_back_as_written() {
+        use crate::ledger::{Hold, MeterName, ReservationId};
+        let name = MeterName::parse("tokens").unwrap();
+        let state = MeterState {
+            version: 7,
+            burn: "123.456789012345".parse().unwrap(),
+            burn_at: 1_767_225_600_000,
+            forecast_fired: true,
+            reserved: Decimal::from(45),
+            holds: vec![
+                Hold {
+                    id: ReservationId::parse("r1").unwrap(),
+                    units: Decimal::from(30),
+                    expires_at: 1_767_225_660_000,
+                },
+                Hold {
+                    id: ReservationId::parse("r2").unwrap(),
+                    units: Decimal::from(15),
+                    expires_at: 1_767_225_700_000,
+                },
+            ],
+            ..MeterState::default()
+        };
+        let msg = meter_to(&name, &state);
+        let bytes = encode(&msg);
+        let back = meter_from(b"k", decode(b"k", &bytes).unwrap()).unwrap();
+        assert_eq!(back, (name.clone(), state));
+        for outcome in [
+            ReservationOutcome::Held,
+            ReservationOutcome::Insufficient,
+            ReservationOutcome::TooMany,
+        ] {
+            let r = ReservationRecord {
+                meter: name.clone(),
+                units: "2.5".parse().unwrap(),
+                expires_at: 9,
+                at: 3,
+                outcome,
+            };
+            let bytes = encode(&reservation_to(&r));
+            assert_eq!(
+                reservation_from(b"k", decode(b"k", &bytes).unwrap()).unwrap(),
+                r
+            );
+        }
+        let mut bad = reservation_to(&ReservationRecord {
+            meter: name,
+            units: Decimal::ONE,
+            expires_at: 0,
+            at: 0,
+            outcome: ReservationOutcome::Held,
+        });
+        bad.outcome = 9;
+        assert!(reservation_from(b"k", bad).is_err());
     }
 
     #[test]
