@@ -5,7 +5,7 @@ KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 LOADGEN := $(CARGO_TARGET_DIR)/debug/drawdown-loadgen
 
-.PHONY: setup demo-stop-test bench-check handover-test bench-e2e bench-latency bounded-state browser-test ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: setup demo-stop-test bench-check handover-test bench-e2e bench-latency bounded-state browser-test api-fuzz ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -91,6 +91,13 @@ throughput: build kafka-start
 ## $(CARGO_TARGET_DIR)/browser-test.
 browser-test: build kafka-start
 	scripts/browser-test.sh
+
+## schemathesis (pip, in a venv in ~/.cache/drawdown) against one drawdown with API keys and portal
+## tokens, seeded through kcat: no 5xx, no hang (5 s), docs/openapi.json's schemas, status codes
+## and content types, and 401 / 403 exactly where its `security` says. API_FUZZ_EXAMPLES per
+## operation and phase (default 600, ~10 min; CI: 15).
+api-fuzz: build kafka-start
+	scripts/api-fuzz.sh
 
 ## Alert rules, their unit tests and the Prometheus config (Debian package `prometheus`).
 ops-check:

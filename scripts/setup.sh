@@ -7,7 +7,7 @@
 #
 # Debian packages: libclang-dev (RocksDB's bindgen), protobuf-compiler (prost), kcat (broker
 # checks), prometheus + jq + curl (ops checks), chromium + chromium-driver (the portal's browser
-# test; the browser is never downloaded). As root they are installed with apt-get; otherwise the
+# test; the browser is never downloaded), python3-venv (schemathesis' venv, `make api-fuzz`). As root they are installed with apt-get; otherwise the
 # script prints the exact apt-get line to run and stops. The toolchains (cargo, java, mvn, node,
 # python3) are not installed here: it names the missing ones and stops.
 # The Kafka jars come from Maven Central into ~/.cache/drawdown (deploy/kafka/kafka.sh fetch).
@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 CHECK=0
 [[ "${1:-}" == "--check" ]] && CHECK=1
 
-PACKAGES=(libclang-dev protobuf-compiler kcat prometheus jq curl chromium chromium-driver)
+PACKAGES=(libclang-dev protobuf-compiler kcat prometheus jq curl chromium chromium-driver python3-venv)
 missing=()
 # One dpkg-query for all of them (a dpkg -s per package costs ~20 ms each).
 installed=$(dpkg-query -W -f='${Package} ${db:Status-Status}\n' "${PACKAGES[@]}" 2>/dev/null || true)
