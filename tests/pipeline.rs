@@ -271,6 +271,7 @@ async fn protobuf_input_is_decoded_by_content_type() {
         properties: [("tokens".to_string(), "150".to_string())]
             .into_iter()
             .collect(),
+        reservation_id: String::new(),
     };
     let (usage, grants) = (app.cfg.topics.usage.clone(), app.cfg.topics.grants.clone());
     app.send(

@@ -177,6 +177,12 @@ pub struct MeterView {
     pub blocked: Decimal,
     /// Units forfeited by expiry or cycle end.
     pub expired: Decimal,
+    /// Units held by reservations.
+    #[serde(default)]
+    pub reserved: Decimal,
+    /// `balance - reserved`: what may still be used or reserved without touching a hold.
+    #[serde(default)]
+    pub available: Decimal,
     /// Units given back by voided usage.
     pub voided: Decimal,
     /// active | low | exhausted.
@@ -217,6 +223,8 @@ impl MeterView {
             overage: s.overage,
             blocked: s.blocked,
             expired: s.expired,
+            reserved: s.reserved,
+            available: s.available(),
             voided: s.voided,
             status: s.status(),
             version: s.version,

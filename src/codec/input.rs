@@ -9,7 +9,7 @@ use super::json::Object;
 use super::{is_protobuf, pb, protobuf, required, CodecError};
 use crate::ledger::{
     parse_amount, CustomerId, EventId, Grant, GrantId, GrantKind, Input, LedgerError, MeterName,
-    Usage,
+    ReservationId, Reserve, Usage,
 };
 
 /// Decodes a record of the usage topic.
@@ -27,7 +27,9 @@ pub fn decode_usage(
             name: required(m.name, "name")?,
             timestamp_ms: m.timestamp_ms,
             properties: m.properties.into_iter().collect(),
-            reservation_id: None,
+            reservation_id: (!m.reservation_id.is_empty())
+                .then(|| ReservationId::parse(m.reservation_id))
+                .transpose()?,
         }
     } else {
         let obj = Object::parse(bytes)?;
@@ -37,7 +39,10 @@ pub fn decode_usage(
             name: obj.str("name")?.into_owned(),
             timestamp_ms: obj.time("timestamp")?.unwrap_or(0),
             properties: obj.properties("properties")?,
-            reservation_id: None,
+            reservation_id: obj
+                .opt_str("reservation_id")?
+                .map(ReservationId::parse)
+                .transpose()?,
         }
     };
     check_key(key, &usage.customer)?;
@@ -90,6 +95,23 @@ pub fn decode_command(
             pb::credit_command::Command::VoidUsage(v) => Input::VoidUsage {
                 customer: CustomerId::parse(required(v.customer_id, "customer_id")?)?,
                 event_id: EventId::parse(required(v.event_id, "event_id")?)?,
+            },
+            pb::credit_command::Command::Reserve(r) => Input::Reserve(Reserve {
+                reservation_id: ReservationId::parse(required(
+                    r.reservation_id,
+                    "reservation_id",
+                )?)?,
+                customer: CustomerId::parse(required(r.customer_id, "customer_id")?)?,
+                meter: MeterName::parse(required(r.meter, "meter")?)?,
+                units: positive(&required(r.units, "units")?)?,
+                ttl_ms: ttl_ms(r.ttl_ms)?,
+            }),
+            pb::credit_command::Command::Release(r) => Input::Release {
+                customer: CustomerId::parse(required(r.customer_id, "customer_id")?)?,
+                reservation_id: ReservationId::parse(required(
+                    r.reservation_id,
+                    "reservation_id",
+                )?)?,
             },
         }
     } else {
@@ -145,11 +167,25 @@ pub fn decode_command(
                 customer,
                 event_id: EventId::parse(obj.str("event_id")?)?,
             },
+            "reserve" => Input::Reserve(Reserve {
+                reservation_id: ReservationId::parse(obj.str("reservation_id")?)?,
+                customer,
+                meter: MeterName::parse(obj.str("meter")?)?,
+                units: positive(
+                    &obj.amount("units")?
+                        .ok_or(CodecError::MissingField("units"))?,
+                )?,
+                ttl_ms: json_ttl(&obj)?,
+            }),
+            "release" => Input::Release {
+                customer,
+                reservation_id: ReservationId::parse(obj.str("reservation_id")?)?,
+            },
             other => {
                 return Err(CodecError::WrongType {
                     field: "type",
                     message: format!(
-                        "unknown command type {other:?} (grant | void_grant | void_usage)"
+                        "unknown command type {other:?} (grant | void_grant | void_usage | reserve | release)"
                     ),
                 })
             }
@@ -157,6 +193,38 @@ pub fn decode_command(
     };
     check_key(key, input.customer())?;
     Ok(input)
+}
+
+/// The longest hold a reservation may ask for.
+pub const MAX_RESERVATION_TTL_MS: i64 = 7 * 24 * 3_600_000;
+
+/// A reservation's ttl in ms: 1 ms to [`MAX_RESERVATION_TTL_MS`].
+fn ttl_ms(ms: i64) -> Result<i64, CodecError> {
+    if (1..=MAX_RESERVATION_TTL_MS).contains(&ms) {
+        Ok(ms)
+    } else {
+        Err(CodecError::WrongType {
+            field: "ttl",
+            message: format!("must be 1 ms to 7 days, got {ms} ms"),
+        })
+    }
+}
+
+/// A JSON reservation's `ttl`: whole seconds, or a duration such as `"90s"` or `"10m"`.
+fn json_ttl(obj: &Object<'_>) -> Result<i64, CodecError> {
+    let ms = match obj.uint("ttl") {
+        Ok(Some(secs)) => i64::try_from(secs).unwrap_or(i64::MAX).saturating_mul(1000),
+        Ok(None) => return Err(CodecError::MissingField("ttl")),
+        Err(_) => {
+            let text = obj.str("ttl")?;
+            let d = humantime::parse_duration(&text).map_err(|e| CodecError::WrongType {
+                field: "ttl",
+                message: format!("expected seconds or a duration like \"10m\": {e}"),
+            })?;
+            i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+        }
+    };
+    ttl_ms(ms)
 }
 
 fn check_key(key: Option<&[u8]>, customer: &CustomerId) -> Result<(), CodecError> {
@@ -206,9 +274,68 @@ mod tests {
             name: "api_call".into(),
             timestamp_ms: 5,
             properties: Default::default(),
+            reservation_id: "r1".into(),
         };
         let i = decode_usage(Some(&m.encode_to_vec()), Some(PROTOBUF), None).unwrap();
         assert_eq!(i.customer().as_str(), "c1");
+        let Input::Usage(u) = i else { panic!() };
+        assert_eq!(u.reservation_id.unwrap().as_str(), "r1");
+    }
+
+    #[test]
+    fn reservation_commands_decode_in_both_formats() {
+        let json = |p: &[u8]| decode_command(Some(p), None, Some(b"c1"));
+        let r = json(br#"{"type":"reserve","reservation_id":"r1","customer_id":"c1","meter":"tokens","units":"2.5","ttl":"10m"}"#).unwrap();
+        let Input::Reserve(r) = r else { panic!() };
+        assert_eq!((r.units, r.ttl_ms), ("2.5".parse().unwrap(), 600_000));
+        let r = json(br#"{"type":"reserve","reservation_id":"r1","customer_id":"c1","meter":"tokens","units":3,"ttl":90}"#).unwrap();
+        assert!(matches!(r, Input::Reserve(Reserve { ttl_ms: 90_000, .. })));
+        let rel = json(br#"{"type":"release","reservation_id":"r1","customer_id":"c1"}"#).unwrap();
+        assert!(
+            matches!(rel, Input::Release { ref reservation_id, .. } if reservation_id.as_str() == "r1")
+        );
+        let usage = decode_usage(
+            Some(br#"{"id":"e1","customer_id":"c1","name":"x","reservation_id":"r1"}"#),
+            None,
+            None,
+        )
+        .unwrap();
+        assert!(matches!(
+            usage,
+            Input::Usage(Usage {
+                reservation_id: Some(_),
+                ..
+            })
+        ));
+        for (bad, reason) in [
+            (&br#"{"type":"reserve","reservation_id":"r","customer_id":"c1","meter":"m","units":0,"ttl":9}"#[..], "invalid_amount"),
+            (br#"{"type":"reserve","reservation_id":"r","customer_id":"c1","meter":"m","units":1}"#, "missing_field"),
+            (br#"{"type":"reserve","reservation_id":"r","customer_id":"c1","meter":"m","units":1,"ttl":"soon"}"#, "wrong_type"),
+            (br#"{"type":"reserve","reservation_id":"r","customer_id":"c1","meter":"m","units":1,"ttl":"8d"}"#, "wrong_type"),
+            (br#"{"type":"reserve","reservation_id":"r","customer_id":"c1","meter":"m","units":1,"ttl":0}"#, "wrong_type"),
+            (br#"{"type":"release","customer_id":"c1"}"#, "missing_field"),
+        ] {
+            assert_eq!(json(bad).unwrap_err().reason(), reason, "{}", String::from_utf8_lossy(bad));
+        }
+        let pb_reserve = pb::CreditCommand {
+            command: Some(pb::credit_command::Command::Reserve(pb::Reserve {
+                reservation_id: "r2".into(),
+                customer_id: "c1".into(),
+                meter: "tokens".into(),
+                units: "4".into(),
+                ttl_ms: 1_000,
+            })),
+        };
+        let i = decode_command(Some(&pb_reserve.encode_to_vec()), Some(PROTOBUF), None).unwrap();
+        assert!(matches!(i, Input::Reserve(Reserve { ttl_ms: 1_000, .. })));
+        let pb_release = pb::CreditCommand {
+            command: Some(pb::credit_command::Command::Release(pb::Release {
+                customer_id: "c1".into(),
+                reservation_id: "r2".into(),
+            })),
+        };
+        let i = decode_command(Some(&pb_release.encode_to_vec()), Some(PROTOBUF), None).unwrap();
+        assert!(matches!(i, Input::Release { .. }));
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub fn encode_changed(c: &BalanceChanged, format: OutputFormat) -> Vec<u8> {
             blocked: c.blocked.to_string(),
             at_ms: c.at,
             late: c.late,
+            reserved: c.reserved.to_string(),
+            available: c.available.to_string(),
         }
         .encode_to_vec(),
     }
@@ -152,6 +154,8 @@ fn json_changed(c: &BalanceChanged) -> Vec<u8> {
         ("consumed", c.consumed),
         ("overage", c.overage),
         ("blocked", c.blocked),
+        ("reserved", c.reserved),
+        ("available", c.available),
     ] {
         out.extend_from_slice(b",\"");
         out.extend_from_slice(name.as_bytes());
@@ -217,7 +221,7 @@ mod tests {
             cause in "[ -~é\u{7f}]{0,20}",
             version in any::<u64>(),
             at in any::<i64>(),
-            amounts in proptest::collection::vec((any::<i64>(), 0u32..=9), 6),
+            amounts in proptest::collection::vec((any::<i64>(), 0u32..=9), 8),
             reason in proptest::sample::select(Reason::ALL.to_vec()),
         ) {
             let d = |i: usize| Decimal::new(amounts[i].0, amounts[i].1);
@@ -233,6 +237,8 @@ mod tests {
                 consumed: d(3),
                 overage: d(4),
                 blocked: d(5),
+                reserved: d(6),
+                available: d(7),
                 at,
                 late: version % 2 == 0,
             };

@@ -23,6 +23,16 @@ pub fn decode_changed(
         return serde_json::from_slice(bytes).map_err(undecodable_json);
     }
     let m: pb::BalanceChanged = protobuf(bytes)?;
+    let balance = output_decimal("balance", &m.balance)?;
+    // "" in records written before reservations: nothing held, the whole balance available.
+    let reserved = match m.reserved.as_str() {
+        "" => Decimal::ZERO,
+        r => output_decimal("reserved", r)?,
+    };
+    let available = match m.available.as_str() {
+        "" => balance - reserved,
+        a => output_decimal("available", a)?,
+    };
     Ok(BalanceChanged {
         customer_id: CustomerId::parse(m.customer_id)?,
         meter: MeterName::parse(m.meter)?,
@@ -30,11 +40,13 @@ pub fn decode_changed(
         delta: output_decimal("delta", &m.delta)?,
         reason: reason_of(&m.reason)?,
         cause_id: m.cause_id,
-        balance: output_decimal("balance", &m.balance)?,
+        balance,
         credited: output_decimal("credited", &m.credited)?,
         consumed: output_decimal("consumed", &m.consumed)?,
         overage: output_decimal("overage", &m.overage)?,
         blocked: output_decimal("blocked", &m.blocked)?,
+        reserved,
+        available,
         at: m.at_ms,
         late: m.late,
     })
@@ -174,6 +186,8 @@ mod tests {
             consumed: "10.5".parse().unwrap(),
             overage: "0.5".parse().unwrap(),
             blocked: Decimal::ZERO,
+            reserved: "1.5".parse().unwrap(),
+            available: "2".parse().unwrap(),
             at: 1_767_225_600_000,
             late: true,
         }

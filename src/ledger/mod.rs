@@ -58,8 +58,8 @@
 //! overage anyway); a hold may exceed the balance (`available` goes negative). Transitions
 //! (`exhausted`, `low`, ...) follow the balance, not `available`. A reservation's record (its
 //! first answer: meter, units, expiry, outcome) is kept like a grant's, for idempotency and
-//! releases. Reservations are not yet produced by any input decoder or route (the HTTP API and
-//! the `credit-grants` commands come next); the rules, their state and its persistence are here.
+//! releases. Reservations arrive as `reserve` / `release` commands on `credit-grants` and as
+//! usage with a `reservation_id` (see `docs/topics.md`).
 //!
 //! # Time
 //! The pipeline keeps a stream time per partition (`kafka::pipeline::stream_time`: the newest

@@ -101,6 +101,12 @@ pub struct BalanceChanged {
     pub overage: Decimal,
     /// Blocked after.
     pub blocked: Decimal,
+    /// Units held by reservations after.
+    #[serde(default)]
+    pub reserved: Decimal,
+    /// `balance - reserved` after: what may still be used or reserved without touching a hold.
+    #[serde(default)]
+    pub available: Decimal,
     /// The time the change applies at (ms): the event time of the input that caused it, or the
     /// stream time (see the `kafka::pipeline::stream_time` docs).
     pub at: i64,

@@ -73,6 +73,8 @@ impl<'a> Change<'a> {
             consumed: state.consumed,
             overage: state.overage,
             blocked: state.blocked,
+            reserved: state.reserved,
+            available: after - state.reserved,
             at: self.now,
             late: false,
         }));

@@ -288,6 +288,8 @@ mod tests {
             consumed: 1.into(),
             overage: 0.into(),
             blocked: 0.into(),
+            reserved: 0.into(),
+            available: 5.into(),
             at: 1_000,
             late: false,
         };

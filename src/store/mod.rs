@@ -7,9 +7,10 @@
 //! - **grant records** (idempotency of grant ids, forever; what a `VoidGrant` needs), one key per
 //!   grant: written only when a grant or a void of one arrives;
 //! - **reservation records** (a reservation's first answer, for idempotency and releases), one
-//!   key per reservation id, like grant records. They are kept like grant records for now;
-//!   once routes make reservations (one per job), they must be forgotten with the usage ids'
-//!   time buckets instead, or they grow without bound;
+//!   key per reservation id, written like grant records. Known limit: they are kept like grant
+//!   records, forever (one compacted changelog record per reservation id); as there is one
+//!   reservation per job, they must move into the usage ids' time buckets to be forgotten with
+//!   them;
 //! - **usage ids** (idempotency within `pipeline.dedupe_window`, and what each event drew, for
 //!   `VoidUsage`) live in **time buckets** of an eighth of the window. What a commit adds to a
 //!   bucket of a partition is *one* changelog record, a **delta** (`D p bucket seq`), holding the

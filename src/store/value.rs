@@ -395,6 +395,8 @@ mod wire {
         dec(10, c.overage, &mut out);
         dec(11, c.blocked, &mut out);
         varint(12, c.at as u64, &mut out);
+        dec(13, c.reserved, &mut out);
+        dec(14, c.available, &mut out);
         out
     }
 
@@ -454,6 +456,8 @@ fn change_to(c: &BalanceChanged) -> pb::Change {
         overage: dec(c.overage),
         blocked: dec(c.blocked),
         at: c.at,
+        reserved: dec(c.reserved),
+        available: dec(c.available),
     }
 }
 
@@ -472,6 +476,12 @@ pub(super) fn change_from(key: &[u8], c: pb::Change) -> Result<BalanceChanged, S
         consumed: undec(key, &c.consumed)?,
         overage: undec(key, &c.overage)?,
         blocked: undec(key, &c.blocked)?,
+        reserved: undec(key, &c.reserved)?,
+        available: match c.available {
+            Some(_) => undec(key, &c.available)?,
+            // Written before reservations: nothing was held, all of the balance was available.
+            None => undec(key, &c.balance)? - undec(key, &c.reserved)?,
+        },
         at: c.at,
         // The history keeps the movement, not how its input arrived.
         late: false,
@@ -511,6 +521,8 @@ mod tests {
                 consumed: d * Decimal::from(3),
                 overage: Decimal::ONE,
                 blocked: Decimal::ZERO,
+                reserved: d,
+                available: Decimal::ZERO,
                 at,
                 late: false,
             };

@@ -298,6 +298,7 @@ impl Gen {
                 name: e.name.clone(),
                 timestamp_ms: self.event_time(),
                 properties: e.properties.clone().into_iter().collect(),
+                reservation_id: String::new(),
             }
             .encode_to_vec(),
         };
