@@ -184,3 +184,114 @@ async fn a_block_meter_keeps_held_units_from_plain_usage_and_bad_commands_are_de
     assert_eq!(m["version"], 3, "the refused reservation changed nothing");
     app.stop().await;
 }
+
+async fn call(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut req = app.http.request(method, format!("{}{}", app.base, path));
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_http_routes_answer_after_the_commit_and_repeat_the_first_answer() {
+    use reqwest::Method;
+    let app = spawn_app(&Names::new()).await;
+    app.grants(&[grant("r3c", "g1", "tokens", "100")]);
+    app.meter_until("r3c", "tokens", |b| b["credited"] == "100")
+        .await;
+    let path = "/v1/customers/r3c/meters/tokens/reservations";
+    let (status, body) = call(
+        &app,
+        Method::POST,
+        path,
+        Some(json!({"reservation_id": "job-1", "units": "30", "ttl": "10m"})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "held");
+    assert_eq!(body["units"], "30");
+    // Answered after the commit: the state already shows the hold.
+    let (_, m) = app.get("/v1/customers/r3c/meters/tokens").await;
+    assert_eq!(
+        (m["reserved"].as_str(), m["available"].as_str()),
+        (Some("30"), Some("70"))
+    );
+    let (_, check) = app
+        .get("/v1/customers/r3c/meters/tokens/check?units=71")
+        .await;
+    assert_eq!(
+        check["allowed"], false,
+        "the check answers from available: {check}"
+    );
+    // A repeat with other units gets the first answer.
+    let (status, again) = call(
+        &app,
+        Method::POST,
+        path,
+        Some(json!({"reservation_id": "job-1", "units": 5})),
+    )
+    .await;
+    assert_eq!(
+        (status, &again["units"], &again["expires_at"]),
+        (200, &body["units"], &body["expires_at"])
+    );
+    // A block meter refuses what available cannot cover: 409, and so again.
+    let (status, refused) = call(
+        &app,
+        Method::POST,
+        path,
+        Some(json!({"reservation_id": "job-2", "units": "71"})),
+    )
+    .await;
+    assert_eq!(
+        (status, refused["status"].as_str()),
+        (409, Some("insufficient"))
+    );
+    // Release: 200, the hold is gone; again: ended; unknown: 404.
+    let one = format!("{path}/job-1");
+    let (status, released) = call(&app, Method::DELETE, &one, None).await;
+    assert_eq!(
+        (status, released["status"].as_str()),
+        (200, Some("released"))
+    );
+    let (_, m) = app.get("/v1/customers/r3c/meters/tokens").await;
+    assert_eq!(m["reserved"], "0");
+    let (status, ended) = call(&app, Method::DELETE, &one, None).await;
+    assert_eq!((status, ended["status"].as_str()), (200, Some("ended")));
+    let (status, _) = call(&app, Method::DELETE, &format!("{path}/nope"), None).await;
+    assert_eq!(status, 404);
+    // Bad requests are 4xx and publish nothing.
+    for bad in [
+        json!({"reservation_id": "x", "units": "0"}),
+        json!({"reservation_id": "x", "units": "-1"}),
+        json!({"reservation_id": "x", "units": "1", "ttl": "8d"}),
+        json!({"reservation_id": "x", "units": "1", "ttl": 0}),
+        json!({"reservation_id": "", "units": "1"}),
+        json!({"units": "1"}),
+        json!({"reservation_id": "x", "units": "1", "extra": true}),
+    ] {
+        let (status, body) = call(&app, Method::POST, path, Some(bad.clone())).await;
+        assert!((400..500).contains(&status), "{bad} -> {status} {body}");
+    }
+    let (status, _) = call(
+        &app,
+        Method::POST,
+        "/v1/customers/r3c/meters/nope/reservations",
+        Some(json!({"reservation_id": "x", "units": "1"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    app.stop().await;
+}

@@ -135,6 +135,9 @@ fn permit(route: &str, params: &RawPathParams, principal: &Principal) -> Result<
         Principal::Portal(_) if route == routes::CHECKS => {
             Err(ApiError::Forbidden("batch checks take an API key".into()))
         }
+        Principal::Portal(_) if route == routes::RESERVATIONS || route == routes::RESERVATION => {
+            Err(ApiError::Forbidden("reservations take an API key".into()))
+        }
         Principal::Portal(claims) => {
             let id = params.iter().find(|(k, _)| *k == "id").map(|(_, v)| v);
             if id == Some(claims.customer.as_str()) {

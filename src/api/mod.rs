@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod check;
 pub mod portal;
+pub mod reservations;
 pub mod route;
 
 use std::sync::Arc;
@@ -278,6 +279,10 @@ pub mod routes {
     pub const OPENAPI: &str = "/openapi.json";
     /// Request a top-up of a meter (publishes `TopUpRequested`).
     pub const TOP_UPS: &str = "/v1/customers/{id}/meters/{meter}/top-ups";
+    /// Hold units of a meter (through the pipeline; answered after the commit).
+    pub const RESERVATIONS: &str = "/v1/customers/{id}/meters/{meter}/reservations";
+    /// Release a reservation.
+    pub const RESERVATION: &str = "/v1/customers/{id}/meters/{meter}/reservations/{reservation_id}";
     /// Create a portal session (API key).
     pub const PORTAL_SESSIONS: &str = "/v1/portal-sessions";
     /// The session of the presented portal token.
@@ -287,13 +292,15 @@ pub mod routes {
     /// The portal page's script and style sheet.
     pub const PORTAL_ASSET: &str = "/portal/{asset}";
     /// All of them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 16] = [
         STATE,
         METER,
         EVENTS,
         CHECK,
         CHECKS,
         TOP_UPS,
+        RESERVATIONS,
+        RESERVATION,
         PORTAL_SESSIONS,
         PORTAL_SESSION,
         PORTAL,
@@ -320,6 +327,11 @@ pub fn router(state: ApiState) -> Router {
         .route(routes::EVENTS, get(meter_events))
         .route(routes::CHECK, get(check::check))
         .route(routes::TOP_UPS, post(portal::request_top_up))
+        .route(routes::RESERVATIONS, post(reservations::reserve))
+        .route(
+            routes::RESERVATION,
+            axum::routing::delete(reservations::release),
+        )
         .route_layer(middleware::from_fn_with_state(state.clone(), route::route))
         .route_layer(authorize.clone());
     let session_routes = Router::new()

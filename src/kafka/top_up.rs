@@ -5,6 +5,9 @@
 //! Not transactional: a request is one record with nothing to be atomic with. It is idempotent
 //! per `request_id` downstream (the billing system dedupes on it and grants with
 //! `grant_id = request_id`), so a retried click or a redelivery is harmless.
+//!
+//! The same producer hands the API's reservation commands to the pipeline on `credit-grants`
+//! (idempotent per `reservation_id`: a repeated command changes nothing).
 
 use std::time::Duration;
 
@@ -42,10 +45,12 @@ pub enum PublishError {
     Timeout,
 }
 
-/// Publishes [`TopUpRequested`] records to `topics.top_up_requests`.
+/// Publishes [`TopUpRequested`] records to `topics.top_up_requests`, and the API's reservation
+/// commands to `topics.grants`.
 pub struct TopUpPublisher {
     producer: ThreadedProducer<Ctx>,
     topic: String,
+    commands: String,
     format: OutputFormat,
 }
 
@@ -61,6 +66,7 @@ impl TopUpPublisher {
         Ok(Self {
             producer,
             topic: cfg.topics.top_up_requests.clone(),
+            commands: cfg.topics.grants.clone(),
             format: cfg.pipeline.output_format,
         })
     }
@@ -75,10 +81,29 @@ impl TopUpPublisher {
                 value: Some(value.as_str()),
             });
         }
+        self.send(&self.topic, t.customer_id.as_str(), &payload, headers)
+            .await
+    }
+
+    /// Publishes a JSON credit command (a reservation's `reserve` or `release`) on
+    /// `credit-grants`, keyed by `customer`, as any producer may, and waits for the broker's
+    /// acknowledgement. The pipeline folds it like any other.
+    pub async fn command(&self, customer: &str, json: &[u8]) -> Result<(), PublishError> {
+        self.send(&self.commands, customer, json, OwnedHeaders::new())
+            .await
+    }
+
+    async fn send(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        headers: OwnedHeaders,
+    ) -> Result<(), PublishError> {
         let (tx, rx) = oneshot::channel();
-        let record = BaseRecord::with_opaque_to(&self.topic, Box::new(tx))
-            .key(t.customer_id.as_str())
-            .payload(payload.as_slice())
+        let record = BaseRecord::with_opaque_to(topic, Box::new(tx))
+            .key(key)
+            .payload(payload)
             .headers(headers);
         self.producer
             .send(record)

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use super::keys::{self, Kind};
 use super::value::{self, pb};
 use super::{BookCache, Store, StoreError};
-use crate::ledger::{BalanceChanged, Book, CustomerId, MeterName, MeterState, Refs};
+use crate::ledger::{
+    BalanceChanged, Book, CustomerId, MeterName, MeterState, Refs, ReservationId, ReservationRecord,
+};
 
 /// One book to load: a customer of a partition, with the records its inputs refer to.
 #[derive(Clone, Copy, Debug)]
@@ -114,6 +116,20 @@ impl Store {
             }
         }
         Ok(books)
+    }
+
+    /// A reservation's record (its first answer), if the store has it.
+    pub fn reservation(
+        &self,
+        p: i32,
+        customer: &CustomerId,
+        id: &ReservationId,
+    ) -> Result<Option<ReservationRecord>, StoreError> {
+        let k = keys::reservation(p, customer, id.as_str());
+        match self.db.get_pinned(&k)? {
+            Some(v) => Ok(Some(value::reservation_from(&k, value::decode(&k, &v)?)?)),
+            None => Ok(None),
+        }
     }
 
     /// All meter projections of a customer in partition `p`.
