@@ -879,6 +879,70 @@ async fn every_route_answers_what_the_openapi_document_says() {
         );
     }
 
+    // Reservations: held, refused, bad, unauthenticated, portal token, unknown meter; release.
+    let reservations = "/v1/customers/{id}/meters/{meter}/reservations";
+    let reserve = "/v1/customers/oa-1/meters/tokens/reservations";
+    let job =
+        |id: &str, units: &str| Some(json!({"reservation_id": id, "units": units, "ttl": "10m"}));
+    for (path, want, cred, body) in [
+        (reserve, 200, Cred::Key, job("oa-job-1", "10")),
+        (reserve, 409, Cred::Key, job("oa-job-2", "100000")),
+        (reserve, 400, Cred::Key, job("oa-job-3", "0")),
+        (reserve, 401, Cred::Anonymous, job("oa-job-4", "1")),
+        (reserve, 403, bearer(&own), job("oa-job-5", "1")),
+        (
+            "/v1/customers/oa-1/meters/nope/reservations",
+            404,
+            Cred::Key,
+            job("oa-job-6", "1"),
+        ),
+    ] {
+        checked.push(
+            check_request(
+                &app,
+                &doc,
+                reservations,
+                path,
+                Method::POST,
+                want,
+                cred,
+                body,
+            )
+            .await,
+        );
+    }
+    let reservation = "/v1/customers/{id}/meters/{meter}/reservations/{reservation_id}";
+    let job_1 = "/v1/customers/oa-1/meters/tokens/reservations/oa-job-1";
+    for (path, want, cred) in [
+        (job_1, 401, Cred::Anonymous),
+        (job_1, 403, bearer(&own)),
+        (job_1, 200, Cred::Key),
+        (
+            "/v1/customers/oa-1/meters/tokens/reservations/nope",
+            404,
+            Cred::Key,
+        ),
+        (
+            "/v1/customers/oa-1/meters/tokens/reservations/%01",
+            400,
+            Cred::Key,
+        ),
+    ] {
+        checked.push(
+            check_request(
+                &app,
+                &doc,
+                reservation,
+                path,
+                Method::DELETE,
+                want,
+                cred,
+                None,
+            )
+            .await,
+        );
+    }
+
     // Every documented status was seen, but the ones a healthy instance cannot give.
     for (template, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
