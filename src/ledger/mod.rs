@@ -47,7 +47,7 @@
 //! | usage with `reservation_id` | the meter holds it | the hold ends, the usage draws its real amount | `settled` |
 //! | usage with `reservation_id` | no such hold on the meter (settled, released, expired, other meter) | plain usage | `usage` |
 //! | `Release{id}` | held | the hold ends; delta 0 | `released` |
-//! | `Release{id}` | ended, refused, or its meter removed | nothing (`Duplicate`) | - |
+//! | `Release{id}` | ended, its ttl run out (time ends it), refused, or its meter removed | nothing (`Duplicate`) | - |
 //! | `Release{id}` | unknown id | rejected (`reservation_unknown`) | - |
 //! | time reaches `at + ttl` | held | the hold ends (in [`Ledger::advance`], after expiries of grants; a usage or release at or past it sees it ended) | `reservation_expired` |
 //!

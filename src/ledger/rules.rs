@@ -504,13 +504,21 @@ impl Ledger {
         if rec.outcome != ReservationOutcome::Held {
             return Ok(Applied::Duplicate);
         }
-        // Time first: a hold whose ttl ran out has ended by itself.
+        // A hold already ended, or whose ttl has run out (time ends it, not this release):
+        // nothing to do, and nothing changes.
+        let live = book
+            .meters
+            .get(&def.name)
+            .is_some_and(|s| s.holds.iter().any(|h| &h.id == id && h.expires_at > now));
+        if !live {
+            return Ok(Applied::Duplicate);
+        }
         self.ensure_meter(book, &def.name, now, out);
         let state = book.meters.get_mut(&def.name).expect("ensured");
         let before = state.balance();
-        if state.take_hold(id).is_none() {
-            return Ok(Applied::Duplicate);
-        }
+        state
+            .take_hold(id)
+            .expect("a live hold outlasts the advance to now");
         let change = Change::new(&book.customer, def, now, id.as_str());
         change.emit(state, before, Reason::Released, out);
         book.dirty.insert(Dirty::Meter(def.name.clone()));

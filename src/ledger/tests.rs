@@ -179,6 +179,9 @@ fn load_refs(book: &mut Book, input: &Input) {
     for g in refs.grants {
         book.grants.entry(g).or_insert(None);
     }
+    for r in refs.reservations {
+        book.reservations.entry(r).or_insert(None);
+    }
 }
 
 /// The parts of a book the rules may change.
@@ -186,6 +189,7 @@ type Snapshot = (
     BTreeMap<MeterName, MeterState>,
     HashMap<EventId, Option<EventRecord>>,
     HashMap<GrantId, Option<GrantRecord>>,
+    HashMap<ReservationId, Option<ReservationRecord>>,
 );
 
 fn snapshot(book: &Book) -> Snapshot {
@@ -193,6 +197,7 @@ fn snapshot(book: &Book) -> Snapshot {
         book.meters.clone(),
         book.events.clone(),
         book.grants.clone(),
+        book.reservations.clone(),
     )
 }
 
@@ -1558,6 +1563,7 @@ fn to_model(input: &Input) -> model::Input {
             id: u.id.to_string(),
             name: u.name.clone(),
             properties: u.properties.clone(),
+            reservation: u.reservation_id.as_ref().map(|r| r.to_string()),
         }),
         Input::Grant(g) => model::Input::Grant(model::Grant {
             id: g.grant_id.to_string(),
@@ -1576,9 +1582,13 @@ fn to_model(input: &Input) -> model::Input {
         }),
         Input::VoidGrant { grant_id, .. } => model::Input::VoidGrant(grant_id.to_string()),
         Input::VoidUsage { event_id, .. } => model::Input::VoidUsage(event_id.to_string()),
-        Input::Reserve(_) | Input::Release { .. } => {
-            unreachable!("the generated ops make no reservations")
-        }
+        Input::Reserve(r) => model::Input::Reserve(model::Reserve {
+            id: r.reservation_id.to_string(),
+            meter: r.meter.to_string(),
+            units: r.units,
+            ttl: r.ttl_ms,
+        }),
+        Input::Release { reservation_id, .. } => model::Input::Release(reservation_id.to_string()),
     }
 }
 
@@ -1693,6 +1703,22 @@ fn assert_same_meter(
         model.cycle_credited,
     );
     prop_assert_eq!(fields, model_fields, "meter {}", name);
+    let holds: Vec<(String, Decimal, i64)> = state
+        .holds
+        .iter()
+        .map(|h| (h.id.to_string(), h.units, h.expires_at))
+        .collect();
+    let model_holds: Vec<(String, Decimal, i64)> = model
+        .holds
+        .iter()
+        .map(|h| (h.id.clone(), h.units, h.expires_at))
+        .collect();
+    prop_assert_eq!(
+        (state.reserved, state.available(), &holds),
+        (model.reserved(), model.available(), &model_holds),
+        "meter {} holds",
+        name
+    );
     let fired: BTreeSet<usize> = (0..32)
         .filter(|i| state.low_fired & (1 << i) != 0)
         .collect();
@@ -1772,7 +1798,15 @@ enum Op {
         tokens: Option<String>,
         gb: Option<String>,
         tier: Option<&'static str>,
+        reservation: Option<u8>,
     },
+    Reserve {
+        id: u8,
+        meter: usize,
+        units: Decimal,
+        ttl: i64,
+    },
+    Release(u8),
     VoidUsage(u8),
     VoidGrant(u8),
     /// Time passes by `dt`; with `tick`, the periodic [`Ledger::advance`] runs.
@@ -1852,17 +1886,33 @@ fn op() -> impl Strategy<Value = Op> {
             Some("cold"),
             None,
         ]),
+        prop::option::weighted(0.3, 0u8..4),
     )
-        .prop_map(|(id, name, tokens, gb, tier)| Op::Usage {
+        .prop_map(|(id, name, tokens, gb, tier, reservation)| Op::Usage {
             id,
             name,
             tokens,
             gb,
             tier,
+            reservation,
+        });
+    let reserve = (
+        0u8..4,
+        prop_oneof![6 => Just(0usize), 6 => Just(1usize), 3 => Just(2usize), 1 => Just(3usize)],
+        amount(30),
+        prop_oneof![1 => Just(0i64), 12 => 1i64..80],
+    )
+        .prop_map(|(id, meter, units, ttl)| Op::Reserve {
+            id,
+            meter,
+            units,
+            ttl,
         });
     prop_oneof![
         5 => grant,
         8 => usage,
+        3 => reserve,
+        1 => (0u8..5).prop_map(Op::Release),
         3 => (0u8..9).prop_map(Op::VoidUsage),
         2 => (0u8..7).prop_map(Op::VoidGrant),
         3 => (0i64..60, any::<bool>()).prop_map(|(dt, tick)| Op::Time { dt, tick }),
@@ -1919,6 +1969,7 @@ fn crowded_op() -> impl Strategy<Value = Op> {
             tokens,
             gb,
             tier,
+            reservation: None,
         });
     prop_oneof![
         8 => grant,
@@ -1964,12 +2015,29 @@ fn steps(ops: &[Op]) -> Vec<Step> {
                 subscription_id: sub.map(String::from),
                 rollover,
             }),
+            Op::Reserve {
+                id,
+                meter: m,
+                units,
+                ttl,
+            } => Input::Reserve(Reserve {
+                reservation_id: ReservationId::parse(format!("r{id}")).unwrap(),
+                customer: customer(),
+                meter: meter(SPECS.get(m).map_or("nope", |s| s.name)),
+                units,
+                ttl_ms: ttl,
+            }),
+            Op::Release(id) => Input::Release {
+                customer: customer(),
+                reservation_id: ReservationId::parse(format!("r{id}")).unwrap(),
+            },
             Op::Usage {
                 id,
                 name,
                 tokens,
                 gb,
                 tier,
+                reservation,
             } => {
                 let mut props = BTreeMap::new();
                 props.extend(tokens.map(|v| ("tokens".to_string(), v)));
@@ -1981,7 +2049,8 @@ fn steps(ops: &[Op]) -> Vec<Step> {
                     name: name.into(),
                     timestamp_ms: now,
                     properties: props,
-                    reservation_id: None,
+                    reservation_id: reservation
+                        .map(|r| ReservationId::parse(format!("r{r}")).unwrap()),
                 })
             }
             Op::VoidUsage(id) => void_usage(&format!("e{id}")),
@@ -1998,6 +2067,7 @@ struct Store {
     meters: BTreeMap<MeterName, MeterState>,
     events: BTreeMap<EventId, EventRecord>,
     grants: BTreeMap<GrantId, GrantRecord>,
+    reservations: BTreeMap<ReservationId, ReservationRecord>,
 }
 
 /// Runs `steps` in batches ending at `cuts` (a fresh book per batch, loaded from the store and
@@ -2031,6 +2101,10 @@ fn run_batches(
                     let rec = store.grants.get(&g).cloned();
                     book.grants.entry(g).or_insert(rec);
                 }
+                for r in refs.reservations {
+                    let rec = store.reservations.get(&r).cloned();
+                    book.reservations.entry(r).or_insert(rec);
+                }
             }
         }
         for step in batch {
@@ -2056,7 +2130,12 @@ fn run_batches(
                     let rec = book.grants[&g].clone().expect("a dirty grant has a record");
                     store.grants.insert(g, rec);
                 }
-                Dirty::Reservation(_) => unreachable!("the generated ops make no reservations"),
+                Dirty::Reservation(r) => {
+                    let rec = book.reservations[&r]
+                        .clone()
+                        .expect("a dirty reservation has a record");
+                    store.reservations.insert(r, rec);
+                }
             }
         }
     }
@@ -2256,9 +2335,10 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
                         input
                     );
                 }
-                // Replays of what came before: all ids seen, nothing changes. (A void that
-                // found nothing then may find its target now: not a replay of an effect.)
-                if got != Err("void_unknown") {
+                // Replays of what came before: all ids seen, nothing changes. (A void or a
+                // release that found nothing then may find its target now: not a replay of an
+                // effect.)
+                if got != Err("void_unknown") && got != Err("reservation_unknown") {
                     applied.push((input.clone(), *now));
                 }
                 let replayed = snapshot(&book);

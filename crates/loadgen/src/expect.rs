@@ -309,6 +309,7 @@ mod tests {
             id: id.into(),
             name: "api_call".into(),
             properties: BTreeMap::new(),
+            reservation: None,
         })
     }
 

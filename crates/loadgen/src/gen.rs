@@ -165,6 +165,7 @@ impl Gen {
             id,
             name: chosen.event,
             properties,
+            reservation: None,
         };
         (customer, usage)
     }

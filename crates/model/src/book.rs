@@ -50,6 +50,9 @@ pub enum Status {
     Exhausted,
 }
 
+/// The most holds a meter keeps at once.
+pub const MAX_HOLDS: usize = 1000;
+
 /// One meter of one customer.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MeterBook {
@@ -84,6 +87,28 @@ pub struct MeterBook {
     /// Drained grants dropped beyond [`MAX_DRAINED`] (not part of the service's projection:
     /// it tells a workload that it reached the cap).
     pub pruned: u64,
+    /// Active reservations, in the order they were made.
+    pub holds: Vec<Hold>,
+}
+
+/// Units a reservation holds.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hold {
+    /// The reservation.
+    pub id: String,
+    /// Units held.
+    pub units: Decimal,
+    /// When the hold ends by itself (exclusive).
+    pub expires_at: i64,
+}
+
+/// A reservation made: its first answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReservationSeen {
+    /// The meter.
+    pub meter: String,
+    /// Whether it was held (else refused).
+    pub held: bool,
 }
 
 impl MeterBook {
@@ -96,6 +121,16 @@ impl MeterBook {
             }
         }
         sum - self.debt
+    }
+
+    /// Units held by reservations.
+    pub fn reserved(&self) -> Decimal {
+        self.holds.iter().map(|h| h.units).sum()
+    }
+
+    /// The balance less what reservations hold.
+    pub fn available(&self) -> Decimal {
+        self.balance() - self.reserved()
     }
 
     /// Exhausted, low or active.
@@ -145,6 +180,9 @@ impl MeterBook {
             if let Some(at) = at {
                 due = Some(due.map_or(at, |d| d.min(at)));
             }
+        }
+        for h in &self.holds {
+            due = Some(due.map_or(h.expires_at, |d| d.min(h.expires_at)));
         }
         due
     }
@@ -196,6 +234,8 @@ pub struct Customer {
     pub events: BTreeMap<String, EventSeen>,
     /// Grants recorded, by id.
     pub grants: BTreeMap<String, GrantSeen>,
+    /// Reservations made, by id.
+    pub reservations: BTreeMap<String, ReservationSeen>,
 }
 
 impl Customer {

@@ -36,6 +36,22 @@ pub struct Usage {
     pub name: String,
     /// Its properties, as text.
     pub properties: BTreeMap<String, String>,
+    /// The reservation it settles, if any.
+    #[serde(default)]
+    pub reservation: Option<String>,
+}
+
+/// A reservation: hold `units` of `meter` for `ttl` ms.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reserve {
+    /// The idempotency key.
+    pub id: String,
+    /// The meter.
+    pub meter: String,
+    /// Units held, > 0.
+    pub units: Decimal,
+    /// How long (ms, > 0).
+    pub ttl: i64,
 }
 
 /// A grant of credits.
@@ -72,6 +88,10 @@ pub enum Input {
     VoidGrant(String),
     /// Give back what the usage event with this id drew.
     VoidUsage(String),
+    /// Hold units.
+    Reserve(Reserve),
+    /// End the hold of the reservation with this id.
+    Release(String),
 }
 
 /// What an accepted input did.
@@ -100,6 +120,10 @@ pub enum Rejected {
     VoidUnknown,
     /// A void of an id already voided.
     VoidDuplicate,
+    /// A reservation of units <= 0 or a ttl <= 0.
+    InvalidReservation,
+    /// A release of a reservation never made (or forgotten).
+    ReservationUnknown,
 }
 
 impl Rejected {
@@ -112,6 +136,8 @@ impl Rejected {
             Rejected::InvalidGrant => "invalid_grant",
             Rejected::VoidUnknown => "void_unknown",
             Rejected::VoidDuplicate => "void_duplicate",
+            Rejected::InvalidReservation => "invalid_reservation",
+            Rejected::ReservationUnknown => "reservation_unknown",
         }
     }
 }

@@ -55,6 +55,15 @@
 //!   changes nothing, whatever the rest of its contents.
 //! - **Versions**: every change of a meter increments its version by one and emits exactly one
 //!   [`Change`] with its [`Reason`] and the id that caused it.
+//! - **Reservations** hold units of one meter: `available = balance - reserved`. A reservation
+//!   whose id was seen before changes nothing. A new one is refused (recorded, no change) when
+//!   the meter has [`MAX_HOLDS`] holds, or on a `block` meter whose available units do not
+//!   cover it; otherwise it holds (`reserved`, delta 0) until `now + ttl`. Usage naming a hold
+//!   of its meter ends it and counts as `settled`; on a `block` meter usage draws at most the
+//!   balance less what *other* holds keep (the rest is blocked). A release of a held one ends
+//!   it (`released`); of an ended, expired (`expires_at <= now`) or refused one changes nothing; of an unknown id is
+//!   rejected (`reservation_unknown`). At `expires_at` a hold ends (`reservation_expired`),
+//!   after the grants' expiries of that moment, soonest first, then by id.
 //! - **Bookkeeping**: `balance = credited - consumed - expired + voided`, where `credited` is
 //!   net of voided grants' remainders and `voided` counts the usage given back.
 //!
@@ -82,8 +91,11 @@ mod output;
 mod rules;
 
 pub use amount::parse_amount;
-pub use book::{Customer, Draw, EventSeen, GrantSeen, MeterBook, Slot, Status, MAX_DRAINED};
-pub use input::{Applied, Grant, GrantKind, Input, Rejected, Usage};
+pub use book::{
+    Customer, Draw, EventSeen, GrantSeen, Hold, MeterBook, ReservationSeen, Slot, Status,
+    MAX_DRAINED, MAX_HOLDS,
+};
+pub use input::{Applied, Grant, GrantKind, Input, Rejected, Reserve, Usage};
 pub use meter::{Aggregation, AutoTopUp, Low, Meter, OnExhausted};
 pub use output::{
     auto_top_up_request_id, Change, Output, Reason, TopUp, Transition, TransitionKind,

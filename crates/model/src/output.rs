@@ -22,11 +22,19 @@ pub enum Reason {
     VoidGrant,
     /// A usage event was voided.
     VoidUsage,
+    /// A reservation holds units.
+    Reserved,
+    /// Usage settled a reservation.
+    Settled,
+    /// A reservation was released.
+    Released,
+    /// A reservation's ttl ran out.
+    ReservationExpired,
 }
 
 impl Reason {
     /// Every reason.
-    pub const ALL: [Reason; 8] = [
+    pub const ALL: [Reason; 12] = [
         Reason::Grant,
         Reason::GrantScheduled,
         Reason::Activated,
@@ -35,6 +43,10 @@ impl Reason {
         Reason::CycleEnd,
         Reason::VoidGrant,
         Reason::VoidUsage,
+        Reason::Reserved,
+        Reason::Settled,
+        Reason::Released,
+        Reason::ReservationExpired,
     ];
 
     /// The label on the `balance-changed` topic, and a one-letter code for compact logs of
@@ -49,6 +61,10 @@ impl Reason {
             Reason::CycleEnd => ("cycle_end", 'c'),
             Reason::VoidGrant => ("void_grant", 'w'),
             Reason::VoidUsage => ("void_usage", 'v'),
+            Reason::Reserved => ("reserved", 'r'),
+            Reason::Settled => ("settled", 't'),
+            Reason::Released => ("released", 'l'),
+            Reason::ReservationExpired => ("reservation_expired", 'e'),
         }
     }
 
@@ -57,7 +73,7 @@ impl Reason {
         self.names().0
     }
 
-    /// A one-letter code (`g s a u x c w v`), for compact logs of versions.
+    /// A one-letter code (`g s a u x c w v r t l e`), for compact logs of versions.
     pub fn letter(self) -> char {
         self.names().1
     }

@@ -4,8 +4,11 @@ use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
 
-use crate::book::{Customer, Draw, EventSeen, GrantSeen, MeterBook, Slot, MAX_DRAINED};
-use crate::input::{Applied, Grant, GrantKind, Input, Rejected, Usage};
+use crate::book::{
+    Customer, Draw, EventSeen, GrantSeen, Hold, MeterBook, ReservationSeen, Slot, MAX_DRAINED,
+    MAX_HOLDS,
+};
+use crate::input::{Applied, Grant, GrantKind, Input, Rejected, Reserve, Usage};
 use crate::meter::{Meter, OnExhausted};
 use crate::output::{
     auto_top_up_request_id, Change, Output, Reason, TopUp, Transition, TransitionKind, MAX_ID_BYTES,
@@ -82,6 +85,8 @@ impl Rules {
             Input::Grant(g) => self.grant(customer, g, now, out),
             Input::VoidGrant(id) => self.void_grant(customer, id, now, out),
             Input::VoidUsage(id) => self.void_usage(customer, id, now, out),
+            Input::Reserve(r) => self.reserve(customer, r, now, out),
+            Input::Release(id) => self.release(customer, id, now, out),
         }
     }
 
@@ -120,7 +125,25 @@ impl Rules {
                 continue;
             }
             let before = book.balance();
-            let mut left = q;
+            let settled = match &u.reservation {
+                Some(r) => match book.holds.iter().position(|h| &h.id == r) {
+                    Some(i) => {
+                        book.holds.remove(i);
+                        true
+                    }
+                    None => false,
+                },
+                None => false,
+            };
+            // A block meter never draws what other reservations hold.
+            let withheld = match meter.on_exhausted {
+                OnExhausted::Block => {
+                    let usable = book.available().max(Decimal::ZERO);
+                    (q - usable).max(Decimal::ZERO)
+                }
+                OnExhausted::Overage => Decimal::ZERO,
+            };
+            let mut left = q - withheld;
             let mut drawn = Vec::new();
             for i in book.order() {
                 let slot = &mut book.slots[i];
@@ -135,6 +158,7 @@ impl Rules {
                 }
             }
             prune_drained(book);
+            left += withheld;
             let mut draw = Draw {
                 meter: meter.name.clone(),
                 grants: drawn,
@@ -155,7 +179,12 @@ impl Rules {
                 }
             }
             let cause = Cause::new(id, meter, &u.id, now);
-            change(&cause, book, before, Some(before), Reason::Usage, out);
+            let reason = if settled {
+                Reason::Settled
+            } else {
+                Reason::Usage
+            };
+            change(&cause, book, before, Some(before), reason, out);
             draws.push(draw);
         }
         events.insert(
@@ -229,6 +258,89 @@ impl Rules {
                 voided: false,
             },
         );
+        Ok(Applied::Applied)
+    }
+
+    fn reserve(
+        &self,
+        customer: &mut Customer,
+        r: &Reserve,
+        now: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<Applied, Rejected> {
+        if customer.reservations.contains_key(&r.id) {
+            return Ok(Applied::Duplicate);
+        }
+        let meter = self.meter(&r.meter).ok_or(Rejected::UnknownMeter)?;
+        if r.units <= Decimal::ZERO || r.ttl <= 0 {
+            return Err(Rejected::InvalidReservation);
+        }
+        let Customer {
+            id,
+            meters,
+            reservations,
+            ..
+        } = customer;
+        let book = touch(id, meter, meters, now, out);
+        let held = book.holds.len() < MAX_HOLDS
+            && (meter.on_exhausted == OnExhausted::Overage || book.available() >= r.units);
+        if held {
+            let before = book.balance();
+            book.holds.push(Hold {
+                id: r.id.clone(),
+                units: r.units,
+                expires_at: now.saturating_add(r.ttl),
+            });
+            let cause = Cause::new(id, meter, &r.id, now);
+            change(&cause, book, before, Some(before), Reason::Reserved, out);
+        }
+        reservations.insert(
+            r.id.clone(),
+            ReservationSeen {
+                meter: meter.name.clone(),
+                held,
+            },
+        );
+        Ok(Applied::Applied)
+    }
+
+    fn release(
+        &self,
+        customer: &mut Customer,
+        reservation: &str,
+        now: i64,
+        out: &mut Vec<Output>,
+    ) -> Result<Applied, Rejected> {
+        let seen = customer
+            .reservations
+            .get(reservation)
+            .ok_or(Rejected::ReservationUnknown)?;
+        if !seen.held {
+            return Ok(Applied::Duplicate);
+        }
+        let Some(meter) = self.meter(&seen.meter) else {
+            return Ok(Applied::Duplicate);
+        };
+        // Ended, or its ttl has run out (time ends it, not the release): nothing changes.
+        let live = customer.meters.get(&meter.name).is_some_and(|b| {
+            b.holds
+                .iter()
+                .any(|h| h.id == reservation && h.expires_at > now)
+        });
+        if !live {
+            return Ok(Applied::Duplicate);
+        }
+        let Customer { id, meters, .. } = customer;
+        let book = touch(id, meter, meters, now, out);
+        let i = book
+            .holds
+            .iter()
+            .position(|h| h.id == reservation)
+            .expect("a live hold outlasts the advance to now");
+        let before = book.balance();
+        book.holds.remove(i);
+        let cause = Cause::new(id, meter, reservation, now);
+        change(&cause, book, before, Some(before), Reason::Released, out);
         Ok(Applied::Applied)
     }
 
@@ -387,6 +499,23 @@ fn advance_meter(
         book.expired += slot.remaining;
         let cause = Cause::new(customer, meter, &slot.grant.id, now);
         change(&cause, book, before, Some(before), Reason::Expired, out);
+    }
+    loop {
+        let due = (0..book.holds.len())
+            .filter(|&i| book.holds[i].expires_at <= now)
+            .min_by_key(|&i| (book.holds[i].expires_at, book.holds[i].id.clone()));
+        let Some(i) = due else { break };
+        let before = book.balance();
+        let hold = book.holds.remove(i);
+        let cause = Cause::new(customer, meter, &hold.id, now);
+        change(
+            &cause,
+            book,
+            before,
+            Some(before),
+            Reason::ReservationExpired,
+            out,
+        );
     }
 }
 

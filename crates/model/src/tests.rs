@@ -90,6 +90,7 @@ impl Sim {
             id: id.clone(),
             name: "e".into(),
             properties: [("q".to_string(), q.to_string())].into(),
+            reservation: None,
         };
         assert_eq!(self.apply(Input::Usage(u)), Ok(Applied::Applied));
         id
@@ -584,6 +585,7 @@ fn a_void_adjustment_whose_id_would_be_too_long_is_called_void() {
         id: id.clone(),
         name: "e".into(),
         properties: [("q".to_string(), "2".to_string())].into(),
+        reservation: None,
     };
     s.apply(Input::Usage(u)).unwrap();
     s.grant(top_up("a", "5")); // pays the event's debt of 2
@@ -637,6 +639,7 @@ fn rejected_and_duplicate_inputs_change_nothing() {
         id: "e9".into(),
         name: "e".into(),
         properties: [("q".to_string(), "-1".to_string())].into(),
+        reservation: None,
     };
     let rejected = [
         (Input::Usage(bad_usage), Rejected::InvalidAmount),
@@ -671,6 +674,7 @@ fn rejected_and_duplicate_inputs_change_nothing() {
         id: "e1".into(),
         name: "e".into(),
         properties: BTreeMap::new(),
+        reservation: None,
     };
     assert_eq!(s.apply(Input::Usage(dup)), Ok(Applied::Duplicate));
     assert_eq!(
@@ -681,6 +685,7 @@ fn rejected_and_duplicate_inputs_change_nothing() {
         id: "e7".into(),
         name: "nothing".into(),
         properties: BTreeMap::new(),
+        reservation: None,
     };
     assert_eq!(s.apply(Input::Usage(unmetered)), Ok(Applied::NoMeter));
     assert_eq!(s.c, before);
