@@ -5,7 +5,7 @@ KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 LOADGEN := $(CARGO_TARGET_DIR)/debug/drawdown-loadgen
 
-.PHONY: setup demo-stop-test bench-check handover-test bench-e2e bench-latency bounded-state browser-test api-fuzz ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: setup reservation-kill-test demo-stop-test bench-check handover-test bench-e2e bench-latency bounded-state browser-test api-fuzz ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -53,6 +53,11 @@ multi-instance-test: build kafka-start
 ## new owner must take over from exactly the committed state. Exact check.
 handover-test: build kafka-start
 	scripts/handover-test.sh
+
+## A reservation survives kill -9 (local state kept, then wiped and restored from the changelog)
+## and is settled exactly once.
+reservation-kill-test: build kafka-start
+	scripts/reservation-kill-test.sh
 
 RELEASE := $(CARGO_TARGET_DIR)/release
 

@@ -179,6 +179,27 @@ try {
     await page.locator(meterSel("tokens")).screenshot({ path: join(OUT_DIR, "portal-forecast.png") });
   });
 
+  await step("units a reservation holds show in the what's-left bar", async () => {
+    const path = `/v1/customers/${CUSTOMER}/meters/tokens/reservations`;
+    const r = await api(path, { method: "POST",
+      body: JSON.stringify({ reservation_id: `${CUSTOMER}-job-1`, units: "10000", ttl: "10m" }) });
+    assert(r.status === 200 && r.body.status === "held", `reserve: ${r.status} ${JSON.stringify(r.body)}`);
+    const held = `${meterSel("tokens")} .bar .held`;
+    await until("the hold in the bar", async () =>
+      (await page.locator(held).getAttribute("data-reserved")) === "10000");
+    const width = await page.locator(held).evaluate((e) => e.getBoundingClientRect().width);
+    assert(width > 0, `held part ${width}px wide`);
+    const label = await text(page, `${meterSel("tokens")} .bar + .muted`);
+    assert(label.includes("10,000 reserved"), `bar label: ${label}`);
+    await until("the hold among the movements", async () =>
+      (await text(page, `${meterSel("tokens")} .moves`)).includes("Held for a job"));
+    await page.locator(meterSel("tokens")).screenshot({ path: join(OUT_DIR, "portal-reserved.png") });
+    const d = await api(`${path}/${CUSTOMER}-job-1`, { method: "DELETE" });
+    assert(d.status === 200 && d.body.status === "released", `release: ${d.status} ${JSON.stringify(d.body)}`);
+    await until("the bar without the hold", async () =>
+      (await page.locator(held).getAttribute("data-reserved")) === "0");
+  });
+
   await step("the status turns low, visibly", async () => {
     produce(USAGE, usage(30, 45));
     await until("balance 25, low", async () =>
@@ -250,6 +271,6 @@ try {
   if (context) await context.close();
   rmSync(profile, { recursive: true, force: true });
 }
-console.log(`screenshots: ${OUT_DIR}/portal.png, portal-pending.png, portal-exhausted.png, portal-forecast.png`);
+console.log(`screenshots: ${OUT_DIR}/portal.png, portal-pending.png, portal-exhausted.png, portal-forecast.png, portal-reserved.png`);
 console.log(`browser: ${passed} passed, ${failed} failed`);
 process.exit(failed === 0 && passed > 0 ? 0 : 1);

@@ -95,6 +95,8 @@
     usage: "Usage", grant: "Credits added", grant_scheduled: "Credits scheduled",
     activated: "Credits started", expired: "Credits expired", cycle_end: "Cycle ended",
     void_usage: "Usage refunded", void_grant: "Credits removed",
+    reserved: "Held for a job", settled: "Job finished", released: "Hold released",
+    reservation_expired: "Hold expired",
   };
   const STATUS = { active: "Active", low: "Low balance", exhausted: "Exhausted" };
   const KINDS = { cycle: "Plan", top_up: "Top-up", adjustment: "Adjustment" };
@@ -235,6 +237,7 @@
       status: el("span", { class: "status" }),
       balance: el("div", { class: "balance" }),
       bar: el("div", {}),
+      held: el("div", { class: "held" }),
       barLabel: el("div", { class: "muted" }),
       forecast: el("div", { class: "muted forecast" }),
       chart: el("div", { class: "chart-box" }),
@@ -262,7 +265,7 @@
       el("div", { class: "card-head" }, [el("h2", { text: meter }), parts.status]),
       parts.balance,
       el("div", { class: "balance-label", text: "units left" }),
-      el("div", { class: "bar", role: "progressbar" }, [parts.bar]),
+      el("div", { class: "bar", role: "progressbar" }, [parts.bar, parts.held]),
       parts.barLabel,
       parts.chart,
       parts.forecast,
@@ -310,13 +313,19 @@
     p.extraLabel.textContent = blocked ? "Blocked" : "Overage";
     const active = detail.grants.filter((g) => g.active);
     const total = active.reduce((s, g) => s + Number(g.amount), 0);
+    // What is left, split into what reservations hold (striped, right) and the rest.
     const left = Math.max(0, Number(m.balance));
+    const held = Math.min(left, Math.max(0, Number(m.reserved || 0)));
     const pct = total > 0 ? Math.min(100, (100 * left) / total) : 0;
-    p.bar.style.width = pct.toFixed(1) + "%";
+    const heldPct = total > 0 ? Math.min(pct, (100 * held) / total) : 0;
+    p.bar.style.width = (pct - heldPct).toFixed(1) + "%";
+    p.held.style.width = heldPct.toFixed(1) + "%";
+    p.held.setAttribute("data-reserved", m.reserved || "0");
     p.bar.parentElement.setAttribute("aria-valuenow", pct.toFixed(0));
-    p.barLabel.textContent = total > 0
+    p.barLabel.textContent = (total > 0
       ? Math.round(pct) + "% of " + fmt(String(total)) + " in active credits left"
-      : "No active credits";
+      : "No active credits")
+      + (Number(m.reserved || 0) > 0 ? " · " + fmt(m.reserved) + " reserved by running jobs" : "");
     // The burn rate (units/hour, 6 places) is shown to 2; the forecast as a local date.
     const [rInt, rFrac] = String(m.burn_rate || "0").split(".");
     const rate = rInt + (rFrac && rFrac.slice(0, 2) !== "00" ? "." + rFrac.slice(0, 2) : "");
