@@ -64,14 +64,11 @@ cleanup() {
     rm -rf "$DIR"
 }
 trap cleanup EXIT
+source scripts/lib.sh
 deploy/kafka/kafka.sh status >/dev/null 2>&1 || deploy/kafka/kafka.sh start
 "$BIN" -c "$DIR/drawdown.toml" run > "$DIR/drawdown.log" 2>&1 &
 DD=$!
-for _ in $(seq 1 240); do
-    curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
-    kill -0 "$DD" 2>/dev/null || { echo "drawdown exited"; tail -20 "$DIR/drawdown.log"; exit 1; }
-    sleep 0.25
-done
+wait_http_ready "http://127.0.0.1:$PORT/readyz" "$DD" "$DIR/drawdown.log"
 # Grants for every customer (the load generator's ids: <prefix>-<n>), then wait for the last.
 "$LOADGEN" -c "$DIR/drawdown.toml" produce --phase grants --customers "$CUSTOMERS" >/dev/null
 last=$(( CUSTOMERS - 1 ))

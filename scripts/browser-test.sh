@@ -88,15 +88,11 @@ cleanup() {
     if [[ "${KEEP:-0}" == 1 ]]; then echo "browser-test: kept $DIR"; else rm -rf "$DIR"; fi
 }
 trap cleanup EXIT
+source scripts/lib.sh
 deploy/kafka/kafka.sh status >/dev/null 2>&1 || deploy/kafka/kafka.sh start
 "$BIN" -c "$DIR/drawdown.toml" run > "$DIR/drawdown.log" 2>&1 &
 DD=$!
-for _ in $(seq 1 240); do
-    curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break
-    kill -0 "$DD" 2>/dev/null || { echo "drawdown exited"; tail -20 "$DIR/drawdown.log"; exit 1; }
-    sleep 0.25
-done
-curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "drawdown not ready"; tail -20 "$DIR/drawdown.log"; exit 1; }
+wait_http_ready "http://127.0.0.1:$PORT/readyz" "$DD" "$DIR/drawdown.log"
 
 status=0
 DRAWDOWN_BASE="http://127.0.0.1:$PORT" DRAWDOWN_API_KEY="$API_KEY" \

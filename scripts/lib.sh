@@ -27,6 +27,18 @@ start_instance() {
     log "instance $i started (pid ${INSTANCE_PIDS[$i]}, $(api "$i"))"
 }
 
+# wait_http_ready URL PID LOG: until URL answers (60 s at most); fails with LOG's tail if the
+# process PID exits first or it never answers.
+wait_http_ready() {
+    local url=$1 pid=$2 log=$3
+    for _ in $(seq 1 240); do
+        curl -fs "$url" >/dev/null 2>&1 && return 0
+        kill -0 "$pid" 2>/dev/null || { echo "drawdown exited"; tail -20 "$log"; return 1; }
+        sleep 0.25
+    done
+    curl -fs "$url" >/dev/null || { echo "drawdown not ready"; tail -20 "$log"; return 1; }
+}
+
 wait_ready() {
     local i=$1 deadline=$(( $(date +%s) + 120 ))
     until curl -fs "$(api "$i")/readyz" > /dev/null 2>&1; do

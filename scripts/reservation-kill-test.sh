@@ -54,11 +54,6 @@ until_meter() { # JQ-CONDITION WHAT
         sleep 0.2
     done
 }
-kill9() {
-    kill -9 "${INSTANCE_PIDS[0]}"
-    wait "${INSTANCE_PIDS[0]}" 2>/dev/null || true
-    unset 'INSTANCE_PIDS[0]'
-}
 
 start_instance 0
 wait_ready 0
@@ -73,24 +68,22 @@ meter | jq -e '.reserved == "400" and .available == "600"' > /dev/null \
     || fail "not committed when answered: $(meter)"
 log "held 400 (expires_at $first), answered after the commit"
 
-kill9
-start_instance 0
-wait_ready 0
-until_meter '.reserved == "400" and .available == "600" and .version == 2' "the hold after kill -9"
-code=$(reserve)
-[[ "$code" == 200 && "$(jq -r .expires_at "$DIR/reserve.json")" == "$first" ]] \
-    || fail "repeat after kill -9: $code $(cat "$DIR/reserve.json")"
-log "kill -9, same disk: hold kept, the repeat got the first answer"
-
-kill9
-rm -rf "$DIR/state-0"
-start_instance 0
-wait_ready 0
-until_meter '.reserved == "400" and .available == "600" and .version == 2' "the hold after kill -9 and a wiped disk"
-code=$(reserve)
-[[ "$code" == 200 && "$(jq -r .expires_at "$DIR/reserve.json")" == "$first" ]] \
-    || fail "repeat after the restore: $code $(cat "$DIR/reserve.json")"
-log "kill -9, disk wiped: restored from the changelog, hold kept, the repeat got the first answer"
+# kill -9, optionally wipe the disk, restart: the hold is back and a repeat gets the first answer.
+kill_and_check() { # WIPE(0|1) WHAT
+    kill -9 "${INSTANCE_PIDS[0]}"
+    wait "${INSTANCE_PIDS[0]}" 2>/dev/null || true
+    unset 'INSTANCE_PIDS[0]'
+    (( $1 )) && rm -rf "$DIR/state-0"
+    start_instance 0
+    wait_ready 0
+    until_meter '.reserved == "400" and .available == "600" and .version == 2' "the hold after $2"
+    code=$(reserve)
+    [[ "$code" == 200 && "$(jq -r .expires_at "$DIR/reserve.json")" == "$first" ]] \
+        || fail "repeat after $2: $code $(cat "$DIR/reserve.json")"
+    log "$2: hold kept, the repeat got the first answer"
+}
+kill_and_check 0 "kill -9, same disk"
+kill_and_check 1 "kill -9, disk wiped (restored from the changelog)"
 
 usage="{\"id\": \"e1\", \"customer_id\": \"$C\", \"name\": \"llm_completion\", \"properties\": {\"tokens\": 300, \"model\": \"small\"}, \"reservation_id\": \"job-1\"}"
 produce "$DRAWDOWN__TOPICS__USAGE" "$usage"

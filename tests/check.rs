@@ -21,13 +21,7 @@ async fn batch(app: &TestApp, bearer: Option<&str>, body: Value) -> (u16, Value)
     if let Some(b) = bearer {
         req = req.bearer_auth(b);
     }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    answer(req).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

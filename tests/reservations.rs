@@ -195,13 +195,7 @@ async fn call(
     if let Some(b) = body {
         req = req.json(&b);
     }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (
-        status,
-        serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    )
+    answer(req).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,8 +118,19 @@ pub struct Session {
 }
 
 fn ttl_of(v: Option<&Value>, max: Duration) -> Result<Duration, ApiError> {
+    duration_of(v, DEFAULT_TTL.min(max), Duration::from_secs(1), max)
+}
+
+/// A `ttl` of a request body: whole seconds, or a duration such as `"15m"`; `default` when
+/// absent or null; between `min` and `max`.
+pub(super) fn duration_of(
+    v: Option<&Value>,
+    default: Duration,
+    min: Duration,
+    max: Duration,
+) -> Result<Duration, ApiError> {
     let ttl = match v {
-        None | Some(Value::Null) => DEFAULT_TTL.min(max),
+        None | Some(Value::Null) => default,
         Some(Value::Number(n)) => n
             .as_u64()
             .map(Duration::from_secs)
@@ -133,9 +144,10 @@ fn ttl_of(v: Option<&Value>, max: Duration) -> Result<Duration, ApiError> {
             ))
         }
     };
-    if ttl < Duration::from_secs(1) || ttl > max {
+    if ttl < min || ttl > max {
         return Err(ApiError::BadRequest(format!(
-            "ttl must be between 1s and {}",
+            "ttl must be between {} and {}",
+            humantime::format_duration(min),
             humantime::format_duration(max)
         )));
     }

@@ -28,10 +28,10 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use super::portal::duration_of;
 use super::{customer, partitions_for, ApiError, ApiState};
 use crate::ledger::{
-    check_id, parse_amount, CustomerId, MeterName, ReservationId, ReservationOutcome,
-    ReservationRecord,
+    parse_amount, CustomerId, MeterName, ReservationId, ReservationOutcome, ReservationRecord,
 };
 
 /// How long a request waits for the pipeline to commit its command (within the 10 s a forwarding
@@ -100,23 +100,6 @@ fn units(v: &Value) -> Result<Decimal, ApiError> {
     let d = parse_amount(&text).map_err(|e| bad(format!("units: {e}")))?;
     if d.is_zero() {
         return Err(bad("units must be > 0"));
-    }
-    Ok(d)
-}
-
-fn ttl(v: Option<&Value>) -> Result<Duration, ApiError> {
-    let d = match v {
-        None | Some(Value::Null) => DEFAULT_TTL,
-        Some(Value::Number(n)) => n
-            .as_u64()
-            .map(Duration::from_secs)
-            .ok_or_else(|| bad("ttl: whole seconds, or a duration like \"10m\""))?,
-        Some(Value::String(s)) => humantime::parse_duration(s)
-            .map_err(|e| bad(format!("ttl: {e} (seconds, or a duration like \"10m\")")))?,
-        Some(_) => return Err(bad("ttl: whole seconds, or a duration like \"10m\"")),
-    };
-    if d.is_zero() || d > MAX_TTL {
-        return Err(bad("ttl must be more than 0 and at most 7 days"));
     }
     Ok(d)
 }
@@ -190,10 +173,14 @@ pub async fn reserve(
             "meter {name} is not configured"
         )));
     }
-    check_id("reservation_id", &body.reservation_id).map_err(bad)?;
     let rid = ReservationId::parse(body.reservation_id).map_err(bad)?;
     let units = units(&body.units)?;
-    let ttl = ttl(body.ttl.as_ref())?;
+    let ttl = duration_of(
+        body.ttl.as_ref(),
+        DEFAULT_TTL,
+        Duration::from_millis(1),
+        MAX_TTL,
+    )?;
     let (st, cc, r2) = (s.clone(), c.clone(), rid.clone());
     let known = tokio::task::spawn_blocking(move || record(&st, &cc, &r2))
         .await

@@ -113,12 +113,7 @@ struct Slot<'a> {
 impl<'a> Slot<'a> {
     fn of(g: &'a GrantSlot) -> Self {
         Self {
-            key: (
-                g.priority,
-                g.expires_at.unwrap_or(i64::MAX),
-                g.effective_at,
-                g.id.as_str(),
-            ),
+            key: g.order_key(),
             remaining: g.remaining,
             expires_at: g.expires_at,
         }

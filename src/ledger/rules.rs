@@ -273,10 +273,11 @@ impl Ledger {
                 .as_ref()
                 .and_then(|r| state.take_hold(r))
                 .is_some();
-            // In block mode the units other reservations hold are not drawn.
+            // In block mode the units other reservations hold are not drawn. (`before` is still
+            // the balance: ending a hold does not change it.)
             let withheld = match def.on_exhausted {
                 OnExhausted::Block => {
-                    let usable = (state.balance() - state.reserved).max(Decimal::ZERO);
+                    let usable = (before - state.reserved).max(Decimal::ZERO);
                     (q - usable).max(Decimal::ZERO)
                 }
                 OnExhausted::Overage => Decimal::ZERO,

@@ -37,7 +37,8 @@ pub struct GrantSlot {
 }
 
 impl GrantSlot {
-    fn order_key(&self) -> (u8, i64, i64, &str) {
+    /// The draw-down order: priority, soonest expiry (never last), `effective_at`, id.
+    pub(super) fn order_key(&self) -> (u8, i64, i64, &str) {
         (
             self.priority,
             self.expires_at.unwrap_or(i64::MAX),

@@ -190,18 +190,7 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = self
-            .http
-            .get(format!("{}{}", self.base, path))
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let body = r.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&body).unwrap_or(Value::String(body)),
-        )
+        answer(self.http.get(format!("{}{}", self.base, path))).await
     }
 
     /// Polls the meter endpoint until `check` holds (30 s at most), returning the last body.
@@ -281,6 +270,17 @@ impl TestApp {
     pub fn read_all(&self, topic: &str) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)> {
         read_all(topic)
     }
+}
+
+/// Sends `req` and returns its status and body (JSON, or the text as a JSON string).
+pub async fn answer(req: reqwest::RequestBuilder) -> (u16, Value) {
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 pub fn read_all(topic: &str) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)> {
