@@ -13,10 +13,14 @@
 #   expire    the barrier: every input so far was processed before the first activation/expiry
 #             (else the test fails: raise EXPIRE_IN), sleep past the last one, the tick applies
 #             them without new events;
+#   reservations  holds on random meters (a block meter refuses what it cannot cover), settled
+#             by usage naming them (more or less than held), released, repeated, releases of
+#             ended and unknown ids (DLQ reservation_unknown); the rest stay held (the expiring
+#             phase's holds run out at the barrier);
 #   voids     VoidGrant, VoidUsage (some returned as void:<event> adjustments), repeated voids
 #             and unknown ids (DLQ void_duplicate / void_unknown), replayed grant ids;
 #   topups, renewal (a new cycle for every subscription: remainders carried up to the rollover,
-#             the rest forfeited), usage (protobuf) and voids (protobuf) again.
+#             the rest forfeited), usage, reservations and voids (protobuf) again.
 # When at least KILLS kills happened and every input is committed, `drawdown-loadgen verify`
 # compares the API (totals, expired, voided, version, each grant's remainder in draw-down order),
 # balance-changed (one record per version, no gaps, each version's reason), balance-exhausted
@@ -170,10 +174,12 @@ phase --phase expiring --events "$HALF" --expire-in "$EXPIRE_IN" --bad 5
 # 2 % of the usage is late (event time 2 min old, past the 30 s grace): applied at stream time.
 phase --phase usage --events "$HALF" --rate "$RATE" --duplicates 0.01 --late 0.02 --bad 50
 phase --phase expire
+phase --phase reservations --events $(( EVENTS / 20 )) --rate "$RATE" --duplicates 0.01 --bad 10
 phase --phase voids --bad 10
 phase --phase topups --events "$HALF" --format protobuf --bad 20
 phase --phase renewal --events "$HALF" --format protobuf --bad 10
 phase --phase usage --events $(( EVENTS - HALF )) --rate "$RATE" --duplicates 0.01 --late 0.02 --format protobuf --bad 50
+phase --phase reservations --events $(( EVENTS / 40 )) --rate "$RATE" --format protobuf --bad 5
 phase --phase voids --format protobuf --bad 10
 
 deadline=$(( $(date +%s) + 60 * KILLS ))
@@ -200,6 +206,9 @@ WIPED="$(cat "$DIR/wipes")"
 if VERIFY="$(loadgen verify --expect "$EXPECT")"; then
     echo "$VERIFY"
     grep -q "late=[1-9]" <<< "$VERIFY" || { log "FAILED: no balance change flagged late"; exit 1; }
+    for reason in reserved settled released reservation_expired; do
+        grep -q " $reason=[1-9]" <<< "$VERIFY" || { log "FAILED: no $reason version"; exit 1; }
+    done
     OK=1
     echo "crash-test: OK kills=$KILLED wipes=$WIPED events=$EVENTS customers=$CUSTOMERS elapsed=$(( $(date +%s) - T0 ))s"
 else

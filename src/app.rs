@@ -12,9 +12,9 @@ use crate::api::auth::Access;
 use crate::api::portal::Portal;
 use crate::api::{self, ApiState};
 use crate::config::Config;
+use crate::kafka::api_publisher::ApiPublisher;
 use crate::kafka::directory::{self, Directory};
 use crate::kafka::lag::LagMonitor;
-use crate::kafka::top_up::TopUpPublisher;
 use crate::kafka::{admin, Pipeline, PipelineStatus};
 use crate::ledger::Ledger;
 use crate::shutdown::Shutdown;
@@ -166,7 +166,7 @@ impl Application {
                 self.cfg.api.public_url.clone(),
                 self.addr().to_string(),
                 self.cfg.api.portal_max_ttl,
-                TopUpPublisher::new(&self.cfg).context("the top-up producer")?,
+                ApiPublisher::new(&self.cfg).context("the top-up producer")?,
             )),
             metrics_on_main: self.metrics_listener.is_none(),
         };

@@ -29,7 +29,7 @@ use super::auth::Principal;
 use super::{customer, ApiError, ApiState};
 use crate::clock::now_ms;
 use crate::credentials::PortalClaims;
-use crate::kafka::top_up::TopUpPublisher;
+use crate::kafka::api_publisher::ApiPublisher;
 use crate::ledger::{check_id, MeterName, TopUpRequested, TopUpSource};
 
 /// How long a top-up `request_id` is remembered to answer retries without publishing again.
@@ -52,7 +52,7 @@ pub struct Portal {
     /// `api.portal_max_ttl`.
     pub max_ttl: Duration,
     /// Publishes portal and API top-up requests.
-    pub publisher: TopUpPublisher,
+    pub publisher: ApiPublisher,
     recent: tokio::sync::Mutex<Recent>,
 }
 
@@ -62,7 +62,7 @@ impl Portal {
         public_url: Option<String>,
         listen: String,
         max_ttl: Duration,
-        publisher: TopUpPublisher,
+        publisher: ApiPublisher,
     ) -> Self {
         Self {
             public_url: public_url.map(|u| u.trim_end_matches('/').to_string()),
@@ -131,8 +131,13 @@ pub(super) fn duration_of(
 ) -> Result<Duration, ApiError> {
     let ttl = match v {
         None | Some(Value::Null) => default,
+        // Whole seconds, also when written with a zero fraction (`312.0`).
         Some(Value::Number(n)) => n
-            .as_u64()
+            .to_string()
+            .parse::<Decimal>()
+            .ok()
+            .filter(|d| d.fract().is_zero())
+            .and_then(|d| u64::try_from(d).ok())
             .map(Duration::from_secs)
             .ok_or_else(|| ApiError::BadRequest("ttl must be whole seconds >= 1".into()))?,
         Some(Value::String(s)) => {
@@ -415,6 +420,8 @@ mod tests {
             ttl_of(Some(&serde_json::json!("15m")), max).unwrap(),
             Duration::from_secs(900)
         );
+        let whole: serde_json::Value = serde_json::from_str("312.0").unwrap();
+        assert_eq!(ttl_of(Some(&whole), max).unwrap(), Duration::from_secs(312));
         for bad in [
             serde_json::json!(0),
             serde_json::json!(-1),

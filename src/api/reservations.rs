@@ -5,8 +5,9 @@
 //! hands a `reserve` / `release` command to it on `credit-grants` (keyed by the customer, exactly
 //! as a producer would), and answers once the owning instance has committed it. The routing
 //! middleware has already forwarded the request to that owner, so the handler waits on its own
-//! store: for the reservation's record (its first answer), or for the hold to be gone. That
-//! takes about one commit interval. A repeated `reservation_id` is answered from the record at
+//! store, woken by each write of committed state ([`Store::subscribe_writes`], no polling): for
+//! the reservation's record (its first answer), or for the hold to be gone. That takes about
+//! one commit interval. A repeated `reservation_id` is answered from the record at
 //! once, with the first answer, whatever the repeat asked for.
 //!
 //! | outcome | status |
@@ -17,7 +18,7 @@
 //! | unknown reservation (DELETE) | 404 |
 //! | not committed within [`WAIT`] (the partition moved, the broker is slow) | 503, `Retry-After: 1`; retrying with the same id is safe |
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, State};
@@ -104,12 +105,15 @@ fn units(v: &Value) -> Result<Decimal, ApiError> {
     Ok(d)
 }
 
-/// Waits for `done` to hold (checked every 20 ms, on the blocking pool), at most [`WAIT`].
+/// Waits for `done` to hold, at most [`WAIT`]: checked (on the blocking pool) after each write
+/// of committed state to the store. `writes` was subscribed before the command was handed over,
+/// so no commit is missed.
 async fn wait_for<T: Send + 'static>(
+    mut writes: tokio::sync::watch::Receiver<u64>,
     done: impl Fn() -> Result<Option<T>, ApiError> + Send + Sync + 'static,
 ) -> Result<T, ApiError> {
     let done = std::sync::Arc::new(done);
-    let deadline = Instant::now() + WAIT;
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         let check = done.clone();
         let got = tokio::task::spawn_blocking(move || check())
@@ -118,12 +122,15 @@ async fn wait_for<T: Send + 'static>(
         if let Some(v) = got {
             return Ok(v);
         }
-        if Instant::now() >= deadline {
-            return Err(ApiError::Unavailable(
-                "the reservation was handed to the pipeline but not committed in time; retry with the same reservation_id".into(),
-            ));
+        match tokio::time::timeout_at(deadline, writes.changed()).await {
+            Ok(Ok(())) => {}
+            // The store is gone (shutting down), or no commit in time.
+            Ok(Err(_)) | Err(_) => {
+                return Err(ApiError::Unavailable(
+                    "the reservation was handed to the pipeline but not committed in time; retry with the same reservation_id".into(),
+                ))
+            }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -193,9 +200,10 @@ pub async fn reserve(
         "meter": name.as_str(), "units": units.to_string(),
         "ttl": format!("{}ms", ttl.as_millis()),
     });
+    let writes = s.store.subscribe_writes();
     publish(&s, &c, &command).await?;
     let (st, cc, r2) = (s.clone(), c.clone(), rid.clone());
-    let (_, r) = wait_for(move || record(&st, &cc, &r2)).await?;
+    let (_, r) = wait_for(writes, move || record(&st, &cc, &r2)).await?;
     Ok(posted(&c, &rid, &r))
 }
 
@@ -255,9 +263,13 @@ pub async fn release(
     let command = json!({
         "type": "release", "reservation_id": rid.as_str(), "customer_id": c.as_str(),
     });
+    let writes = s.store.subscribe_writes();
     publish(&s, &c, &command).await?;
     let (st, cc, n2, r2) = (s.clone(), c.clone(), name.clone(), rid.clone());
-    wait_for(move || Ok((!holds(&st, p, &cc, &n2, &r2)?).then_some(()))).await?;
+    wait_for(writes, move || {
+        Ok((!holds(&st, p, &cc, &n2, &r2)?).then_some(()))
+    })
+    .await?;
     Ok(answer(
         StatusCode::OK,
         Reservation::of(&c, &rid, &r, "released"),

@@ -71,11 +71,11 @@
 //! [`directory`].
 
 pub mod admin;
+pub mod api_publisher;
 pub mod directory;
 pub mod lag;
 pub mod pipeline;
 mod restore;
-pub mod top_up;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -57,8 +57,9 @@
 //! was promised. On an `overage` meter holds limit nothing (usage beyond the balance is
 //! overage anyway); a hold may exceed the balance (`available` goes negative). Transitions
 //! (`exhausted`, `low`, ...) follow the balance, not `available`. A reservation's record (its
-//! first answer: meter, units, expiry, outcome) is kept like a grant's, for idempotency and
-//! releases. Reservations arrive as `reserve` / `release` commands on `credit-grants` and as
+//! first answer: meter, units, expiry, outcome) is kept for idempotency and releases until
+//! the dedupe window has passed after its hold's end (the store forgets it with the usage ids
+//! of that time); a release or a repeat after that is of an unknown id. Reservations arrive as `reserve` / `release` commands on `credit-grants` and as
 //! usage with a `reservation_id` (see `docs/topics.md`).
 //!
 //! # Time

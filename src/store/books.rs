@@ -109,7 +109,10 @@ impl Store {
             for r in &w.refs.reservations {
                 let (k, v) = next()?;
                 let rec = match v {
-                    Some(v) => Some(value::reservation_from(k, value::decode(k, &v)?)?),
+                    Some(v) => {
+                        let r = value::reservation_from(k, value::decode(k, &v)?)?;
+                        (r.expires_at >= horizon).then_some(r)
+                    }
                     None => None,
                 };
                 book.reservations.insert(r.clone(), rec);
@@ -118,7 +121,8 @@ impl Store {
         Ok(books)
     }
 
-    /// A reservation's record (its first answer), if the store has it.
+    /// A reservation's record (its first answer), if the store has it and has not forgotten
+    /// it (its hold ended before the partition's horizon).
     pub fn reservation(
         &self,
         p: i32,
@@ -127,7 +131,10 @@ impl Store {
     ) -> Result<Option<ReservationRecord>, StoreError> {
         let k = keys::reservation(p, customer, id.as_str());
         match self.db.get_pinned(&k)? {
-            Some(v) => Ok(Some(value::reservation_from(&k, value::decode(&k, &v)?)?)),
+            Some(v) => {
+                let r = value::reservation_from(&k, value::decode(&k, &v)?)?;
+                Ok((r.expires_at >= self.horizon(p)).then_some(r))
+            }
             None => Ok(None),
         }
     }

@@ -7,7 +7,7 @@
 //! |---|---|---|
 //! | `S p 'b' customer` | the customer's book: every meter projection | yes |
 //! | `S p 'g' customer NUL grant_id` | a grant record (idempotency, voids) | yes |
-//! | `S p 'r' customer NUL reservation_id` | a reservation's first answer (idempotency, releases) | yes |
+//! | `S p 'r' customer NUL reservation_id` | a reservation's first answer (expanded from the deltas) | no |
 //! | `S p 'd' bucket(i64 BE) seq(u64 BE)` | a commit's delta of one time bucket | yes (locally an empty marker) |
 //! | `S p 'm'` | the partition's meta (the dedupe horizon) | yes |
 //! | `S p 'e' customer NUL event_id` | a usage id's record (expanded from the deltas) | no |

@@ -118,7 +118,8 @@ impl StateBatch {
     }
 
     /// Persists what `dirty` names of `book` (a customer of partition `p`): the book (every
-    /// meter, once), grant records, and event records (into the delta of their bucket).
+    /// meter, once), grant records, event records (into the delta of their bucket) and
+    /// reservation records (into the delta of the bucket their hold ends in).
     pub fn book(&mut self, p: i32, book: &Book, dirty: &BTreeSet<Dirty>) {
         let c = &book.customer;
         if dirty.iter().any(|d| matches!(d, Dirty::Meter(_))) {
@@ -141,12 +142,27 @@ impl StateBatch {
                 Dirty::Meter(_) => {}
                 Dirty::Reservation(id) => {
                     if let Some(Some(r)) = book.reservations.get(id) {
+                        let record = value::reservation_to(r).encode_to_vec();
                         self.writes.push(StateWrite {
                             partition: p,
                             key: keys::reservation(p, c, id.as_str()),
-                            value: Some(value::encode(&value::reservation_to(r))),
-                            target: Target::Both,
+                            value: Some(value::with_format(&record)),
+                            target: Target::Local,
                         });
+                        // In the bucket of the hold's end: remembered for the window after it.
+                        let bucket = self.layout.bucket_of(r.expires_at);
+                        let entry = pb::DeltaReservation {
+                            customer: c.to_string(),
+                            reservation_id: id.to_string(),
+                            record,
+                        };
+                        let n = entry.encoded_len() + 4;
+                        self.deltas
+                            .entry((p, bucket))
+                            .or_default()
+                            .room(n)
+                            .reservations
+                            .push(entry);
                     }
                 }
                 Dirty::Grant(id) => {

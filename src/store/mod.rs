@@ -6,11 +6,6 @@
 //! written (to the changelog and RocksDB) at most once per commit. Beside it:
 //! - **grant records** (idempotency of grant ids, forever; what a `VoidGrant` needs), one key per
 //!   grant: written only when a grant or a void of one arrives;
-//! - **reservation records** (a reservation's first answer, for idempotency and releases), one
-//!   key per reservation id, written like grant records. Known limit: they are kept like grant
-//!   records, forever (one compacted changelog record per reservation id); as there is one
-//!   reservation per job, they must move into the usage ids' time buckets to be forgotten with
-//!   them;
 //! - **usage ids** (idempotency within `pipeline.dedupe_window`, and what each event drew, for
 //!   `VoidUsage`) live in **time buckets** of an eighth of the window. What a commit adds to a
 //!   bucket of a partition is *one* changelog record, a **delta** (`D p bucket seq`), holding the
@@ -20,6 +15,13 @@
 //!   the changelog, the partition's **horizon** (`M p`) moves past it, so its ids stop counting
 //!   at once; the index entries below the horizon are removed by a compaction filter, not one
 //!   by one. Forgetting therefore costs a few records per bucket, whatever the ingest rate.
+//! - **reservation records** (a reservation's first answer, for idempotency and releases; one
+//!   per job, so as many as usage ids in an AI product) ride in the same deltas, in the bucket
+//!   of the hold's end (`expires_at`, at most 7 days ahead), and are indexed locally (`r`
+//!   keys). A reservation id is therefore remembered for the dedupe window after its hold
+//!   ends, then forgotten with its bucket: a repeat after that is a new reservation, as a
+//!   usage id replayed after the window counts again. Its index entry is filtered out at load
+//!   once `expires_at` is below the horizon, and removed by the same compaction filter.
 //! - **history** (the movements the Meters API pages through): a ring of `history_len` per
 //!   meter in RocksDB, also expanded from the deltas. It costs no changelog record per event:
 //!   the balance changes ride in the deltas (one record per commit and partition), so they are
@@ -161,8 +163,6 @@ pub enum RecordKind {
     Book,
     /// A grant record.
     Grant,
-    /// A reservation record.
-    Reservation,
     /// A delta of usage ids and balance changes (one time bucket, one commit).
     Delta,
     /// A partition's meta (the dedupe horizon).
@@ -174,10 +174,9 @@ pub fn record_kind(key: &[u8]) -> Option<RecordKind> {
     match Kind::of(key)? {
         Kind::Book => Some(RecordKind::Book),
         Kind::Grant => Some(RecordKind::Grant),
-        Kind::Reservation => Some(RecordKind::Reservation),
         Kind::Delta => Some(RecordKind::Delta),
         Kind::Meta => Some(RecordKind::Meta),
-        Kind::Event | Kind::History => None,
+        Kind::Event | Kind::Reservation | Kind::History => None,
     }
 }
 
@@ -223,6 +222,8 @@ pub struct Store {
     db: Arc<DB>,
     horizons: Arc<Horizons>,
     layout: Layout,
+    /// Counts the writes of committed state, for readers waiting on a commit.
+    written: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 fn no_wal() -> WriteOptions {
@@ -289,6 +290,10 @@ impl Store {
                     Some(at) if at < filter.get(p) => Decision::Remove,
                     _ => Decision::Keep,
                 },
+                (Some(Kind::Reservation), Some(p)) => match value::reservation_ends(v) {
+                    Some(ends) if ends < filter.get(p) => Decision::Remove,
+                    _ => Decision::Keep,
+                },
                 _ => Decision::Keep,
             },
         );
@@ -300,6 +305,7 @@ impl Store {
             db: Arc::new(db),
             horizons,
             layout,
+            written: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         store.check_format()?;
         Ok(store)
@@ -402,7 +408,14 @@ impl Store {
         for (p, meta) in horizons {
             self.horizons.set(p, meta.horizon);
         }
+        self.written.send_modify(|n| *n += 1);
         Ok(())
+    }
+
+    /// Changes after every write of committed state ([`Store::write`]): what a request waits
+    /// on for the pipeline to commit a command it handed over. Subscribe before handing it.
+    pub fn subscribe_writes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.written.subscribe()
     }
 
     /// Applies changelog records of partition `p` (key, value; `None` deletes) read during a
@@ -464,6 +477,15 @@ impl Store {
                 value::with_format(&e.record),
             );
         }
+        for r in delta.reservations {
+            let Ok(c) = crate::ledger::CustomerId::parse(r.customer) else {
+                continue;
+            };
+            batch.put(
+                keys::reservation(p, &c, &r.reservation_id),
+                value::with_format(&r.record),
+            );
+        }
         for bytes in delta.changes {
             let ch: pb::Change =
                 prost::Message::decode(bytes.as_slice()).map_err(|e| StoreError::Corrupt {
@@ -516,11 +538,13 @@ impl Store {
         Ok(())
     }
 
-    /// Compacts partition `p`'s id index now (the compaction filter drops forgotten ids). For
-    /// tests and tools: RocksDB compacts on its own as data comes in.
+    /// Compacts partition `p`'s id indexes now (the compaction filter drops forgotten usage
+    /// and reservation ids). For tests and tools: RocksDB compacts on its own as data comes in.
     pub fn compact_ids(&self, p: i32) {
-        let (lo, hi) = keys::kind_range(p, Kind::Event);
-        self.db.compact_range(Some(lo), Some(hi));
+        for kind in [Kind::Event, Kind::Reservation] {
+            let (lo, hi) = keys::kind_range(p, kind);
+            self.db.compact_range(Some(lo), Some(hi));
+        }
     }
 
     /// Calls `f(key, value)` for every key starting with `pre`, in order, until it returns

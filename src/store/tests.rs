@@ -8,7 +8,7 @@ use super::layout::{drop_deltas, Layout, StateBatch};
 use super::*;
 use crate::ledger::{
     Book, CustomerId, EventId, Grant, GrantId, Input, Ledger, MeterDef, MeterName, Meters, Output,
-    Refs, Usage,
+    Refs, ReservationId, ReservationOutcome, Reserve, Usage,
 };
 
 fn layout() -> Layout {
@@ -76,7 +76,7 @@ fn fold(
         }
     }
     let (writes, used) = batch.finish(&BTreeMap::from([(p, seq)]), &BTreeMap::new());
-    assert!(used.iter().all(|(q, _, s)| *q == p && *s == seq));
+    assert!(used.iter().all(|(q, _, s)| *q == p && *s >= seq));
     s.write(&writes, &[(p, 42)]).unwrap();
     writes
 }
@@ -233,6 +233,71 @@ fn a_dropped_bucket_forgets_its_ids_at_once_and_compaction_removes_them() {
     assert_eq!(s.horizon(0), i64::MIN);
     s.load_meta(0).unwrap();
     assert_eq!(s.horizon(0), 30_000);
+}
+
+#[test]
+fn a_reservation_id_rides_in_the_bucket_of_its_holds_end_and_is_forgotten_with_it() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let s = open(a.path());
+    let mut cache = BookCache::new(0);
+    let c = CustomerId::parse("c1").unwrap();
+    let m = MeterName::parse("api").unwrap();
+    let id = ReservationId::parse("job-1").unwrap();
+    let grant = Input::Grant(Grant::top_up(
+        GrantId::parse("g1").unwrap(),
+        c.clone(),
+        m.clone(),
+        5.into(),
+    ));
+    let reserve = Input::Reserve(Reserve {
+        reservation_id: id.clone(),
+        customer: c.clone(),
+        meter: m.clone(),
+        units: 2.into(),
+        ttl_ms: 15_000,
+    });
+    // Made at 10.5 s, its hold ends at 25.5 s: the bucket of 20 s.
+    let log = changelog(&fold(&s, &mut cache, 0, &c, &[grant, reserve], 10_500, 0));
+    assert!(
+        log.iter()
+            .all(|(k, _)| Kind::of(k) != Some(Kind::Reservation)),
+        "no changelog record of its own"
+    );
+    assert_eq!(
+        s.deltas(0).unwrap().0.into_iter().collect::<Vec<_>>(),
+        vec![10_000, 20_000]
+    );
+    let held = s.reservation(0, &c, &id).unwrap().unwrap();
+    assert_eq!(
+        (held.outcome, held.expires_at, held.units),
+        (ReservationOutcome::Held, 25_500, 2.into())
+    );
+    // Restored from the deltas alone.
+    let r = open(b.path());
+    r.restore(0, &log, 3).unwrap();
+    assert_eq!(r.reservation(0, &c, &id).unwrap(), Some(held.clone()));
+    // Dropping the bucket it was made in keeps it; dropping the one its hold ends in forgets it.
+    let keys = s.delta_keys(0, 10_000, 100).unwrap();
+    s.write(&drop_deltas(0, keys, 20_000), &[]).unwrap();
+    assert_eq!(s.reservation(0, &c, &id).unwrap(), Some(held));
+    let keys = s.delta_keys(0, 20_000, 100).unwrap();
+    s.write(&drop_deltas(0, keys, 30_000), &[]).unwrap();
+    assert_eq!(s.reservation(0, &c, &id).unwrap(), None);
+    let refs = Refs {
+        reservations: vec![id.clone()],
+        ..Refs::default()
+    };
+    let want = [BookRequest {
+        partition: 0,
+        customer: &c,
+        refs: &refs,
+    }];
+    let book = s.load_books(&want, &mut cache).unwrap().remove(0);
+    assert_eq!(book.reservations.get(&id), Some(&None), "forgotten at load");
+    s.flush().unwrap();
+    s.compact_ids(0);
+    let key = keys::reservation(0, &c, id.as_str());
+    assert!(s.db.get_pinned(key).unwrap().is_none(), "compacted away");
 }
 
 #[test]

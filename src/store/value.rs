@@ -247,6 +247,17 @@ pub(super) fn reservation_to(r: &ReservationRecord) -> pb::ReservationRecord {
     }
 }
 
+/// The end of the hold of a stored reservation record (its value, format byte first), for the
+/// compaction filter; `None` if it cannot tell.
+pub(super) fn reservation_ends(v: &[u8]) -> Option<i64> {
+    match v.split_first() {
+        Some((&FORMAT, rest)) => pb::ReservationRecord::decode(rest)
+            .ok()
+            .map(|r| r.expires_at),
+        _ => None,
+    }
+}
+
 /// A reservation record from a message.
 pub(super) fn reservation_from(
     key: &[u8],

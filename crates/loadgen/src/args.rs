@@ -25,6 +25,8 @@ pub enum Phase {
     Voids,
     /// Usage with grants interleaved (no exact expectation).
     Mixed,
+    /// Reservations held, settled by usage, released, repeated (`--events` steps).
+    Reservations,
 }
 
 /// `drawdown-loadgen produce`.

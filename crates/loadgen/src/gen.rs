@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 use drawdown::clock::now_ms;
 use drawdown::codec::{self, pb};
 use drawdown::config::OutputFormat;
-use drawdown_model::{Aggregation, Grant, GrantKind, Meter, Rules, Usage};
+use drawdown_model::{Aggregation, Grant, GrantKind, Meter, Reserve, Rules, Usage};
 use prost::Message as _;
 use rand::rngs::StdRng;
 use rand::Rng;
@@ -48,6 +48,15 @@ pub enum VoidCmd {
     Usage(String),
     /// `VoidGrant` of this grant id.
     Grant(String),
+}
+
+/// A reservation command, before encoding.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReservationCmd {
+    /// Hold units.
+    Reserve(Reserve),
+    /// End the hold of this reservation id.
+    Release(String),
 }
 
 /// Priorities of generated top-ups and adjustments: 255 is left to the rules' `void:`
@@ -141,8 +150,14 @@ impl Gen {
     /// A usage event of customer `i` for a random meter (and every meter counting the same
     /// event); returns the customer id and the event.
     pub fn usage_event(&mut self, i: usize) -> (String, Usage) {
-        let customer = self.customer(i);
         let k = self.rng.random_range(0..self.meters().len());
+        self.usage_event_of(i, k)
+    }
+
+    /// A usage event of customer `i` that meter `k` counts (and every meter counting the same
+    /// event); returns the customer id and the event.
+    pub fn usage_event_of(&mut self, i: usize, k: usize) -> (String, Usage) {
+        let customer = self.customer(i);
         let chosen = self.meters()[k].clone();
         let mut properties = chosen.filter.clone();
         // Every sum property of the meters counting this event gets a value.
@@ -287,11 +302,14 @@ impl Gen {
                 } else {
                     Value::from(at)
                 };
-                serde_json::to_vec(&json!({
+                let mut v = json!({
                     "id": e.id, "customer_id": customer, "name": e.name,
                     "timestamp": timestamp, "properties": props,
-                }))
-                .expect("serialisable")
+                });
+                if let Some(r) = &e.reservation {
+                    v["reservation_id"] = Value::from(r.as_str());
+                }
+                serde_json::to_vec(&v).expect("serialisable")
             }
             OutputFormat::Protobuf => pb::UsageEvent {
                 id: e.id.clone(),
@@ -299,7 +317,7 @@ impl Gen {
                 name: e.name.clone(),
                 timestamp_ms: self.event_time(),
                 properties: e.properties.clone().into_iter().collect(),
-                reservation_id: String::new(),
+                reservation_id: e.reservation.clone().unwrap_or_default(),
             }
             .encode_to_vec(),
         };
@@ -375,6 +393,52 @@ impl Gen {
                     VoidCmd::Grant(id) => Command::VoidGrant(pb::VoidGrant {
                         customer_id: customer.into(),
                         grant_id: id.clone(),
+                    }),
+                };
+                pb::CreditCommand {
+                    command: Some(command),
+                }
+                .encode_to_vec()
+            }
+        };
+        self.rec(InputTopic::Grants, customer, payload)
+    }
+
+    /// A reservation command as a record. The JSON form gives the ttl as a duration in ms
+    /// (`"3600000ms"`) or, when whole, as seconds.
+    pub fn encode_reservation(&self, customer: &str, cmd: &ReservationCmd) -> Rec {
+        use pb::credit_command::Command;
+        let payload = match (self.format, cmd) {
+            (OutputFormat::Json, ReservationCmd::Reserve(r)) => {
+                let ttl = if r.ttl % 1000 == 0 {
+                    Value::from(r.ttl / 1000)
+                } else {
+                    Value::from(format!("{}ms", r.ttl))
+                };
+                json!({
+                    "type": "reserve", "reservation_id": r.id, "customer_id": customer,
+                    "meter": r.meter, "units": r.units.to_string(), "ttl": ttl,
+                })
+                .to_string()
+                .into_bytes()
+            }
+            (OutputFormat::Json, ReservationCmd::Release(id)) => {
+                json!({"type": "release", "customer_id": customer, "reservation_id": id})
+                    .to_string()
+                    .into_bytes()
+            }
+            (OutputFormat::Protobuf, cmd) => {
+                let command = match cmd {
+                    ReservationCmd::Reserve(r) => Command::Reserve(pb::Reserve {
+                        reservation_id: r.id.clone(),
+                        customer_id: customer.into(),
+                        meter: r.meter.clone(),
+                        units: r.units.to_string(),
+                        ttl_ms: r.ttl,
+                    }),
+                    ReservationCmd::Release(id) => Command::Release(pb::Release {
+                        customer_id: customer.into(),
+                        reservation_id: id.clone(),
                     }),
                 };
                 pb::CreditCommand {
@@ -540,6 +604,48 @@ mod tests {
                     matches!(decoded, Input::VoidUsage { event_id, .. } if event_id.as_str() == e.id)
                 );
             }
+        }
+    }
+
+    /// Reservation commands and settling usage, in both formats, ttl to the millisecond.
+    #[test]
+    fn reservation_records_decode_to_what_the_model_was_given() {
+        for format in [OutputFormat::Json, OutputFormat::Protobuf] {
+            let mut g = gen(format);
+            for ttl in [3_600_000, 61_234] {
+                let r = Reserve {
+                    id: "cus-p001-r000000001".into(),
+                    meter: "tokens".into(),
+                    units: Decimal::new(125, 1),
+                    ttl,
+                };
+                let rec = g.encode_reservation("cus-1", &ReservationCmd::Reserve(r.clone()));
+                let Input::Reserve(got) =
+                    decode_command(Some(&rec.payload), Some(rec.content_type), None).unwrap()
+                else {
+                    panic!("not a reservation")
+                };
+                assert_eq!(
+                    (got.reservation_id.as_str(), got.meter.as_str()),
+                    (r.id.as_str(), "tokens")
+                );
+                assert_eq!((got.units, got.ttl_ms), (r.units, ttl));
+            }
+            let rec = g.encode_reservation("cus-1", &ReservationCmd::Release("r-9".into()));
+            let decoded = decode_command(Some(&rec.payload), Some(rec.content_type), None);
+            assert!(
+                matches!(decoded, Ok(Input::Release { reservation_id, .. }) if reservation_id.as_str() == "r-9")
+            );
+            let k = g.meters().iter().position(|m| m.name == "tokens").unwrap();
+            let (customer, mut e) = g.usage_event_of(1, k);
+            e.reservation = Some("r-9".into());
+            let rec = g.encode_usage(&customer, &e);
+            let Input::Usage(u) =
+                decode_usage(Some(&rec.payload), Some(rec.content_type), None).unwrap()
+            else {
+                panic!("not usage")
+            };
+            assert_eq!(u.reservation_id.map(|r| r.to_string()), Some("r-9".into()));
         }
     }
 

@@ -10,7 +10,8 @@
 //!   0-200, a fifth with a far expiry), sized around the usage planned by `--events`;
 //! - `expiring`: for some meters a top-up expiring `--expire-in` from now (priority 0 or 10,
 //!   so usage draws it first), for some a grant scheduled to start a second before that (a
-//!   few of them cycle grants: a renewal on a tick);
+//!   few of them cycle grants: a renewal on a tick), for some a reservation whose hold runs out
+//!   half a second before the expiries;
 //! - `expire`: the time barrier, sends nothing: run after `wait-idle`, it fails unless every
 //!   input so far was processed before the first pending activation/expiry, sleeps until 3 s
 //!   past the last one (the periodic tick applies them without new events) and applies them
@@ -28,6 +29,9 @@
 //!   event drew from), `VoidUsage` of kept events (some of which drew from grants since
 //!   expired, ended or voided: returned as `void:<event>` adjustments), repeated voids (DLQ
 //!   `void_duplicate`) and voids of unknown ids (DLQ `void_unknown`);
+//! - `reservations`: holds made, settled by usage naming them (more or less than held),
+//!   released, repeated, or left held; see [`reservations`]. The `expiring` phase also makes
+//!   holds that run out at the barrier;
 //! - `mixed`: usage with grants and top-ups interleaved, for demos and throughput. The relative
 //!   order of two topics is not defined, so nothing exact can be predicted: `--expect` is refused.
 //!
@@ -59,7 +63,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use drawdown::clock::now_ms;
 use drawdown::config::Config;
-use drawdown_model::{Applied, Grant, GrantKind, Input};
+use drawdown_model::{Applied, Grant, GrantKind, Input, Usage};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rust_decimal::Decimal;
@@ -68,6 +72,8 @@ use crate::args::{Phase, ProduceArgs};
 use crate::expect::{self, Expectation};
 use crate::gen::{Gen, Rec, VoidCmd};
 use crate::sender::Sender;
+
+mod reservations;
 
 /// The chance that a new usage event is kept for later voids.
 const SAMPLE_EVENTS: f64 = 0.05;
@@ -161,6 +167,7 @@ fn produce_blocking(cfg: &Config, args: ProduceArgs) -> anyhow::Result<()> {
         Phase::Topups => run.phase_topups()?,
         Phase::Renewal => run.phase_renewal()?,
         Phase::Voids => run.phase_voids()?,
+        Phase::Reservations => run.phase_reservations()?,
         Phase::Mixed => run.phase_mixed()?,
     }
     run.flush_bad()?;
@@ -214,6 +221,12 @@ struct VoidPools {
 impl Run<'_> {
     fn send_usage(&mut self, i: usize) -> anyhow::Result<()> {
         let (customer, e) = self.gen.usage_event(i);
+        self.send_event(&customer, e)
+    }
+
+    /// Sends usage event `e` of `customer` (and now and then a duplicate or a replayed id).
+    fn send_event(&mut self, customer: &str, e: Usage) -> anyhow::Result<()> {
+        let customer = customer.to_string();
         let input = Input::Usage(e.clone());
         match self
             .expect
@@ -452,6 +465,10 @@ impl Run<'_> {
                 };
                 g.effective_at = Some(effective_at);
                 run.send_grant(c, &g)?;
+            }
+            if run.gen.rng.random_bool(0.08) {
+                // A hold that runs out just before the grants expire.
+                run.reserve_until(c, m, expires_at - 500)?;
             }
             Ok(())
         })

@@ -91,7 +91,14 @@ impl Sender {
 
     /// Queues `rec`, counted as `what`; waits for room in the queue and for the pace.
     pub fn send(&mut self, rec: &Rec, what: &'static str) -> anyhow::Result<()> {
-        let timestamp = self.timestamp(rec.topic);
+        let timestamp = self.stamp(rec.topic);
+        self.send_at(rec, timestamp, what)
+    }
+
+    /// Queues `rec` with the record timestamp `timestamp`, which [`Sender::stamp`] gave for
+    /// it just before (no other record in between): for records whose model time must be
+    /// drawdown's processing time exactly (a reservation's expiry is its time + ttl).
+    pub fn send_at(&mut self, rec: &Rec, timestamp: i64, what: &'static str) -> anyhow::Result<()> {
         let topic = match rec.topic {
             InputTopic::Usage => self.usage_topic.as_str(),
             InputTopic::Grants => self.grants_topic.as_str(),
@@ -135,8 +142,8 @@ impl Sender {
     /// such that drawdown's merge of a partition's two topics (by timestamp, grants first on a
     /// tie) folds the records in the order they were sent, the order the expectation applies
     /// them in. Only a grant sent in the same millisecond as an earlier usage record is moved,
-    /// one millisecond on.
-    fn timestamp(&mut self, topic: InputTopic) -> i64 {
+    /// one millisecond on. A command (not usage) is applied at this time by drawdown.
+    pub fn stamp(&mut self, topic: InputTopic) -> i64 {
         let mut ts = drawdown::clock::now_ms().max(self.last_ts);
         if topic == InputTopic::Grants && ts <= self.last_usage_ts {
             ts = self.last_usage_ts + 1;

@@ -1,13 +1,14 @@
 //! `verify`: drawdown's API and output topics against the expectation.
 //!
 //! It compares, for every (customer, meter) of the expectation:
-//! - (a) the HTTP API: totals, `expired`, `voided`, version, and each grant's remainder in the
+//! - (a) the HTTP API: totals, `expired`, `voided`, `reserved`, version, and each grant's remainder in the
 //!   order listed (retrying mismatches until `--settle` has passed);
 //! - (b) every `balance-changed` record of the expectation's customers: exactly one per version,
 //!   no gaps, the reason of each version, the last balance;
 //! - (c) the transitions on `balance-exhausted`, one for one;
 //! - (d) the automatic top-up requests on `top-up-requests`, one for one (request id, pack);
-//! - (e) the DLQ records of the run's customers (`void_duplicate`, `void_unknown`, the total).
+//! - (e) the DLQ records of the run's customers (`void_duplicate`, `void_unknown`,
+//!   `reservation_unknown`, the total).
 //!
 //! Exits non-zero on any mismatch.
 
@@ -38,6 +39,8 @@ struct Totals {
     blocked: Decimal,
     expired: Decimal,
     voided: Decimal,
+    /// Units held by reservations.
+    reserved: Decimal,
     version: u64,
     /// (grant id, remainder, active), in the listed order (active in draw-down order).
     grants: Vec<(String, Decimal, bool)>,
@@ -53,6 +56,7 @@ impl From<&MeterBook> for Totals {
             blocked: b.blocked,
             expired: b.expired,
             voided: b.voided,
+            reserved: b.reserved(),
             version: b.version,
             grants: b
                 .listed()
@@ -75,6 +79,7 @@ impl Totals {
             ("blocked", self.blocked, want.blocked),
             ("expired", self.expired, want.expired),
             ("voided", self.voided, want.voided),
+            ("reserved", self.reserved, want.reserved),
         ];
         for (name, got, exp) in decimals {
             if got != exp {
@@ -117,6 +122,7 @@ impl Totals {
             blocked: dec(v.get("blocked"))?,
             expired: dec(v.get("expired"))?,
             voided: dec(v.get("voided"))?,
+            reserved: dec(v.get("reserved"))?,
             version: v.get("version")?.as_u64()?,
             grants,
         })
@@ -435,7 +441,7 @@ impl Report {
     /// (e): the voids the rules must refuse, by reason, and nothing else beyond the malformed
     /// records.
     fn dlq(&mut self, exp: &Expectation, o: &Outputs) {
-        for reason in ["void_duplicate", "void_unknown"] {
+        for reason in ["void_duplicate", "void_unknown", "reservation_unknown"] {
             let (got, want) = (
                 o.dlq.get(reason).copied().unwrap_or(0),
                 exp.dlq.get(reason).copied().unwrap_or(0),
@@ -533,7 +539,7 @@ pub async fn verify(cfg: &Config, args: VerifyArgs) -> anyhow::Result<()> {
         .collect();
     let r = &report;
     let summary = format!(
-        "customers={} meters={} balances={}/{n_balances} changed={} (dups={} gaps={} extra={} wrong_reason={} late={}) transitions={}/{} forecasts={} top_ups={}/{} dlq={} (void_duplicate={} void_unknown={}) elapsed={:.1}s\nverify: versions by reason: {}{}",
+        "customers={} meters={} balances={}/{n_balances} changed={} (dups={} gaps={} extra={} wrong_reason={} late={}) transitions={}/{} forecasts={} top_ups={}/{} dlq={} (void_duplicate={} void_unknown={} reservation_unknown={}) elapsed={:.1}s\nverify: versions by reason: {}{}",
         exp.customers.len(),
         meter_names.len(),
         n_balances - api_failures.len(),
@@ -551,6 +557,7 @@ pub async fn verify(cfg: &Config, args: VerifyArgs) -> anyhow::Result<()> {
         outputs.dlq.values().sum::<u64>(),
         dlq_count("void_duplicate"),
         dlq_count("void_unknown"),
+        dlq_count("reservation_unknown"),
         started.elapsed().as_secs_f64(),
         reasons.join(" "),
         if pruned > 0 {
@@ -581,7 +588,7 @@ mod tests {
     fn the_api_body_is_read_as_exact_totals() {
         let v: Value = serde_json::from_str(
             r#"{"balance":"-0.5","credited":"10","consumed":"10.5","overage":"0.5","blocked":"0",
-                "expired":"0","voided":"0","version":3,
+                "expired":"0","voided":"0","reserved":"0","version":3,
                 "grants":[{"id":"g1","remaining":"0","active":true}]}"#,
         )
         .unwrap();

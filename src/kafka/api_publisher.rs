@@ -1,4 +1,4 @@
-//! The producer of top-up requests made through the API (the portal's "Top up" button, or a
+//! The API's producer: top-up requests made through the API (the portal's "Top up" button, or a
 //! service with an API key). Automatic top-ups are not produced here: the pipeline produces them
 //! in its transaction, with the change that crossed the threshold.
 //!
@@ -47,14 +47,14 @@ pub enum PublishError {
 
 /// Publishes [`TopUpRequested`] records to `topics.top_up_requests`, and the API's reservation
 /// commands to `topics.grants`.
-pub struct TopUpPublisher {
+pub struct ApiPublisher {
     producer: ThreadedProducer<Ctx>,
     topic: String,
     commands: String,
     format: OutputFormat,
 }
 
-impl TopUpPublisher {
+impl ApiPublisher {
     /// An idempotent producer for the configured topic (keyed by customer, murmur2).
     pub fn new(cfg: &Config) -> Result<Self, KafkaError> {
         let producer = super::client_config(&cfg.kafka)
