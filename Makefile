@@ -117,6 +117,7 @@ promql-check: build kafka-start
 lint:
 	cargo fmt --all --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	cargo clippy -p drawdown --lib --no-default-features -- -D warnings
 
 fmt:
 	cargo fmt

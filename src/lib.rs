@@ -17,21 +17,35 @@
 //! - [`cli`]: the command-line flags and log setup the binaries share.
 //! - [`clock`]: the wall clock, read in one place.
 //!
+//! # Features
+//! `service` (default) is the running service: [`store`], [`kafka`], [`api`], [`app`], [`cli`],
+//! [`metrics`] and [`shutdown`], with RocksDB, librdkafka, axum and tokio. Without it
+//! (`default-features = false`) the crate is its pure core, [`ledger`], [`codec`], [`config`],
+//! [`credentials`] and [`clock`], which builds in seconds with no C/C++ dependency: what the
+//! fuzz targets in `fuzz/` link (see README.md, "Fuzzing").
+//!
 //! Beside this crate, in the same workspace: `crates/model` (`drawdown-model`), the one
 //! reference model of the credit rules the property tests compare [`ledger`] with, and
 //! `crates/loadgen` (`drawdown-loadgen`), the load generator and verifier (`produce`,
 //! `wait-idle`, `verify`).
 #![warn(missing_docs)]
 
+#[cfg(feature = "service")]
 pub mod api;
+#[cfg(feature = "service")]
 pub mod app;
+#[cfg(feature = "service")]
 pub mod cli;
 pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod credentials;
+#[cfg(feature = "service")]
 pub mod kafka;
 pub mod ledger;
+#[cfg(feature = "service")]
 pub mod metrics;
+#[cfg(feature = "service")]
 pub mod shutdown;
+#[cfg(feature = "service")]
 pub mod store;
