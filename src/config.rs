@@ -327,8 +327,17 @@ impl Config {
             })?,
             None => String::new(),
         };
+        Self::from_text(&text, env)
+    }
+
+    /// [`Self::load`] from the file's text: parses `text` as TOML, applies the overrides from
+    /// `env`, validates. No I/O; any text and environment give a config or an error.
+    pub fn from_text(
+        text: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
         let mut root: toml::Table =
-            toml::from_str(&text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+            toml::from_str(text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for (k, v) in env {
             let Some(rest) = k.strip_prefix("DRAWDOWN__") else {
                 continue;

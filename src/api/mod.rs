@@ -30,6 +30,7 @@ use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use crate::codec::cursor;
 use crate::kafka::{partition_for, PipelineStatus};
 use crate::ledger::{
     forecast, BalanceChanged, CustomerId, GrantSlot, MeterName, MeterState, Meters, Status,
@@ -537,16 +538,13 @@ async fn meter_events(
     }
     let before = q
         .cursor
-        .map(|c| {
-            c.parse::<u64>()
-                .map_err(|_| ApiError::BadRequest("invalid cursor".into()))
-        })
+        .map(|c| cursor::parse(&c).ok_or_else(|| ApiError::BadRequest("invalid cursor".into())))
         .transpose()?;
     blocking(move || {
         let (p, name, _) = find_meter(&s, &c, &meter)?;
         let events = s.store.history(p, &c, &name, before, limit)?;
         let next_cursor = if events.len() == limit {
-            events.last().map(|e| e.version.to_string())
+            events.last().map(|e| cursor::encode(e.version))
         } else {
             None
         };

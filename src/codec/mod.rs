@@ -11,8 +11,10 @@
 //! # Layout
 //! - [`input`]: decoding usage events and credit commands (via `json` for JSON: fields read
 //!   from the raw text, no tree built);
-//! - [`output`]: encoding the balance records; [`read`]: reading them back (tools and tests).
+//! - [`output`]: encoding the balance records; [`read`]: reading them back (tools and tests);
+//! - [`cursor`]: the history's page cursor.
 
+pub mod cursor;
 mod input;
 mod json;
 mod output;
