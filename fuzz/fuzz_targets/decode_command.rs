@@ -1,0 +1,4 @@
+//! cargo fuzz target `decode_command`: see `drawdown_fuzz::decode`.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| drawdown_fuzz::decode::run_command(data));
