@@ -136,7 +136,9 @@ pub fn runs_out_at(state: &MeterState, def: &MeterDef, now: i64) -> Option<i64> 
     }
     // The usual case, without allocating: nothing expires or activates before the balance is
     // used up at this rate.
-    let naive = now.checked_add((balance / rate).ceil().to_i64()?.max(1))?;
+    // (A tiny rate on a large balance can exceed what a Decimal holds: no date then, as for any
+    // date past the horizon.)
+    let naive = now.checked_add(balance.checked_div(rate)?.ceil().to_i64()?.max(1))?;
     let first_event = state
         .grants
         .iter()
@@ -407,6 +409,23 @@ mod tests {
             ..burning("60", vec![])
         };
         assert_eq!(runs_out_at(&s, &def, T0), None);
+    }
+
+    #[test]
+    fn a_nearly_idle_meter_with_a_large_balance_has_no_date_and_does_not_panic() {
+        // Found by the `ledger` fuzz target: the burn decays to a few 1e-12 a day after the
+        // last usage, and 1e15 units at that rate are more ms than a Decimal holds (the
+        // division overflowed and panicked, in the pipeline on a meter with `forecast_alert`).
+        let s = burning(
+            "0.000000000001",
+            vec![slot("a", "1000000000000000", None, true)],
+        );
+        assert_eq!(runs_out_at(&s, &def(None), T0), None);
+        let mut r = Run::new(Some(Duration::from_secs(3600)));
+        r.grant("1000000000000000", T0);
+        r.use_(1, T0);
+        r.grant("1", T0 + 27 * H);
+        assert!(r.state().burn > Decimal::ZERO && r.forecasts().is_empty());
     }
 
     #[test]
