@@ -6,7 +6,8 @@
 # for SECONDS (30), each request a random customer's
 # GET /v1/customers/{id}/meters/api_calls/check?units=N (API key). Prints wrk's summary with
 # its latency percentiles; the pipeline is idle (no usage) so the figure is the API's.
-# Needs wrk (Debian package; installed here when run as root). PROFILE=debug uses the dev build.
+# Needs wrk (Debian package; installed here when run as root). PROFILE=debug uses the dev build;
+# PERF=FILE records a profile of drawdown during the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}"
@@ -95,5 +96,11 @@ response = function(status, headers, body)
 end
 LUA
 echo "bench-check: $CUSTOMERS customers, $CONNECTIONS connections, ${SECONDS_}s, $(nproc) cores, broker and drawdown on this machine"
+# PERF=FILE: also `perf record -g` drawdown during the run into FILE (then `perf report -i FILE`).
+if [[ -n "${PERF:-}" ]]; then
+    perf record -g -o "$PERF" -p "$DD" -- sleep "$SECONDS_" > /dev/null 2>&1 &
+    PERF_PID=$!
+fi
 wrk -t2 -c"$CONNECTIONS" -d"${SECONDS_}s" --latency -s "$DIR/check.lua" \
     -H "Authorization: Bearer $API_KEY" "http://127.0.0.1:$PORT"
+[[ -n "${PERF_PID:-}" ]] && wait "$PERF_PID" || true

@@ -10,7 +10,7 @@ use tokio::net::TcpListener;
 
 use crate::api::auth::Access;
 use crate::api::portal::Portal;
-use crate::api::{self, ApiState};
+use crate::api::{self, ApiShared, ApiState};
 use crate::config::Config;
 use crate::kafka::api_publisher::ApiPublisher;
 use crate::kafka::directory::{self, Directory};
@@ -149,7 +149,7 @@ impl Application {
                 .spawn(move || span.in_scope(|| directory::run(cfg, url, status, dir, shutdown)))
                 .context("spawning the directory thread")?
         };
-        let state = ApiState {
+        let state = ApiState::new(ApiShared {
             store: self.store.clone(),
             status: self.status.clone(),
             metrics,
@@ -169,7 +169,7 @@ impl Application {
                 ApiPublisher::new(&self.cfg).context("the top-up producer")?,
             )),
             metrics_on_main: self.metrics_listener.is_none(),
-        };
+        });
         let (store, status) = (self.store.clone(), self.status.clone());
         let gauges = tokio::spawn(async move {
             for tick in 0u64.. {
