@@ -437,13 +437,10 @@ impl Driver {
                 .collect()
         };
         assert_eq!(changed(&self.store.meters), changed(&self.book.meters));
-        fn held<K: Clone + Ord + std::hash::Hash, V: Clone>(
+        fn held<K: Eq + std::hash::Hash + Ord, V: PartialEq>(
             book: &HashMap<K, Option<V>>,
             store: &BTreeMap<K, V>,
-        ) -> bool
-        where
-            V: PartialEq,
-        {
+        ) -> bool {
             book.iter().all(|(k, v)| v.as_ref() == store.get(k))
         }
         assert!(held(&self.book.events, &self.store.events), "event records");

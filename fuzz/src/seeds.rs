@@ -13,8 +13,14 @@ use prost::Message;
 
 use crate::token::{NOW, SECRET};
 
+/// A target's name and the function it runs.
+type Target = (&'static str, fn(&[u8]));
+
+/// A target's seeds: (name, bytes).
+type Seeds = Vec<(&'static str, Vec<u8>)>;
+
 /// The targets, with the function each runs.
-const TARGETS: [(&str, fn(&[u8])); 6] = [
+const TARGETS: [Target; 6] = [
     ("decode_usage", crate::decode::run_usage),
     ("decode_command", crate::decode::run_command),
     ("portal_token", crate::token::run),
@@ -34,7 +40,7 @@ fn record(ct: u8, key: u8, payload: &[u8]) -> Vec<u8> {
     [&[ct, key][..], payload].concat()
 }
 
-fn usage_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn usage_seeds() -> Seeds {
     let pb_usage = pb::UsageEvent {
         id: "evt_2".into(),
         customer_id: "cus_1".into(),
@@ -51,7 +57,7 @@ fn usage_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn command_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn command_seeds() -> Seeds {
     use pb::credit_command::Command;
     let pb_cmd = |c: Command| pb::CreditCommand { command: Some(c) }.encode_to_vec();
     let grant = pb::Grant {
@@ -82,7 +88,7 @@ fn command_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn token_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn token_seeds() -> Seeds {
     let signer = PortalSigner::new(SECRET);
     let token = |customer: &str, expires_at| {
         let claims = PortalClaims {
@@ -107,7 +113,7 @@ fn token_seeds() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
-fn cursor_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn cursor_seeds() -> Seeds {
     [
         "0",
         "42",
@@ -127,7 +133,7 @@ fn cursor_seeds() -> Vec<(&'static str, Vec<u8>)> {
     .collect()
 }
 
-fn config_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn config_seeds() -> Seeds {
     let sample = std::fs::read(root().join("../config/drawdown.toml")).expect("the sample config");
     let env = b"\0DRAWDOWN__KAFKA__PARTITIONS=4\nDRAWDOWN__KAFKA__INSTANCE_ID=7\nDRAWDOWN__API__KEYS=[{ name = \"billing\", sha256 = \"9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08\" }]\nDRAWDOWN__PIPELINE__GRACE=1m\nPATH=/usr/bin\n";
     vec![
@@ -139,7 +145,7 @@ fn config_seeds() -> Vec<(&'static str, Vec<u8>)> {
 }
 
 /// Deterministic bytes (xorshift): the ledger driver reads them as ops.
-fn ledger_seeds() -> Vec<(&'static str, Vec<u8>)> {
+fn ledger_seeds() -> Seeds {
     let mut x: u64 = 0x2545_f491_4f6c_dd1d;
     let mut bytes = |n: usize| -> Vec<u8> {
         (0..n)
@@ -163,7 +169,7 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn seeds() -> Vec<(&'static str, Vec<(&'static str, Vec<u8>)>)> {
+fn seeds() -> Vec<(&'static str, Seeds)> {
     vec![
         ("decode_usage", usage_seeds()),
         ("decode_command", command_seeds()),
