@@ -142,25 +142,14 @@ impl StateBatch {
                 Dirty::Meter(_) => {}
                 Dirty::Reservation(id) => {
                     if let Some(Some(r)) = book.reservations.get(id) {
-                        let record = value::reservation_to(r).encode_to_vec();
-                        self.writes.push(StateWrite {
-                            partition: p,
-                            key: keys::reservation(p, c, id.as_str()),
-                            value: Some(value::with_format(&record)),
-                            target: Target::Local,
-                        });
-                        // In the bucket of the hold's end: remembered for the window after it.
-                        let bucket = self.layout.bucket_of(r.expires_at);
                         let entry = pb::DeltaReservation {
                             customer: c.to_string(),
                             reservation_id: id.to_string(),
-                            record,
+                            record: value::reservation_to(r).encode_to_vec(),
                         };
-                        let n = entry.encoded_len() + 4;
-                        self.deltas
-                            .entry((p, bucket))
-                            .or_default()
-                            .room(n)
+                        let (key, n) = (keys::reservation(p, c, id.as_str()), entry.encoded_len());
+                        // In the bucket of the hold's end: remembered for the window after it.
+                        self.index_record(p, key, &entry.record, r.expires_at, n)
                             .reservations
                             .push(entry);
                     }
@@ -177,30 +166,40 @@ impl StateBatch {
                 }
                 Dirty::Event(id) => {
                     if let Some(Some(r)) = book.events.get(id) {
-                        let record = value::encode_event(r);
-                        self.writes.push(StateWrite {
-                            partition: p,
-                            key: keys::event(p, c, id.as_str()),
-                            value: Some(value::with_format(&record)),
-                            target: Target::Local,
-                        });
-                        let bucket = self.layout.bucket_of(r.at);
                         let entry = pb::DeltaEvent {
                             customer: c.to_string(),
                             event_id: id.to_string(),
-                            record,
+                            record: value::encode_event(r),
                         };
-                        let n = entry.encoded_len() + 4;
-                        self.deltas
-                            .entry((p, bucket))
-                            .or_default()
-                            .room(n)
+                        let (key, n) = (keys::event(p, c, id.as_str()), entry.encoded_len());
+                        self.index_record(p, key, &entry.record, r.at, n)
                             .events
                             .push(entry);
                     }
                 }
             }
         }
+    }
+
+    /// Writes an id record (a usage or reservation id's) locally under `key`, and returns the
+    /// delta of partition `p` for the bucket of `at`, with room for its `n`-byte entry: the
+    /// changelog carries the record there, and forgets it with the bucket.
+    fn index_record(
+        &mut self,
+        p: i32,
+        key: Vec<u8>,
+        record: &[u8],
+        at: i64,
+        n: usize,
+    ) -> &mut pb::Delta {
+        self.writes.push(StateWrite {
+            partition: p,
+            key,
+            value: Some(value::with_format(record)),
+            target: Target::Local,
+        });
+        let bucket = self.layout.bucket_of(at);
+        self.deltas.entry((p, bucket)).or_default().room(n + 4)
     }
 
     /// Keeps `change` (of partition `p`) in its meter's history ring.
