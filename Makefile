@@ -5,7 +5,7 @@ KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 LOADGEN := $(CARGO_TARGET_DIR)/debug/drawdown-loadgen
 
-.PHONY: setup reservation-kill-test demo-stop-test bench-check handover-test bench-e2e bench-latency bounded-state browser-test api-fuzz ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: fuzz fuzz-smoke setup reservation-kill-test demo-stop-test bench-check handover-test bench-e2e bench-latency bounded-state browser-test api-fuzz ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -121,6 +121,15 @@ lint:
 
 fmt:
 	cargo fmt
+
+## cargo fuzz (fuzz/: decoders, portal tokens, history cursor, config, a ledger driver), each
+## target FUZZ_SECONDS (default 600) on its corpus; fails on any crash. Stable Rust (see the
+## script). fuzz-smoke: 30 s each, in CI.
+fuzz:
+	scripts/fuzz.sh
+
+fuzz-smoke:
+	FUZZ_SECONDS=30 scripts/fuzz.sh
 
 ## Criterion: the rules alone, and the whole pure commit cycle (decode, fold, encode, state writes).
 bench:
