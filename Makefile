@@ -5,7 +5,7 @@ KAFKA := deploy/kafka/kafka.sh
 BIN := $(CARGO_TARGET_DIR)/debug/drawdown
 LOADGEN := $(CARGO_TARGET_DIR)/debug/drawdown-loadgen
 
-.PHONY: fuzz fuzz-smoke setup reservation-kill-test demo-stop-test bench-check handover-test bench-e2e bench-latency bounded-state browser-test api-fuzz ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
+.PHONY: fuzz fuzz-smoke soak setup reservation-kill-test demo-stop-test bench-check handover-test bench-e2e bench-latency bounded-state browser-test api-fuzz ops-check promql-check multi-instance-test restore-bench all build run test test-unit kafka-start kafka-stop kafka-reset crash-test throughput lint fmt bench clean-data
 
 all: build
 
@@ -78,6 +78,13 @@ bench-latency: kafka-start
 bench-check: kafka-start
 	cargo build --release --bins
 	scripts/bench-check.sh
+
+## 30 min on 2 instances at half of the peak: a SIGKILL every 3 min, a 20 s broker outage; RSS,
+## open files, RocksDB and changelog sampled every 10 s into docs/soak.png, plateaus required,
+## the exact verify at the end. Release build (PROFILE=debug: the dev build). Not in CI.
+soak: kafka-start
+	cargo build $(if $(filter debug,$(PROFILE)),,--release) --bins
+	scripts/soak.sh
 
 ## 10 min at load with a 60 s dedupe window: RocksDB, changelog and memory must plateau.
 bounded-state: build kafka-start
