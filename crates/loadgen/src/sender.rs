@@ -155,6 +155,14 @@ impl Sender {
         ts
     }
 
+    /// Waits until every record queued so far is on the broker (or fails).
+    pub fn flush(&mut self) -> anyhow::Result<()> {
+        self.producer
+            .flush(Duration::from_secs(120))
+            .context("flushing the producer")?;
+        self.check()
+    }
+
     fn check(&self) -> anyhow::Result<()> {
         let ctx = self.producer.context();
         let failed = ctx.failed.load(Ordering::Acquire);
