@@ -468,23 +468,20 @@ impl Store {
     ) -> Result<i64, StoreError> {
         let delta: pb::Delta = value::decode(key, v)?;
         let stream_time = delta.stream_time;
-        for e in delta.events {
-            let Ok(c) = crate::ledger::CustomerId::parse(e.customer) else {
-                continue;
-            };
-            batch.put(
-                keys::event(p, &c, &e.event_id),
-                value::with_format(&e.record),
-            );
-        }
-        for r in delta.reservations {
-            let Ok(c) = crate::ledger::CustomerId::parse(r.customer) else {
-                continue;
-            };
-            batch.put(
-                keys::reservation(p, &c, &r.reservation_id),
-                value::with_format(&r.record),
-            );
+        // The id records (usage and reservation ids) into their local indexes.
+        type KeyOf = fn(i32, &crate::ledger::CustomerId, &str) -> Vec<u8>;
+        let events = delta.events.into_iter().map(|e| {
+            let key_of: KeyOf = keys::event;
+            (e.customer, e.event_id, e.record, key_of)
+        });
+        let reservations = delta.reservations.into_iter().map(|r| {
+            let key_of: KeyOf = keys::reservation;
+            (r.customer, r.reservation_id, r.record, key_of)
+        });
+        for (customer, id, record, key_of) in events.chain(reservations) {
+            if let Ok(c) = crate::ledger::CustomerId::parse(customer) {
+                batch.put(key_of(p, &c, &id), value::with_format(&record));
+            }
         }
         for bytes in delta.changes {
             let ch: pb::Change =
