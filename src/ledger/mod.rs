@@ -49,7 +49,7 @@
 //! | `Release{id}` | held | the hold ends; delta 0 | `released` |
 //! | `Release{id}` | ended, its ttl run out (time ends it), refused, or its meter removed | nothing (`Duplicate`) | - |
 //! | `Release{id}` | unknown id | rejected (`reservation_unknown`) | - |
-//! | time reaches `at + ttl` | held | the hold ends (in [`Ledger::advance`], after expiries of grants; a usage or release at or past it sees it ended) | `reservation_expired` |
+//! | time reaches `at + ttl` | held | the hold ends (in [`Ledger::advance`], in time order with grants' activations and expiries, after them at the same instant; a usage or release at or past it sees it ended) | `reservation_expired` |
 //!
 //! On a `block` meter usage never draws units that *other* holds keep: it may draw
 //! `balance - (reserved - its own hold)`, and the rest is blocked. So a settle gets at least

@@ -147,8 +147,9 @@ impl Ledger {
         &self.meters
     }
 
-    /// Applies time: activates pending grants whose `effective_at <= now` and forfeits active
-    /// grants whose `expires_at <= now`, on every meter of the book.
+    /// Applies time: activates pending grants whose `effective_at <= now`, forfeits active
+    /// grants whose `expires_at <= now` and ends holds whose ttl ran out, on every meter of the
+    /// book, in time order (see `Due`).
     pub fn advance(&self, book: &mut Book, now: i64, out: &mut Vec<Output>) {
         let names: Vec<MeterName> = book.meters.keys().cloned().collect();
         for name in names {
@@ -166,57 +167,34 @@ impl Ledger {
         if state.next_due().is_none_or(|due| due > now) {
             return;
         }
-        // Activations first (in effective order), then expiries, so a grant that both starts
-        // and ends within one tick is credited and then forfeited, keeping the books whole.
-        let mut pending: Vec<GrantSlot> = Vec::new();
-        state.grants.retain(|g| {
-            if !g.active && g.effective_at <= now {
-                pending.push(g.clone());
-                false
-            } else {
-                true
+        // Everything due, in time order (see `Due`): advancing to `now` at once or in steps
+        // emits the same changes in the same order.
+        while let Some(due) = Due::next(state, now) {
+            match due {
+                Due::Activation(i) => {
+                    let g = state.grants.remove(i);
+                    let id = g.id.clone();
+                    let change = Change::new(&book.customer, def, now, id.as_str());
+                    activate(state, g, &change, Reason::Activated, out);
+                }
+                Due::Expiry(i) => {
+                    let before = state.balance();
+                    let g = state.grants.remove(i);
+                    if g.remaining.is_zero() {
+                        continue;
+                    }
+                    state.expired += g.remaining;
+                    let change = Change::new(&book.customer, def, now, g.id.as_str());
+                    change.emit(state, before, Reason::Expired, out);
+                }
+                Due::HoldEnd(i) => {
+                    let before = state.balance();
+                    let id = state.holds[i].id.clone();
+                    state.take_hold(&id);
+                    let change = Change::new(&book.customer, def, now, id.as_str());
+                    change.emit(state, before, Reason::ReservationExpired, out);
+                }
             }
-        });
-        pending.sort_by_key(|g| (g.effective_at, g.id.clone()));
-        for g in pending {
-            let id = g.id.clone();
-            let change = Change::new(&book.customer, def, now, id.as_str());
-            activate(state, g, &change, Reason::Activated, out);
-        }
-        let expiring: Vec<GrantId> = state
-            .grants
-            .iter()
-            .filter(|g| g.active && g.expires_at.is_some_and(|e| e <= now))
-            .map(|g| g.id.clone())
-            .collect();
-        for id in expiring {
-            let before = state.balance();
-            let pos = state
-                .grants
-                .iter()
-                .position(|g| g.id == id)
-                .expect("listed above");
-            let g = state.grants.remove(pos);
-            if g.remaining.is_zero() {
-                continue;
-            }
-            state.expired += g.remaining;
-            let change = Change::new(&book.customer, def, now, id.as_str());
-            change.emit(state, before, Reason::Expired, out);
-        }
-        // Then holds whose ttl ran out, soonest first.
-        let mut ending: Vec<(i64, ReservationId)> = state
-            .holds
-            .iter()
-            .filter(|h| h.expires_at <= now)
-            .map(|h| (h.expires_at, h.id.clone()))
-            .collect();
-        ending.sort();
-        for (_, id) in ending {
-            let before = state.balance();
-            state.take_hold(&id);
-            let change = Change::new(&book.customer, def, now, id.as_str());
-            change.emit(state, before, Reason::ReservationExpired, out);
         }
         book.dirty.insert(Dirty::Meter(name.clone()));
     }
@@ -694,4 +672,53 @@ fn activate(
     }
     state.sort_grants();
     change.emit_crossing(state, before, Some(crossed_from), reason, out);
+}
+
+/// The next time-driven change of a meter at or before `now`: the soonest, and at one instant
+/// activations (by `effective_at`, id) before grant expiries (draw-down order) before holds
+/// running out (by id). A grant that starts and ends between two steps is credited, then
+/// forfeited; a hold that ends before a grant expires is released first, whether time
+/// reached both at once or one at a time.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Due {
+    /// The pending grant at this index becomes active.
+    Activation(usize),
+    /// The active grant at this index expires.
+    Expiry(usize),
+    /// The hold at this index runs out.
+    HoldEnd(usize),
+}
+
+impl Due {
+    fn next(state: &MeterState, now: i64) -> Option<Self> {
+        let activation = state
+            .grants
+            .iter()
+            .enumerate()
+            .filter(|(_, g)| !g.active && g.effective_at <= now)
+            .min_by(|(_, a), (_, b)| (a.effective_at, &a.id).cmp(&(b.effective_at, &b.id)))
+            .map(|(i, g)| ((g.effective_at, 0u8), Due::Activation(i)));
+        let expiry = state
+            .grants
+            .iter()
+            .enumerate()
+            .filter_map(|(i, g)| match g.expires_at {
+                Some(at) if g.active && at <= now => Some((at, i, g)),
+                _ => None,
+            })
+            .min_by(|a, b| (a.0, a.2.order_key()).cmp(&(b.0, b.2.order_key())))
+            .map(|(at, i, _)| ((at, 1u8), Due::Expiry(i)));
+        let hold = state
+            .holds
+            .iter()
+            .enumerate()
+            .filter(|(_, h)| h.expires_at <= now)
+            .min_by(|(_, a), (_, b)| (a.expires_at, &a.id).cmp(&(b.expires_at, &b.id)))
+            .map(|(i, h)| ((h.expires_at, 2u8), Due::HoldEnd(i)));
+        [activation, expiry, hold]
+            .into_iter()
+            .flatten()
+            .min_by_key(|(key, _)| *key)
+            .map(|(_, due)| due)
+    }
 }

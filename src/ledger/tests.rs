@@ -2157,8 +2157,10 @@ fn totals(s: &MeterState) -> [Decimal; 9] {
     ]
 }
 
-/// Runs `steps` on one book, then applies time up to `end`; returns the book and the results.
-fn run_direct(ledger: &Ledger, steps: &[Step], end: i64) -> (Book, Vec<String>) {
+/// Runs `steps` on one book, then applies time up to `end`; returns the book, the results and
+/// the changes of each meter in order, each without the time it applied at (which ticks
+/// move): meter, version, reason, cause, balance, reserved.
+fn run_direct(ledger: &Ledger, steps: &[Step], end: i64) -> (Book, Vec<String>, Vec<String>) {
     let mut book = Book::new(customer());
     let mut out = Vec::new();
     let mut results = Vec::new();
@@ -2173,7 +2175,28 @@ fn run_direct(ledger: &Ledger, steps: &[Step], end: i64) -> (Book, Vec<String>) 
         }
     }
     ledger.advance(&mut book, end, &mut out);
-    (book, results)
+    let mut changes: Vec<(MeterName, String)> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Changed(c) => Some((
+                c.meter.clone(),
+                format!(
+                    "{} v{} {} {} {} {}",
+                    c.meter,
+                    c.version,
+                    c.reason.as_str(),
+                    c.cause_id,
+                    c.balance,
+                    c.reserved
+                ),
+            )),
+            _ => None,
+        })
+        .collect();
+    // Meters are independent: only the order within one is fixed.
+    changes.sort_by(|a, b| a.0.cmp(&b.0));
+    let changes = changes.into_iter().map(|(_, c)| c).collect();
+    (book, results, changes)
 }
 
 /// Voiding usage `u` right after it was applied (to `pre`, giving `after`) restores every
@@ -2409,8 +2432,9 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
         all_out.extend(out);
     }
 
-    // Ticks only bring expiries and activations forward: without them (each input applying
-    // time to its meters) the totals come out the same.
+    // Ticks only bring expiries, activations and the ends of holds forward: without them
+    // (each input applying time to its meters) the same changes come out in the same order,
+    // and the totals are the same.
     let end = steps
         .iter()
         .map(|s| match s {
@@ -2418,14 +2442,15 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
         })
         .max();
     let end = end.unwrap_or(0);
-    let (ticked, ticked_results) = run_direct(&ledger, &steps, end);
+    let (ticked, ticked_results, ticked_changes) = run_direct(&ledger, &steps, end);
     let untimed: Vec<Step> = steps
         .iter()
         .filter(|s| matches!(s, Step::Apply(..)))
         .cloned()
         .collect();
-    let (lazy, lazy_results) = run_direct(&ledger, &untimed, end);
+    let (lazy, lazy_results, lazy_changes) = run_direct(&ledger, &untimed, end);
     prop_assert_eq!(&lazy_results, &ticked_results);
+    prop_assert_eq!(&lazy_changes, &ticked_changes);
     for spec in SPECS {
         let a = ticked
             .meters

@@ -41,6 +41,9 @@
 //! - **Expiry**: a grant is usable while `now < expires_at`; at `expires_at` its remainder is
 //!   forfeited (`expired`), activations of the same moment first. A drained grant expires
 //!   without a change.
+//! - **Time order**: when time moves, everything due (activations, grant expiries, holds
+//!   running out) happens soonest first, so moving to `t` at once or in steps makes the same
+//!   changes in the same order.
 //! - **Drained grants** (remainder 0) stay, so a void can give back to them, until they expire,
 //!   their cycle ends or they are voided; after a usage event a meter keeps at most
 //!   [`MAX_DRAINED`] of them, dropping the oldest (`effective_at`, then id).

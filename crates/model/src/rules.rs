@@ -91,7 +91,7 @@ impl Rules {
     }
 
     /// Applies time alone: on every meter touched so far (by name), the pending grants due
-    /// become active, then the active grants due expire.
+    /// become active, the active grants due expire and the holds due end, in time order.
     pub fn advance(&self, customer: &mut Customer, now: i64, out: &mut Vec<Output>) {
         let Customer { id, meters, .. } = customer;
         for (name, book) in meters.iter_mut() {
@@ -466,8 +466,10 @@ fn touch<'a>(
     book
 }
 
-/// Activations due (soonest `effective_at` first, then id), then expiries due (in draw-down
-/// order): a grant that starts and ends between two steps is credited, then forfeited.
+/// Everything due up to `now`, one at a time, soonest first. At one instant: activations (by
+/// id), then grant expiries (in draw-down order), then holds (by id). So a grant that starts
+/// and ends between two steps is credited, then forfeited, and advancing in one step or in
+/// many gives the same changes.
 fn advance_meter(
     customer: &str,
     meter: &Meter,
@@ -476,46 +478,61 @@ fn advance_meter(
     out: &mut Vec<Output>,
 ) {
     loop {
-        let due = (0..book.slots.len())
-            .filter(|&i| !book.slots[i].active && book.slots[i].starts_at <= now)
-            .min_by_key(|&i| (book.slots[i].starts_at, &book.slots[i].grant.id));
-        let Some(i) = due else { break };
-        let slot = book.slots.remove(i);
-        let id = slot.grant.id.clone();
-        let cause = Cause::new(customer, meter, &id, now);
-        activate(&cause, book, slot, Reason::Activated, out);
-    }
-    loop {
-        let due = book.order().into_iter().find(|&i| {
+        let mut due: Vec<(i64, u8, usize)> = Vec::new();
+        for (rank, &i) in book.order().iter().enumerate() {
             let s = &book.slots[i];
-            s.active && s.grant.expires_at.is_some_and(|ends| ends <= now)
-        });
-        let Some(i) = due else { break };
-        let before = book.balance();
-        let slot = book.slots.remove(i);
-        if slot.remaining.is_zero() {
-            continue;
+            if !s.active && s.starts_at <= now {
+                due.push((s.starts_at, 0, i));
+            } else if let Some(ends) = s.grant.expires_at.filter(|&e| s.active && e <= now) {
+                due.push((ends, 1, rank));
+            }
         }
-        book.expired += slot.remaining;
-        let cause = Cause::new(customer, meter, &slot.grant.id, now);
-        change(&cause, book, before, Some(before), Reason::Expired, out);
-    }
-    loop {
-        let due = (0..book.holds.len())
-            .filter(|&i| book.holds[i].expires_at <= now)
-            .min_by_key(|&i| (book.holds[i].expires_at, book.holds[i].id.clone()));
-        let Some(i) = due else { break };
-        let before = book.balance();
-        let hold = book.holds.remove(i);
-        let cause = Cause::new(customer, meter, &hold.id, now);
-        change(
-            &cause,
-            book,
-            before,
-            Some(before),
-            Reason::ReservationExpired,
-            out,
-        );
+        for (i, h) in book.holds.iter().enumerate() {
+            if h.expires_at <= now {
+                due.push((h.expires_at, 2, i));
+            }
+        }
+        // Ties: activations by id, expiries by draw-down rank, holds by id.
+        let first = due.into_iter().min_by(|a, b| {
+            (a.0, a.1).cmp(&(b.0, b.1)).then_with(|| match a.1 {
+                0 => book.slots[a.2].grant.id.cmp(&book.slots[b.2].grant.id),
+                1 => a.2.cmp(&b.2),
+                _ => book.holds[a.2].id.cmp(&book.holds[b.2].id),
+            })
+        });
+        let Some((_, kind, i)) = first else { break };
+        match kind {
+            0 => {
+                let slot = book.slots.remove(i);
+                let id = slot.grant.id.clone();
+                let cause = Cause::new(customer, meter, &id, now);
+                activate(&cause, book, slot, Reason::Activated, out);
+            }
+            1 => {
+                let i = book.order()[i];
+                let before = book.balance();
+                let slot = book.slots.remove(i);
+                if slot.remaining.is_zero() {
+                    continue;
+                }
+                book.expired += slot.remaining;
+                let cause = Cause::new(customer, meter, &slot.grant.id, now);
+                change(&cause, book, before, Some(before), Reason::Expired, out);
+            }
+            _ => {
+                let before = book.balance();
+                let hold = book.holds.remove(i);
+                let cause = Cause::new(customer, meter, &hold.id, now);
+                change(
+                    &cause,
+                    book,
+                    before,
+                    Some(before),
+                    Reason::ReservationExpired,
+                    out,
+                );
+            }
+        }
     }
 }
 
