@@ -49,3 +49,4 @@ pub mod metrics;
 pub mod shutdown;
 #[cfg(feature = "service")]
 pub mod store;
+pub mod ttl;

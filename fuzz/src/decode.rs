@@ -13,8 +13,8 @@ use prost::Message;
 use rust_decimal::Decimal;
 use serde_json::{json, Map, Value};
 
-/// The longest reservation ttl the decoders accept (7 days, `codec::input`).
-const MAX_TTL_MS: i64 = 7 * 24 * 3_600_000;
+/// The longest reservation ttl the decoders accept, in ms.
+const MAX_TTL_MS: i64 = drawdown::ttl::MAX_RESERVATION_TTL.as_millis() as i64;
 
 /// The customer of the seeds; a key selector can name it.
 pub const CUSTOMER: &str = "cus_1";

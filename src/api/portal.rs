@@ -31,6 +31,7 @@ use crate::clock::now_ms;
 use crate::credentials::PortalClaims;
 use crate::kafka::api_publisher::ApiPublisher;
 use crate::ledger::{check_id, MeterName, TopUpRequested, TopUpSource};
+use crate::ttl::Ttl;
 
 /// How long a top-up `request_id` is remembered to answer retries without publishing again.
 pub const DEDUPE_WINDOW: Duration = Duration::from_secs(600);
@@ -121,42 +122,29 @@ fn ttl_of(v: Option<&Value>, max: Duration) -> Result<Duration, ApiError> {
     duration_of(v, DEFAULT_TTL.min(max), Duration::from_secs(1), max)
 }
 
-/// A `ttl` of a request body: whole seconds, or a duration such as `"15m"`; `default` when
-/// absent or null; between `min` and `max`.
+/// A `ttl` of a request body ([`Ttl`]: whole seconds, or a duration such as `"15m"`);
+/// `default` when absent or null; between `min` and `max`.
 pub(super) fn duration_of(
     v: Option<&Value>,
     default: Duration,
     min: Duration,
     max: Duration,
 ) -> Result<Duration, ApiError> {
+    let seconds;
     let ttl = match v {
-        None | Some(Value::Null) => default,
-        // Whole seconds, also when written with a zero fraction (`312.0`).
-        Some(Value::Number(n)) => n
-            .to_string()
-            .parse::<Decimal>()
-            .ok()
-            .filter(|d| d.fract().is_zero())
-            .and_then(|d| u64::try_from(d).ok())
-            .map(Duration::from_secs)
-            .ok_or_else(|| ApiError::BadRequest("ttl must be whole seconds >= 1".into()))?,
-        Some(Value::String(s)) => {
-            humantime::parse_duration(s).map_err(|e| ApiError::BadRequest(format!("ttl: {e}")))?
+        None | Some(Value::Null) => return Ok(default),
+        Some(Value::Number(n)) => {
+            seconds = n.to_string();
+            Ttl::Seconds(&seconds)
         }
+        Some(Value::String(s)) => Ttl::Text(s),
         Some(_) => {
             return Err(ApiError::BadRequest(
                 "ttl must be seconds or a duration such as \"15m\"".into(),
             ))
         }
     };
-    if ttl < min || ttl > max {
-        return Err(ApiError::BadRequest(format!(
-            "ttl must be between {} and {}",
-            humantime::format_duration(min),
-            humantime::format_duration(max)
-        )));
-    }
-    Ok(ttl)
+    ttl.within(min, max).map_err(ApiError::BadRequest)
 }
 
 /// The base URL of portal links: `public_url`, else the `Host` the request came to (the caller

@@ -34,6 +34,7 @@ use super::{customer, partitions_for, ApiError, ApiState};
 use crate::ledger::{
     parse_amount, CustomerId, MeterName, ReservationId, ReservationOutcome, ReservationRecord,
 };
+use crate::ttl::MAX_RESERVATION_TTL;
 
 /// How long a request waits for the pipeline to commit its command (within the 10 s a forwarding
 /// instance waits for the owner).
@@ -41,9 +42,6 @@ pub const WAIT: Duration = Duration::from_secs(8);
 
 /// The default hold, when a request names no `ttl`.
 const DEFAULT_TTL: Duration = Duration::from_secs(600);
-
-/// The longest hold (as on `credit-grants`).
-const MAX_TTL: Duration = Duration::from_secs(7 * 86_400);
 
 /// `POST .../reservations`.
 #[derive(Debug, Deserialize)]
@@ -186,7 +184,7 @@ pub async fn reserve(
         body.ttl.as_ref(),
         DEFAULT_TTL,
         Duration::from_millis(1),
-        MAX_TTL,
+        MAX_RESERVATION_TTL,
     )?;
     let (st, cc, r2) = (s.clone(), c.clone(), rid.clone());
     let known = tokio::task::spawn_blocking(move || record(&st, &cc, &r2))

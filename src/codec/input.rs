@@ -2,6 +2,7 @@
 //! ledger's [`Input`].
 
 use std::borrow::Cow;
+use std::time::Duration;
 
 use rust_decimal::Decimal;
 
@@ -11,6 +12,7 @@ use crate::ledger::{
     parse_amount, CustomerId, EventId, Grant, GrantId, GrantKind, Input, LedgerError, MeterName,
     ReservationId, Reserve, Usage,
 };
+use crate::ttl::MAX_RESERVATION_TTL;
 
 /// Decodes a record of the usage topic.
 pub fn decode_usage(
@@ -195,36 +197,26 @@ pub fn decode_command(
     Ok(input)
 }
 
-/// The longest hold a reservation may ask for.
-pub const MAX_RESERVATION_TTL_MS: i64 = 7 * 24 * 3_600_000;
-
-/// A reservation's ttl in ms: 1 ms to [`MAX_RESERVATION_TTL_MS`].
+/// A protobuf reservation's `ttl_ms`: 1 ms to [`MAX_RESERVATION_TTL`].
 fn ttl_ms(ms: i64) -> Result<i64, CodecError> {
-    if (1..=MAX_RESERVATION_TTL_MS).contains(&ms) {
+    let max = MAX_RESERVATION_TTL.as_millis() as i64;
+    if (1..=max).contains(&ms) {
         Ok(ms)
     } else {
         Err(CodecError::WrongType {
-            field: "ttl",
-            message: format!("must be 1 ms to 7 days, got {ms} ms"),
+            field: "ttl_ms",
+            message: format!("must be 1 to {max} ms, got {ms}"),
         })
     }
 }
 
-/// A JSON reservation's `ttl`: whole seconds, or a duration such as `"90s"` or `"10m"`.
+/// A JSON reservation's `ttl` in ms: whole seconds, or a duration such as `"90s"` or `"10m"`
+/// ([`Ttl`]), 1 ms to [`MAX_RESERVATION_TTL`].
 fn json_ttl(obj: &Object<'_>) -> Result<i64, CodecError> {
-    let ms = match obj.uint("ttl") {
-        Ok(Some(secs)) => i64::try_from(secs).unwrap_or(i64::MAX).saturating_mul(1000),
-        Ok(None) => return Err(CodecError::MissingField("ttl")),
-        Err(_) => {
-            let text = obj.str("ttl")?;
-            let d = humantime::parse_duration(&text).map_err(|e| CodecError::WrongType {
-                field: "ttl",
-                message: format!("expected seconds or a duration like \"10m\": {e}"),
-            })?;
-            i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
-        }
-    };
-    ttl_ms(ms)
+    let ttl = obj
+        .duration("ttl", Duration::from_millis(1), MAX_RESERVATION_TTL)?
+        .ok_or(CodecError::MissingField("ttl"))?;
+    Ok(ttl.as_millis() as i64)
 }
 
 fn check_key(key: Option<&[u8]>, customer: &CustomerId) -> Result<(), CodecError> {
@@ -290,6 +282,25 @@ mod tests {
         assert_eq!((r.units, r.ttl_ms), ("2.5".parse().unwrap(), 600_000));
         let r = json(br#"{"type":"reserve","reservation_id":"r1","customer_id":"c1","meter":"tokens","units":3,"ttl":90}"#).unwrap();
         assert!(matches!(r, Input::Reserve(Reserve { ttl_ms: 90_000, .. })));
+        // As over HTTP (one reading, `crate::ttl`): `312.0` is whole seconds, 1.5 is not.
+        let r = json(br#"{"type":"reserve","reservation_id":"r1","customer_id":"c1","meter":"tokens","units":3,"ttl":312.0}"#).unwrap();
+        assert!(matches!(
+            r,
+            Input::Reserve(Reserve {
+                ttl_ms: 312_000,
+                ..
+            })
+        ));
+        for bad in [&b"1.5"[..], b"0", b"\"8 days\"", b"true"] {
+            let mut p = br#"{"type":"reserve","reservation_id":"r1","customer_id":"c1","meter":"tokens","units":3,"ttl":"#.to_vec();
+            p.extend_from_slice(bad);
+            p.push(b'}');
+            assert!(
+                matches!(json(&p), Err(CodecError::WrongType { field: "ttl", .. })),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
         let rel = json(br#"{"type":"release","reservation_id":"r1","customer_id":"c1"}"#).unwrap();
         assert!(
             matches!(rel, Input::Release { ref reservation_id, .. } if reservation_id.as_str() == "r1")

@@ -6,12 +6,14 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::time::Duration;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::CodecError;
+use crate::ttl::Ttl;
 
 /// A string, borrowed unless it has escapes.
 #[derive(Deserialize)]
@@ -146,6 +148,28 @@ impl<'a> Object<'a> {
                     message: format!("expected a non-negative integer, got {}", raw.get()),
                 }),
         }
+    }
+
+    /// A duration field ([`Ttl`]: whole seconds or a duration text) between `min` and `max`.
+    pub(super) fn duration(
+        &self,
+        field: &'static str,
+        min: Duration,
+        max: Duration,
+    ) -> Result<Option<Duration>, CodecError> {
+        let Some(raw) = self.get(field) else {
+            return Ok(None);
+        };
+        let read = match shape(raw) {
+            Shape::Number => Ttl::Seconds(raw.get()).within(min, max),
+            Shape::String => Ttl::Text(&string(raw)?).within(min, max),
+            _ => Err(format!(
+                "expected seconds or a duration such as \"15m\", got {}",
+                raw.get()
+            )),
+        };
+        read.map(Some)
+            .map_err(|message| CodecError::WrongType { field, message })
     }
 
     /// A timestamp: RFC 3339 text or integer milliseconds since the epoch.

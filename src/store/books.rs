@@ -109,10 +109,7 @@ impl Store {
             for r in &w.refs.reservations {
                 let (k, v) = next()?;
                 let rec = match v {
-                    Some(v) => {
-                        let r = value::reservation_from(k, value::decode(k, &v)?)?;
-                        (r.expires_at >= horizon).then_some(r)
-                    }
+                    Some(v) => live_reservation(k, &v, horizon)?,
                     None => None,
                 };
                 book.reservations.insert(r.clone(), rec);
@@ -131,10 +128,7 @@ impl Store {
     ) -> Result<Option<ReservationRecord>, StoreError> {
         let k = keys::reservation(p, customer, id.as_str());
         match self.db.get_pinned(&k)? {
-            Some(v) => {
-                let r = value::reservation_from(&k, value::decode(&k, &v)?)?;
-                Ok((r.expires_at >= self.horizon(p)).then_some(r))
-            }
+            Some(v) => live_reservation(&k, &v, self.horizon(p)),
             None => Ok(None),
         }
     }
@@ -282,4 +276,15 @@ impl Store {
         it.status()?;
         Ok((customers, meters))
     }
+}
+
+/// A stored reservation record, unless forgotten: its hold ended before the partition's
+/// `horizon` (the compaction filter removes it later).
+fn live_reservation(
+    k: &[u8],
+    v: &[u8],
+    horizon: i64,
+) -> Result<Option<ReservationRecord>, StoreError> {
+    let r = value::reservation_from(k, value::decode(k, v)?)?;
+    Ok((r.expires_at >= horizon).then_some(r))
 }
