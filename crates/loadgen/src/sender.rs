@@ -1,6 +1,14 @@
 //! The producer: idempotent, keyed with the Java client's partitioner, paced, counted.
+//!
+//! # Order across the two topics
+//! drawdown folds a customer's two input partitions in record-timestamp order, but only among
+//! the records the broker holds (`kafka::pipeline::merge`); a producer keeps no order across
+//! partitions. So a record of one customer is sent on one topic only once every record of that
+//! customer sent on the other topic is acknowledged ([`Sender::send_at`] waits for it). Then
+//! drawdown folds each customer's records in the order they were sent, the order the
+//! expectation applies them in. Records of one topic need no wait (one partition keeps order).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -15,19 +23,35 @@ use rdkafka::ClientContext;
 
 use crate::gen::{InputTopic, Rec};
 
-/// Counts delivery failures (an idempotent producer either delivers in order or fails).
+/// Counts delivery failures (an idempotent producer either delivers in order or fails), and
+/// the records not acknowledged yet per (key, topic).
 #[derive(Default)]
 struct Deliveries {
     failed: AtomicU64,
     first: Mutex<Option<String>>,
+    /// By key index ([`Sender::keys`]): records in flight on the usage and the grants topic.
+    in_flight: Mutex<Vec<[u32; 2]>>,
+}
+
+/// The delivery opaque of a record: its key's index and its topic, in one word.
+fn opaque(key: usize, topic: InputTopic) -> usize {
+    key << 1 | slot(topic)
+}
+
+fn slot(topic: InputTopic) -> usize {
+    match topic {
+        InputTopic::Usage => 0,
+        InputTopic::Grants => 1,
+    }
 }
 
 impl ClientContext for Deliveries {}
 
 impl ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+    fn delivery(&self, result: &DeliveryResult<'_>, sent: usize) {
+        self.in_flight.lock().expect("not poisoned")[sent >> 1][sent & 1] -= 1;
         if let Err((e, _)) = result {
             self.failed.fetch_add(1, Ordering::AcqRel);
             self.first
@@ -50,6 +74,8 @@ pub struct Sender {
     /// The record timestamps given so far: the last one, and the last of a usage record.
     last_ts: i64,
     last_usage_ts: i64,
+    /// The index of each record key, for [`Deliveries::in_flight`].
+    keys: HashMap<String, usize>,
 }
 
 /// What a phase sent.
@@ -86,6 +112,7 @@ impl Sender {
             counts: BTreeMap::new(),
             last_ts: i64::MIN,
             last_usage_ts: i64::MIN,
+            keys: HashMap::new(),
         })
     }
 
@@ -98,7 +125,11 @@ impl Sender {
     /// Queues `rec` with the record timestamp `timestamp`, which [`Sender::stamp`] gave for
     /// it just before (no other record in between): for records whose model time must be
     /// drawdown's processing time exactly (a reservation's expiry is its time + ttl).
+    /// First waits until the records of the same key on the other topic are acknowledged
+    /// (see the module docs).
     pub fn send_at(&mut self, rec: &Rec, timestamp: i64, what: &'static str) -> anyhow::Result<()> {
+        let key = self.key_index(&rec.key);
+        self.await_other_topic(key, rec.topic)?;
         let topic = match rec.topic {
             InputTopic::Usage => self.usage_topic.as_str(),
             InputTopic::Grants => self.grants_topic.as_str(),
@@ -107,19 +138,25 @@ impl Sender {
             key: "content-type",
             value: Some(rec.content_type),
         });
-        let mut record: BaseRecord<'_, str, [u8]> = BaseRecord::to(topic)
-            .key(rec.key.as_str())
-            .payload(rec.payload.as_slice())
-            .headers(headers)
-            .timestamp(timestamp);
+        let mut record: BaseRecord<'_, str, [u8], usize> =
+            BaseRecord::with_opaque_to(topic, opaque(key, rec.topic))
+                .key(rec.key.as_str())
+                .payload(rec.payload.as_slice())
+                .headers(headers)
+                .timestamp(timestamp);
         loop {
+            self.count_in_flight(key, rec.topic, true);
             match self.producer.send(record) {
                 Ok(()) => break,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                    self.count_in_flight(key, rec.topic, false);
                     record = back;
                     self.producer.poll(Duration::from_millis(10));
                 }
-                Err((e, _)) => return Err(e).context("producing"),
+                Err((e, _)) => {
+                    self.count_in_flight(key, rec.topic, false);
+                    return Err(e).context("producing");
+                }
             }
         }
         self.sent += 1;
@@ -138,6 +175,54 @@ impl Sender {
         Ok(())
     }
 
+    /// The index of the record key `key`, given on first sight.
+    fn key_index(&mut self, key: &str) -> usize {
+        if let Some(&i) = self.keys.get(key) {
+            return i;
+        }
+        let i = self.keys.len();
+        self.keys.insert(key.to_owned(), i);
+        self.producer
+            .context()
+            .in_flight
+            .lock()
+            .expect("not poisoned")
+            .push([0, 0]);
+        i
+    }
+
+    /// Counts one more (or one fewer) record of key `key` in flight on `topic`.
+    fn count_in_flight(&self, key: usize, topic: InputTopic, more: bool) {
+        let mut in_flight = self
+            .producer
+            .context()
+            .in_flight
+            .lock()
+            .expect("not poisoned");
+        let n = &mut in_flight[key][slot(topic)];
+        if more {
+            *n += 1;
+        } else {
+            *n -= 1;
+        }
+    }
+
+    /// Waits until no record of key `key` on the topic other than `topic` is in flight.
+    fn await_other_topic(&mut self, key: usize, topic: InputTopic) -> anyhow::Result<()> {
+        let other = 1 - slot(topic);
+        while self
+            .producer
+            .context()
+            .in_flight
+            .lock()
+            .expect("not poisoned")[key][other]
+            > 0
+        {
+            self.producer.poll(Duration::from_millis(1));
+        }
+        self.check()
+    }
+
     /// The record timestamp of the next record, for `topic`: the clock, never going back, and
     /// such that drawdown's merge of a partition's two topics (by timestamp, grants first on a
     /// tie) folds the records in the order they were sent, the order the expectation applies
@@ -153,14 +238,6 @@ impl Sender {
         }
         self.last_ts = ts;
         ts
-    }
-
-    /// Waits until every record queued so far is on the broker (or fails).
-    pub fn flush(&mut self) -> anyhow::Result<()> {
-        self.producer
-            .flush(Duration::from_secs(120))
-            .context("flushing the producer")?;
-        self.check()
     }
 
     fn check(&self) -> anyhow::Result<()> {

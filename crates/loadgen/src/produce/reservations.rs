@@ -18,12 +18,11 @@
 //! # Why the expectation stays exact
 //! A command is applied by drawdown at its record timestamp, so each reservation command
 //! takes its timestamp first ([`Sender::stamp`]) and the model applies it at that time: a
-//! hold's expiry (`time + ttl`) is the same instant in both. A record on one topic that must
-//! follow one on the other (a settling usage event after its reservation, a release after the
-//! usage that ended the hold) is only sent once the first is on the broker (a flush every
-//! [`FLUSH_EVERY`] steps): the merge orders the topics by record timestamp, but only among
-//! records the broker already holds. Without that, a settle overtook its reservation about
-//! once in 100k at 8,000 records/s (found by the soak).
+//! hold's expiry (`time + ttl`) is the same instant in both. A customer's record on one topic
+//! is only sent once its records on the other topic are on the broker ([`crate::sender`]): the
+//! merge orders the topics by record timestamp, but only among records the broker already
+//! holds. Without that, a settle overtook its reservation about once in 100k at 8,000
+//! records/s, and a reserve the plain usage sent just before it (both found by the soak).
 
 use anyhow::bail;
 use drawdown_model::{Applied, Input, Meter, Reserve};
@@ -35,13 +34,6 @@ use crate::gen::{sum_property, InputTopic, ReservationCmd};
 
 /// The ttl of the `reservations` phase's holds: longer than any run.
 const HOLD_TTL_MS: i64 = 3_600_000;
-
-/// Steps between two flushes of the producer. A settling usage event (on the usage topic) is
-/// only sent for a reservation flushed before (on the grants topic), and a release of an
-/// ended reservation only once its end is flushed: the merge orders the two topics by record
-/// timestamp but cannot wait for a record that is not on the broker yet (see
-/// `kafka::pipeline::merge`), and a producer gives no order across partitions.
-const FLUSH_EVERY: u64 = 250;
 
 /// A reservation of this phase that was not ended yet.
 struct Open {
@@ -158,25 +150,17 @@ impl Run<'_> {
     /// The `reservations` phase (see the module docs).
     pub(super) fn phase_reservations(&mut self) -> anyhow::Result<()> {
         let steps = self.gen.events;
-        // Reservations on the broker (flushed), which usage may settle, and those sent since
-        // the last flush, which it may not yet.
-        let (mut open, mut fresh): (Vec<Open>, Vec<Open>) = (Vec::new(), Vec::new());
-        // (customer, reservation id) of those ended, on the broker / since the last flush.
+        let mut open: Vec<Open> = Vec::new();
+        // (customer, reservation id) of those ended.
         let mut ended: Vec<(String, String)> = Vec::new();
-        let mut ended_fresh: Vec<(String, String)> = Vec::new();
         for step in 0..steps {
-            if step % FLUSH_EVERY == FLUSH_EVERY - 1 {
-                self.sender.flush()?;
-                open.append(&mut fresh);
-                ended.append(&mut ended_fresh);
-            }
             if open.is_empty() || self.gen.rng.random_bool(0.5) {
                 let index = self.gen.pick_index();
                 let k = self.gen.rng.random_range(0..self.gen.meters().len());
                 let reserve = self.new_reserve(k);
                 let customer = self.gen.customer(index);
                 self.send_reservation(&customer, ReservationCmd::Reserve(reserve.clone()), None)?;
-                fresh.push(Open {
+                open.push(Open {
                     index,
                     meter: k,
                     reserve,
@@ -198,7 +182,7 @@ impl Run<'_> {
                         continue;
                     }
                 }
-                ended_fresh.push((customer, o.reserve.id));
+                ended.push((customer, o.reserve.id));
             }
             if !ended.is_empty() && self.gen.rng.random_bool(0.03) {
                 let (c, id) = ended[self.gen.rng.random_range(0..ended.len())].clone();
