@@ -3,6 +3,13 @@
 # the load generator (grants, then a steady mix of usage and top-ups). Ctrl-C (SIGINT) or SIGTERM
 # stops both; the broker keeps running (`make kafka-stop` stops it).
 set -euo pipefail
+# Started in the background by a non-interactive shell (`scripts/demo.sh &`, as some supervisors
+# do), bash runs with SIGINT ignored, and a signal ignored on entry cannot be trapped: SIGINT did
+# nothing. Run again once with SIGINT at its default, so the trap below catches it.
+if [[ -z "${DRAWDOWN_DEMO_SIGNALS:-}" ]]; then
+    export DRAWDOWN_DEMO_SIGNALS=1
+    exec env --default-signal=INT bash "$0" "$@"
+fi
 cd "$(dirname "$0")/.."
 BIN="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown"
 LOADGEN="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}/debug/drawdown-loadgen"

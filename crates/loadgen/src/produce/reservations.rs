@@ -54,7 +54,7 @@ impl Run<'_> {
         mut cmd: ReservationCmd,
         ends_at: Option<i64>,
     ) -> anyhow::Result<()> {
-        let at = self.sender.stamp(InputTopic::Grants);
+        let at = self.sender.stamp(InputTopic::Grants, customer);
         if let (ReservationCmd::Reserve(r), Some(end)) = (&mut cmd, ends_at) {
             r.ttl = end - at;
             if r.ttl <= 0 {
