@@ -49,6 +49,30 @@ aggregation = { type = "count" }
 on_exhausted = "overage"
 "#;
 
+/// Removes the data dirs that test processes which have ended left behind
+/// (`drawdown-test-t<pid>-<n>`, about 80 KB each). A test's own dir stays while its process
+/// runs: an app may still have its store open there when the test's `Names` is dropped.
+fn remove_dirs_of_ended_runs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("drawdown-test-t"))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !std::path::Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
 /// A test's names: topics and group are unique per test run.
 #[derive(Clone)]
 pub struct Names {
@@ -58,6 +82,8 @@ pub struct Names {
 
 impl Names {
     pub fn new() -> Self {
+        static SWEPT: std::sync::Once = std::sync::Once::new();
+        SWEPT.call_once(remove_dirs_of_ended_runs);
         let id = format!("t{}-{}", std::process::id(), rand::random::<u32>());
         let dir = std::env::temp_dir().join(format!("drawdown-test-{id}"));
         Self { id, dir }
