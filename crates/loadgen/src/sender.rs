@@ -146,18 +146,17 @@ impl Sender {
                 .headers(headers)
                 .timestamp(timestamp);
         loop {
-            self.count_in_flight(key, rec.topic, true);
             match self.producer.send(record) {
-                Ok(()) => break,
+                // Counted after the send: delivery callbacks run only in `poll`, on this thread.
+                Ok(()) => {
+                    self.in_flight()[key][slot(rec.topic)] += 1;
+                    break;
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                    self.count_in_flight(key, rec.topic, false);
                     record = back;
                     self.producer.poll(Duration::from_millis(10));
                 }
-                Err((e, _)) => {
-                    self.count_in_flight(key, rec.topic, false);
-                    return Err(e).context("producing");
-                }
+                Err((e, _)) => return Err(e).context("producing"),
             }
         }
         self.sent += 1;
@@ -184,42 +183,23 @@ impl Sender {
         let i = self.keys.len();
         self.keys.insert(key.to_owned(), i);
         self.last_usage_ts.push(i64::MIN);
+        self.in_flight().push([0, 0]);
+        i
+    }
+
+    /// The records in flight, by key index and topic slot.
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, Vec<[u32; 2]>> {
         self.producer
             .context()
             .in_flight
             .lock()
             .expect("not poisoned")
-            .push([0, 0]);
-        i
-    }
-
-    /// Counts one more (or one fewer) record of key `key` in flight on `topic`.
-    fn count_in_flight(&self, key: usize, topic: InputTopic, more: bool) {
-        let mut in_flight = self
-            .producer
-            .context()
-            .in_flight
-            .lock()
-            .expect("not poisoned");
-        let n = &mut in_flight[key][slot(topic)];
-        if more {
-            *n += 1;
-        } else {
-            *n -= 1;
-        }
     }
 
     /// Waits until no record of key `key` on the topic other than `topic` is in flight.
     fn await_other_topic(&mut self, key: usize, topic: InputTopic) -> anyhow::Result<()> {
         let other = 1 - slot(topic);
-        while self
-            .producer
-            .context()
-            .in_flight
-            .lock()
-            .expect("not poisoned")[key][other]
-            > 0
-        {
+        while self.in_flight()[key][other] > 0 {
             self.producer.poll(Duration::from_millis(1));
         }
         self.check()
