@@ -156,8 +156,8 @@ while kill -0 "$LOAD" 2>/dev/null; do
     if (( !outage_done && now >= outage_at )) && (( now - $(cat "$DIR/phase-started") > 10 )); then
         touch "$DIR/outage"
         echo "$(( now - T0 )),outage_start," >> "$DIR/events.csv"
-        $KAFKA stop > /dev/null
-        log "broker stopped for ${OUTAGE}s"
+        $KAFKA crash > /dev/null   # SIGKILL: see multi-instance-test.sh on why not SIGTERM
+        log "broker killed, down for ${OUTAGE}s"
         sleep "$OUTAGE"
         $KAFKA start > /dev/null
         echo "$(( $(date +%s) - T0 )),outage_end," >> "$DIR/events.csv"

@@ -7,6 +7,11 @@
 #   deploy/kafka/kafka.sh have-libs   exit 0 iff the jars are cached
 #   deploy/kafka/kafka.sh start    fetch, format storage once, start, wait until it answers
 #   deploy/kafka/kafka.sh stop     SIGTERM, wait up to 30 s, then SIGKILL
+#   deploy/kafka/kafka.sh crash    SIGKILL at once (the tests' outage; the next start recovers
+#                                  the logs). A SIGTERM runs the controlled shutdown, which on a
+#                                  single node has lost the markers of a transaction that its
+#                                  coordinator had just recorded as committed (see
+#                                  docs/runbook.md, DrawdownStalled)
 #   deploy/kafka/kafka.sh status   exit 0 iff the broker answers a metadata request
 #   deploy/kafka/kafka.sh reset    stop and delete the data dir
 #   deploy/kafka/kafka.sh topics [TopicCommand args]   default: --list
@@ -237,6 +242,22 @@ cmd_stop() {
     log "broker stopped"
 }
 
+cmd_crash() {
+    local pid i
+    if ! pid="$(broker_pid)"; then
+        log "broker not running"
+        return 0
+    fi
+    log "killing broker pid $pid (SIGKILL)"
+    kill -KILL "$pid" 2>/dev/null || true
+    for ((i = 0; i < 40; i++)); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.25
+    done
+    rm -f "$PID_FILE"
+    log "broker killed"
+}
+
 cmd_status() {
     if answering; then
         local pid
@@ -289,7 +310,7 @@ cmd_hanging() {
 }
 
 usage() {
-    sed -n '2,25p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^[^#]/p' "${BASH_SOURCE[0]}" | sed '$d' | sed 's/^# \{0,1\}//'
 }
 
 case "${1:-}" in
@@ -297,6 +318,7 @@ case "${1:-}" in
     have-libs) have_libs ;;
     start) cmd_start ;;
     stop) cmd_stop ;;
+    crash) cmd_crash ;;
     status) cmd_status ;;
     reset) cmd_reset ;;
     topics) shift; cmd_topics "$@" ;;
