@@ -124,7 +124,8 @@ pub enum OutputFormat {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
-    /// A transaction is committed at least this often while input flows.
+    /// A transaction is committed at least this often while input flows (sooner when the
+    /// input is caught up: the batch then holds all there is).
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
     /// ... or once this many input records are in the batch.

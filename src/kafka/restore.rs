@@ -105,6 +105,8 @@ impl Restorer {
             .set("enable.partition.eof", "true")
             .set("auto.offset.reset", "earliest")
             .set("fetch.wait.max.ms", "20")
+            .set("max.partition.fetch.bytes", "16777216")
+            .set("fetch.max.bytes", "67108864")
             .create_with_context(QuietEof)?;
         let ends = super::client_config(&cfg.kafka)
             .set("group.id", format!("{}-restore", cfg.kafka.group_id))

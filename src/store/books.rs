@@ -179,26 +179,6 @@ impl Store {
         Ok(all)
     }
 
-    /// Every meter projection of partition `p` with a time-driven change pending: (due, customer,
-    /// meter). Used to rebuild the tick index after a restore.
-    pub fn due_meters(&self, p: i32) -> Result<Vec<(i64, CustomerId, MeterName)>, StoreError> {
-        let pre = keys::kind_prefix(p, Kind::Book);
-        let mut out = Vec::new();
-        self.scan(&pre, |k, v| {
-            let customer = String::from_utf8_lossy(keys::book_customer(k)).into_owned();
-            let Ok(c) = CustomerId::parse(customer) else {
-                return Ok(true);
-            };
-            for (name, state) in decode_book(k, v)? {
-                if let Some(due) = state.next_due() {
-                    out.push((due, c.clone(), name));
-                }
-            }
-            Ok(true)
-        })?;
-        Ok(out)
-    }
-
     /// The time buckets partition `p` has deltas in, and the next delta sequence number (one
     /// past the highest in use). A seek per bucket, no scan of the deltas.
     pub fn deltas(&self, p: i32) -> Result<(BTreeSet<i64>, u64), StoreError> {

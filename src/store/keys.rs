@@ -12,8 +12,10 @@
 //! | `S p 'm'` | the partition's meta (the dedupe horizon) | yes |
 //! | `S p 'e' customer NUL event_id` | a usage id's record (expanded from the deltas) | no |
 //! | `S p 'h' customer NUL meter NUL slot(u32 BE)` | a movement, a ring of `history_len` (from the deltas) | no |
+//! | `S p 't' due(i64, order-preserving BE) customer NUL meter` | the due index: a meter's next time-driven change (derived from the books) | no |
 //! | `C p` | the next changelog offset to read, then the partition's stream time (i64 BE each) | no |
 //! | `V` | the store's state format (u8) | no |
+//! | `I` | the version of the local indexes derived from the books (u8; see `due`) | no |
 
 use crate::ledger::{CustomerId, MeterName};
 
@@ -22,6 +24,9 @@ const CHECKPOINT: u8 = b'C';
 
 /// The key of the store's format version.
 pub(super) const FORMAT: &[u8] = b"V";
+
+/// The key of the version of the local indexes derived from the books (the due index).
+pub(super) const LOCAL_INDEXES: &[u8] = b"I";
 
 /// What a state key holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,6 +38,7 @@ pub(super) enum Kind {
     Meta = b'm' as isize,
     Event = b'e' as isize,
     History = b'h' as isize,
+    Due = b't' as isize,
 }
 
 impl Kind {
@@ -47,6 +53,7 @@ impl Kind {
                 Kind::Meta,
                 Kind::Event,
                 Kind::History,
+                Kind::Due,
             ]
             .into_iter()
             .find(|kind| *kind as u8 == *k),
@@ -138,6 +145,33 @@ pub(super) fn delta_parts(key: &[u8]) -> Option<(i64, u64)> {
     Some((bucket, seq))
 }
 
+/// `at` as bytes that sort as the number does (the sign bit flipped, big-endian).
+fn ordered(at: i64) -> [u8; 8] {
+    ((at as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// `S p 't' at`: every due-index key of partition `p` at `at` or later sorts at or after it.
+pub(super) fn due_from(p: i32, at: i64) -> Vec<u8> {
+    with(kind_prefix(p, Kind::Due), &ordered(at))
+}
+
+/// The due-index key of meter `meter` of `customer`, due at `at`.
+pub(super) fn due(p: i32, at: i64, customer: &CustomerId, meter: &MeterName) -> Vec<u8> {
+    let mut k = due_from(p, at);
+    k.extend_from_slice(customer.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(meter.as_str().as_bytes());
+    k
+}
+
+/// The (due time, customer, meter) of a due-index key.
+pub(super) fn due_parts(key: &[u8]) -> Option<(i64, &[u8], &[u8])> {
+    let at = u64::from_be_bytes(key.get(4..12)?.try_into().ok()?) ^ (1 << 63);
+    let rest = key.get(12..)?;
+    let nul = rest.iter().position(|b| *b == 0)?;
+    Some((at as i64, &rest[..nul], &rest[nul + 1..]))
+}
+
 /// The key of partition `p`'s meta.
 pub(super) fn meta(p: i32) -> Vec<u8> {
     kind_prefix(p, Kind::Meta)
@@ -210,6 +244,7 @@ mod tests {
                 (history(p, &c, &m, 3), Kind::History),
                 (delta(p, 5, 9), Kind::Delta),
                 (meta(p), Kind::Meta),
+                (due(p, -5, &c, &m), Kind::Due),
             ] {
                 assert_eq!(partition_of(&k), Some(p));
                 assert_eq!(Kind::of(&k), Some(kind));
@@ -224,5 +259,21 @@ mod tests {
         assert_eq!(delta_parts(&delta(2, 1_000, 7)), Some((1_000, 7)));
         assert!(delta(2, 1_000, 7) < delta(2, 1_000, 8) && delta(2, 1_000, 8) < delta(2, 2_000, 0));
         assert_eq!(book_customer(&book(2, &c)), b"cus");
+    }
+
+    #[test]
+    fn due_keys_sort_by_time_and_read_back() {
+        let c = CustomerId::parse("cus").unwrap();
+        let m = MeterName::parse("api").unwrap();
+        let times = [i64::MIN, -1_000, -1, 0, 1, 1_000, i64::MAX];
+        for w in times.windows(2) {
+            assert!(due(3, w[0], &c, &m) < due(3, w[1], &c, &m));
+            assert!(due_from(3, w[1]) > due(3, w[0], &c, &m));
+            assert!(due_from(3, w[1]) <= due(3, w[1], &c, &m));
+        }
+        for at in times {
+            let k = due(3, at, &c, &m);
+            assert_eq!(due_parts(&k), Some((at, &b"cus"[..], &b"api"[..])));
+        }
     }
 }

@@ -8,8 +8,8 @@ use std::time::Duration;
 use prost::Message;
 
 use super::value::{self, pb};
-use super::{keys, StateWrite, Target};
-use crate::ledger::{BalanceChanged, Book, Dirty};
+use super::{due, keys, Due, StateWrite, Target};
+use crate::ledger::{BalanceChanged, Book, CustomerId, Dirty, MeterName};
 
 /// How state is cut into records: the history ring and the time buckets of the deltas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,6 +200,40 @@ impl StateBatch {
         });
         let bucket = self.layout.bucket_of(at);
         self.deltas.entry((p, bucket)).or_default().room(n + 4)
+    }
+
+    /// Moves `meter` of `customer` (partition `p`) in the due index from `was` to `now`
+    /// (RocksDB only; see the store's `due` module): the old key is deleted before the new one
+    /// is put, so an unchanged time keeps its key.
+    pub fn due(
+        &mut self,
+        p: i32,
+        customer: &CustomerId,
+        meter: &MeterName,
+        was: Option<i64>,
+        now: Option<i64>,
+    ) {
+        for (at, value) in [(was, None), (now, Some(due::marker()))] {
+            if let Some(at) = at {
+                self.writes.push(StateWrite {
+                    partition: p,
+                    key: keys::due(p, at, customer, meter),
+                    value,
+                    target: Target::Local,
+                });
+            }
+        }
+    }
+
+    /// Deletes a due-index key that a tick read. Call it before [`StateBatch::due`] in a batch,
+    /// so a key put back by the fold stays.
+    pub fn forget_due(&mut self, d: &Due) {
+        self.writes.push(StateWrite {
+            partition: d.partition,
+            key: d.key.clone(),
+            value: None,
+            target: Target::Local,
+        });
     }
 
     /// Keeps `change` (of partition `p`) in its meter's history ring.

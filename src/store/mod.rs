@@ -29,6 +29,11 @@
 //!   history holds the movements of the dedupe window (the deltas still in the changelog);
 //!   `balance-changed` remains the complete, durable record of every movement.
 //!
+//! - the **due index** (`t` keys, RocksDB only): one key per meter with a time-driven change
+//!   ahead, ordered by its time, so the tick reads what is due with one seek per partition and
+//!   nothing per meter is held in memory (see `due`). Derived from the books: a restore rebuilds
+//!   it from the book records it replays.
+//!
 //! - **stream time** (the clock the rules run on, per partition; see
 //!   `kafka::pipeline::stream_time`): each delta carries its partition's stream time after the
 //!   commit, and the local checkpoint records it too, so a restored partition (from a checkpoint
@@ -59,12 +64,14 @@
 
 mod books;
 mod cache;
+mod due;
 mod keys;
 pub mod layout;
 mod value;
 
 pub use books::BookRequest;
 pub use cache::BookCache;
+pub use due::Due;
 pub use value::FORMAT;
 
 use std::collections::BTreeMap;
@@ -176,7 +183,7 @@ pub fn record_kind(key: &[u8]) -> Option<RecordKind> {
         Kind::Grant => Some(RecordKind::Grant),
         Kind::Delta => Some(RecordKind::Delta),
         Kind::Meta => Some(RecordKind::Meta),
-        Kind::Event | Kind::Reservation | Kind::History => None,
+        Kind::Event | Kind::Reservation | Kind::History | Kind::Due => None,
     }
 }
 
@@ -308,6 +315,7 @@ impl Store {
             written: Arc::new(tokio::sync::watch::Sender::new(0)),
         };
         store.check_format()?;
+        store.migrate_local_indexes()?;
         Ok(store)
     }
 
@@ -420,7 +428,8 @@ impl Store {
 
     /// Applies changelog records of partition `p` (key, value; `None` deletes) read during a
     /// restore, with the checkpoint `next` (the offset after the last of them), atomically.
-    /// Deltas are expanded into the id index and the history; every value's format is checked.
+    /// Deltas are expanded into the id index and the history, books into the due index; every
+    /// value's format is checked.
     pub fn restore(
         &self,
         p: i32,
@@ -442,6 +451,10 @@ impl Store {
                 }
                 Some(Kind::Meta) => {
                     horizon = Some(value::decode::<pb::PartitionMeta>(k, v)?.horizon);
+                    batch.put(k, v);
+                }
+                Some(Kind::Book) => {
+                    due::index_book(p, k, v, &mut batch)?;
                     batch.put(k, v);
                 }
                 _ => {

@@ -398,3 +398,40 @@ fn stream_time_is_kept_with_the_checkpoint_and_restored_from_the_deltas() {
     assert_eq!(r.checkpoint(2).unwrap(), Some(9));
     assert_eq!(r.stream_time(2).unwrap(), Some(12_345));
 }
+
+#[test]
+fn the_due_index_is_rebuilt_by_a_restore_and_built_once_for_a_store_without_it() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let s = open(a.path());
+    let mut cache = BookCache::new(0);
+    let c = CustomerId::parse("c1").unwrap();
+    let m = MeterName::parse("api").unwrap();
+    let mut g = Grant::top_up(
+        GrantId::parse("g1").unwrap(),
+        c.clone(),
+        m.clone(),
+        5.into(),
+    );
+    g.expires_at = Some(50_000);
+    let log = changelog(&fold(&s, &mut cache, 2, &c, &[Input::Grant(g)], 10_000, 0));
+    let due = |s: &Store| -> Vec<(i64, CustomerId, MeterName)> {
+        s.due(2, i64::MIN, i64::MAX, 10)
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.at, d.customer, d.meter))
+            .collect()
+    };
+    // The test's fold writes no due keys: the store above has none.
+    assert_eq!(due(&s), []);
+    // A restore indexes the books it replays.
+    let r = open(b.path());
+    r.restore(2, &log, 5).unwrap();
+    assert_eq!(due(&r), [(50_000, c.clone(), m.clone())]);
+    assert!(r.due(2, i64::MIN, 49_999, 10).unwrap().is_empty());
+    // A store written before the index existed (no `I` key) gets it from its books at open.
+    s.db.delete(keys::LOCAL_INDEXES).unwrap();
+    drop(s);
+    let s = open(a.path());
+    assert_eq!(due(&s), [(50_000, c.clone(), m.clone())]);
+    assert_eq!(s.db.get(keys::LOCAL_INDEXES).unwrap(), Some(vec![1]));
+}

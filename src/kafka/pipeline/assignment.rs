@@ -37,7 +37,7 @@ use rdkafka::{Offset, TopicPartitionList};
 
 use super::claims::Claims;
 use super::clients::{Clients, RebalanceEvent};
-use super::housekeeping::{Deltas, DueIndex};
+use super::housekeeping::{Deltas, DueFloors};
 use super::stream_time::StreamTimes;
 use super::PipelineError;
 use crate::config::TopicsConfig;
@@ -74,7 +74,7 @@ pub(super) struct Parts<'a> {
     pub(super) restorer: &'a mut Restorer,
     pub(super) store: &'a Store,
     pub(super) status: &'a LoopStatus,
-    pub(super) due: &'a mut DueIndex,
+    pub(super) due: &'a mut DueFloors,
     pub(super) deltas: &'a mut Deltas,
     pub(super) cache: &'a mut BookCache,
     pub(super) topics: &'a TopicsConfig,
@@ -208,8 +208,8 @@ impl Assignment {
         Ok(())
     }
 
-    /// Step 3: a partition's state is restored: index its due times, put its input at the
-    /// stable committed offsets, and resume it.
+    /// Step 3: a partition's state is restored: read its due index from the start, put its
+    /// input at the stable committed offsets, and resume it.
     pub(super) fn finish_restore(
         &mut self,
         r: Restored,
@@ -223,9 +223,7 @@ impl Assignment {
         }
         let (buckets, next_seq) = x.store.deltas(p)?;
         x.deltas.track(p, buckets, next_seq);
-        for (d, customer, meter) in x.store.due_meters(p)? {
-            x.due.set(p, &customer, &meter, Some(d));
-        }
+        x.due.start(p);
         tracing::info!(
             partition = p,
             restored_records = r.records,

@@ -13,9 +13,9 @@ use super::stream_time::{Placed, StreamTimes};
 use crate::codec::{self, CodecError};
 use crate::config::{Config, OutputFormat};
 use crate::kafka::{partition_for, InputTopic, OutputTopic};
-use crate::ledger::{Applied, Book, CustomerId, Dirty, Input, Ledger, MeterName, Output, Refs};
+use crate::ledger::{Applied, Book, CustomerId, Input, Ledger, MeterName, Output, Refs};
 use crate::store::layout::{DeltaKey, Layout, StateBatch};
-use crate::store::{BookRequest, StateWrite};
+use crate::store::{BookRequest, Due, StateWrite};
 
 /// An input record (borrowed: from librdkafka's buffer in the pipeline, from anywhere in tests
 /// and benchmarks).
@@ -123,7 +123,6 @@ impl Counts {
 }
 
 /// A meter whose next time-driven change moved: (partition, customer, meter, when).
-pub type DueUpdate = (i32, CustomerId, MeterName, Option<i64>);
 
 /// Everything one commit cycle writes, built without I/O.
 #[derive(Debug, Default)]
@@ -139,8 +138,8 @@ pub struct Commit {
     pub books: Vec<(i32, Book)>,
     /// The next input offset per (topic, partition), committed with the transaction.
     pub offsets: BTreeMap<(InputTopic, i32), i64>,
-    /// New due times of the meters changed.
-    pub due: Vec<DueUpdate>,
+    /// Per partition, the earliest due time this commit put into the due index.
+    pub due_floor: BTreeMap<i32, i64>,
     /// What happened, for the metrics.
     pub counts: Counts,
 }
@@ -153,6 +152,8 @@ struct Group {
     refs: Refs,
     /// (index of the record in the batch, decoded input, its place on the stream time).
     inputs: Vec<(usize, Input, Placed)>,
+    /// Whether a tick found one of its meters due.
+    ticked: bool,
 }
 
 /// A decoded batch, grouped by (partition, customer) in order of first appearance.
@@ -164,6 +165,8 @@ pub struct Decoded {
     rejected: Vec<(usize, CodecError)>,
     offsets: BTreeMap<(InputTopic, i32), i64>,
     counts: Counts,
+    /// The due-index keys the ticks read.
+    due_read: Vec<Due>,
 }
 
 impl Decoded {
@@ -178,15 +181,18 @@ impl Decoded {
                     customer: customer.clone(),
                     refs: Refs::default(),
                     inputs: Vec::new(),
+                    ticked: false,
                 });
                 groups.len() - 1
             });
         &mut self.groups[i]
     }
 
-    /// Adds a customer with time-driven changes due (a tick), with no input of its own.
-    pub fn tick(&mut self, partition: i32, customer: &CustomerId) {
-        self.group(partition, customer);
+    /// Adds the customer of a meter found due (a tick), with no input of its own. The fold
+    /// deletes the due-index key read and puts back the customer's current due times.
+    pub fn tick(&mut self, due: Due) {
+        self.group(due.partition, &due.customer).ticked = true;
+        self.due_read.push(due);
     }
 
     /// The books to load for [`Folder::fold`], in the order it expects them.
@@ -200,6 +206,11 @@ impl Decoded {
             })
             .collect()
     }
+}
+
+/// When meter `m` of `book` next has a time-driven change, if it has one.
+fn due_of(book: &Book, m: &MeterName) -> Option<i64> {
+    book.meters.get(m).and_then(|s| s.next_due())
 }
 
 /// Decodes and folds batches: the ledger with the settings of the outputs.
@@ -337,6 +348,7 @@ impl Folder {
             rejected,
             offsets,
             mut counts,
+            due_read,
             ..
         } = decoded;
         assert_eq!(groups.len(), books.len(), "a book per group");
@@ -344,10 +356,12 @@ impl Folder {
             outputs: Vec::with_capacity(records.len() * 2),
             offsets,
             books: Vec::with_capacity(books.len()),
-            due: Vec::with_capacity(books.len()),
             ..Default::default()
         };
         let mut state = StateBatch::with_capacity(self.layout, records.len() * 3);
+        for d in &due_read {
+            state.forget_due(d);
+        }
         for (i, e) in rejected {
             c.outputs
                 .push(self.dead_letter(&records[i], "decode", &e, &mut counts));
@@ -356,6 +370,7 @@ impl Folder {
         for (g, mut book) in groups.into_iter().zip(books) {
             debug_assert_eq!(book.customer, g.customer);
             let p = g.partition;
+            let was: Vec<Option<i64>> = self.meters.iter().map(|m| due_of(&book, m)).collect();
             for (i, input, placed) in &g.inputs {
                 let r = &records[*i];
                 if placed.late {
@@ -388,13 +403,19 @@ impl Folder {
                 c.outputs
                     .push(self.output(p, &book.customer, out, &mut state, &mut counts));
             }
-            let dirty = book.take_dirty();
-            for d in &dirty {
-                if let Dirty::Meter(name) = d {
-                    let due = book.meters.get(name).and_then(|s| s.next_due());
-                    c.due.push((p, book.customer.clone(), name.clone(), due));
+            // The due index follows the configured meters whose due time moved; a tick puts
+            // back every current one (it deleted the key it read, which may be stale).
+            for (m, was) in self.meters.iter().zip(was) {
+                let now = due_of(&book, m);
+                if was != now || g.ticked {
+                    state.due(p, &book.customer, m, was.filter(|_| was != now), now);
+                    if let Some(at) = now {
+                        let floor = c.due_floor.entry(p).or_insert(at);
+                        *floor = (*floor).min(at);
+                    }
                 }
             }
+            let dirty = book.take_dirty();
             state.book(p, &book, &dirty);
             c.books.push((p, book));
         }

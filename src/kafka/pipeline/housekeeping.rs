@@ -2,82 +2,64 @@
 //! index, and forgetting usage ids older than the dedupe window by dropping whole time buckets
 //! of deltas (see the `store` module docs).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use super::fold::DueUpdate;
 use super::stream_time::StreamTimes;
 use crate::config::PipelineConfig;
-use crate::ledger::{CustomerId, MeterName};
 use crate::store::layout::{self, DeltaKey};
-use crate::store::{StateWrite, Store, StoreError};
+use crate::store::{Due, StateWrite, Store, StoreError};
 
-/// When each owned meter next has a time-driven change (activation or expiry), so the tick
-/// touches only what is due instead of scanning the store.
-///
-/// Only configured meters are indexed. A book may still hold a meter removed from the config;
-/// the rules never advance it, so its due time would never move, and enough of them would fill
-/// every tick's budget and starve the meters that are configured.
+/// Where the tick reads each served partition's due index from (see the store's `due`
+/// module): the lowest due time that may still be unread. Reading from there, not from the
+/// start of the index, skips the tombstones of what earlier ticks consumed.
 #[derive(Default)]
-pub(super) struct DueIndex {
-    by_time: BTreeSet<(i64, i32, CustomerId, MeterName)>,
-    by_key: HashMap<(i32, CustomerId, MeterName), i64>,
-    meters: HashSet<MeterName>,
+pub(super) struct DueFloors {
+    from: BTreeMap<i32, i64>,
 }
 
-impl DueIndex {
-    /// An empty index of the meters `meters`.
-    pub(super) fn new(meters: &[MeterName]) -> Self {
-        Self {
-            meters: meters.iter().cloned().collect(),
-            ..Default::default()
-        }
+impl DueFloors {
+    /// Partition `p` became ready: its index is read from the start once.
+    pub(super) fn start(&mut self, p: i32) {
+        self.from.insert(p, i64::MIN);
     }
 
-    pub(super) fn set(&mut self, p: i32, c: &CustomerId, m: &MeterName, due: Option<i64>) {
-        if !self.meters.contains(m) {
-            return;
-        }
-        let key = (p, c.clone(), m.clone());
-        if let Some(old) = self.by_key.remove(&key) {
-            self.by_time.remove(&(old, p, c.clone(), m.clone()));
-        }
-        if let Some(d) = due {
-            self.by_time.insert((d, p, c.clone(), m.clone()));
-            self.by_key.insert(key, d);
-        }
-    }
-
-    /// Applies a commit's due updates.
-    pub(super) fn update(&mut self, updates: Vec<DueUpdate>) {
-        for (p, c, m, due) in updates {
-            self.set(p, &c, &m, due);
-        }
-    }
-
-    /// The customers with something due by their partition's time `now(p)`, at most `limit`
-    /// meters' worth.
-    fn due(&self, now: impl Fn(i32) -> i64, latest: i64, limit: usize) -> Vec<(i32, CustomerId)> {
-        let mut out: Vec<(i32, CustomerId)> = self
-            .by_time
-            .iter()
-            .take_while(|(d, ..)| *d <= latest)
-            .filter(|(d, p, ..)| *d <= now(*p))
-            .take(limit)
-            .map(|(_, p, c, _)| (*p, c.clone()))
-            .collect();
-        out.sort();
-        out.dedup();
-        out
-    }
-
+    /// Stops reading every partition (revoked).
     pub(super) fn clear(&mut self) {
-        self.by_time.clear();
-        self.by_key.clear();
+        self.from.clear();
     }
 
-    pub(super) fn len(&self) -> usize {
-        self.by_key.len()
+    /// A commit put due times as early as `floor` (per partition) into the index.
+    pub(super) fn written(&mut self, floor: &BTreeMap<i32, i64>) {
+        for (p, at) in floor {
+            if let Some(f) = self.from.get_mut(p) {
+                *f = (*f).min(*at);
+            }
+        }
+    }
+
+    /// The meters due by their partition's time `now(p)`, at most `limit` (shared evenly
+    /// between the partitions). The floors move past what was read: the tick's commit deletes
+    /// those keys, and anything put earlier later lowers the floor again ([`Self::written`]).
+    fn due(
+        &mut self,
+        store: &Store,
+        now: impl Fn(i32) -> i64,
+        limit: usize,
+    ) -> Result<Vec<Due>, StoreError> {
+        let share = (limit / self.from.len().max(1)).max(1);
+        let mut out = Vec::new();
+        for (p, from) in self.from.iter_mut() {
+            let until = now(*p);
+            let found = store.due(*p, *from, until, share)?;
+            *from = match found.last() {
+                // Cut by the share: more may wait at that time.
+                Some(last) if found.len() == share => last.at,
+                _ => (*from).max(until.saturating_add(1)),
+            };
+            out.extend(found);
+        }
+        Ok(out)
     }
 }
 
@@ -126,12 +108,15 @@ pub(super) struct Drop {
     pub(super) emptied: Vec<(i32, i64)>,
 }
 
+/// The most due meters one tick reads.
+const TICK_BUDGET: usize = 10_000;
+
 /// The most delta tombstones one commit carries (a bucket with more takes several).
 const DROP_BUDGET: usize = 20_000;
 
 /// The due index, the delta buckets, and the tick's timer.
 pub(super) struct Housekeeping {
-    pub(super) due: DueIndex,
+    pub(super) due: DueFloors,
     pub(super) deltas: Deltas,
     tick_interval: Duration,
     dedupe_window_ms: i64,
@@ -139,9 +124,9 @@ pub(super) struct Housekeeping {
 }
 
 impl Housekeeping {
-    pub(super) fn new(cfg: &PipelineConfig, meters: &[MeterName]) -> Self {
+    pub(super) fn new(cfg: &PipelineConfig) -> Self {
         Self {
-            due: DueIndex::new(meters),
+            due: DueFloors::default(),
             deltas: Deltas::default(),
             tick_interval: cfg.tick_interval,
             dedupe_window_ms: cfg.dedupe_window.as_millis().min(i64::MAX as u128) as i64,
@@ -149,15 +134,18 @@ impl Housekeeping {
         }
     }
 
-    /// The customers whose time-driven changes are due by their partition's stream time,
-    /// every `tick_interval`.
-    pub(super) fn ticks(&mut self, times: &StreamTimes) -> Vec<(i32, CustomerId)> {
+    /// The meters whose time-driven changes are due by their partition's stream time, every
+    /// `tick_interval`.
+    pub(super) fn ticks(
+        &mut self,
+        store: &Store,
+        times: &StreamTimes,
+    ) -> Result<Vec<Due>, StoreError> {
         if self.last_tick.elapsed() < self.tick_interval {
-            return Vec::new();
+            return Ok(Vec::new());
         }
         self.last_tick = Instant::now();
-        let latest = times.all().values().copied().max().unwrap_or(i64::MIN);
-        self.due.due(|p| times.get(p), latest, 10_000)
+        self.due.due(store, |p| times.get(p), TICK_BUDGET)
     }
 
     /// The buckets entirely older than the dedupe window at their partition's stream time,
@@ -207,6 +195,8 @@ impl Housekeeping {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::{CustomerId, MeterName};
+    use crate::store::layout::{Layout, StateBatch};
 
     fn id(s: &str) -> CustomerId {
         CustomerId::parse(s.to_string()).unwrap()
@@ -216,30 +206,81 @@ mod tests {
         MeterName::parse(s.to_string()).unwrap()
     }
 
-    #[test]
-    fn meters_removed_from_the_config_never_starve_the_tick() {
-        let mut due = DueIndex::new(&[meter("api_calls")]);
-        for i in 0..20_000 {
-            due.set(0, &id(&format!("old-{i}")), &meter("gone"), Some(1));
-        }
-        due.set(0, &id("alice"), &meter("api_calls"), Some(5));
-        assert_eq!(due.len(), 1, "the unknown meter is not indexed");
-        assert_eq!(due.due(|_| 10, 10, 10_000), [(0, id("alice"))]);
+    fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = Layout::new(10, Duration::from_secs(3600));
+        let store = Store::open_path(dir.path(), 8, 8, layout).unwrap();
+        (dir, store)
+    }
+
+    /// Writes `f`'s due-index changes locally, as a committed batch would.
+    fn write(store: &Store, f: impl FnOnce(&mut StateBatch)) {
+        let mut batch = StateBatch::new(store.layout());
+        f(&mut batch);
+        let (writes, _) = batch.finish(&BTreeMap::new(), &BTreeMap::new());
+        store.write(&writes, &[]).unwrap();
     }
 
     #[test]
-    fn a_meter_leaves_the_index_when_nothing_is_due_any_more() {
-        let mut due = DueIndex::new(&[meter("api_calls")]);
-        due.set(3, &id("alice"), &meter("api_calls"), Some(5));
-        assert_eq!(due.due(|_| 4, 4, 10), []);
-        assert_eq!(due.due(|_| 5, 5, 10), [(3, id("alice"))]);
-        assert_eq!(
-            due.due(|p| if p == 3 { 4 } else { 9 }, 9, 10),
-            [],
-            "partition 3's own time"
-        );
-        due.set(3, &id("alice"), &meter("api_calls"), None);
-        assert_eq!(due.due(|_| i64::MAX, i64::MAX, 10), []);
-        assert_eq!(due.len(), 0);
+    fn a_tick_reads_what_is_due_by_its_partitions_own_time_once() {
+        let (_dir, store) = store();
+        let (alice, api) = (id("alice"), meter("api_calls"));
+        write(&store, |b| {
+            b.due(3, &alice, &api, None, Some(5));
+            b.due(4, &alice, &api, None, Some(5));
+        });
+        let mut floors = DueFloors::default();
+        floors.start(3);
+        floors.start(4);
+        let at = |t3, t4| move |p| if p == 3 { t3 } else { t4 };
+        assert_eq!(floors.due(&store, at(4, 4), 10).unwrap(), []);
+        let found = floors.due(&store, at(5, 4), 10).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!((found[0].partition, found[0].at), (3, 5));
+        assert_eq!(found[0].customer, alice);
+        // Its commit deletes the key and puts back the meter's new due time.
+        write(&store, |b| {
+            b.forget_due(&found[0]);
+            b.due(3, &alice, &api, None, Some(9));
+        });
+        floors.written(&BTreeMap::from([(3, 9)]));
+        assert_eq!(floors.due(&store, at(8, 4), 10).unwrap(), []);
+        let found = floors.due(&store, at(9, 5), 10).unwrap();
+        let seen: Vec<(i32, i64)> = found.iter().map(|d| (d.partition, d.at)).collect();
+        assert_eq!(seen, [(3, 9), (4, 5)]);
+    }
+
+    #[test]
+    fn a_time_moved_earlier_is_read_though_the_floor_had_passed_it() {
+        let (_dir, store) = store();
+        let (alice, api) = (id("alice"), meter("api_calls"));
+        let mut floors = DueFloors::default();
+        floors.start(0);
+        assert_eq!(floors.due(&store, |_| 100, 10).unwrap(), []);
+        // A late event left a meter due at 50, behind the floor (101).
+        write(&store, |b| b.due(0, &alice, &api, None, Some(50)));
+        floors.written(&BTreeMap::from([(0, 50)]));
+        let found = floors.due(&store, |_| 100, 10).unwrap();
+        assert_eq!(found.iter().map(|d| d.at).collect::<Vec<_>>(), [50]);
+    }
+
+    #[test]
+    fn a_moved_time_leaves_no_key_behind_and_a_full_share_resumes_where_it_stopped() {
+        let (_dir, store) = store();
+        let api = meter("api_calls");
+        write(&store, |b| {
+            for i in 0..5 {
+                b.due(0, &id(&format!("c{i}")), &api, None, Some(10 + i));
+            }
+            // c0 moves from 10 to 30: its old key goes.
+            b.due(0, &id("c0"), &api, Some(10), Some(30));
+        });
+        let mut floors = DueFloors::default();
+        floors.start(0);
+        let first = floors.due(&store, |_| 100, 2).unwrap();
+        assert_eq!(first.iter().map(|d| d.at).collect::<Vec<_>>(), [11, 12]);
+        write(&store, |b| first.iter().for_each(|d| b.forget_due(d)));
+        let rest = floors.due(&store, |_| 100, 10).unwrap();
+        assert_eq!(rest.iter().map(|d| d.at).collect::<Vec<_>>(), [13, 14, 30]);
     }
 }

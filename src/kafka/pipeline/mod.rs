@@ -19,6 +19,7 @@ mod merge;
 pub mod stream_time;
 mod transaction;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +43,10 @@ use crate::ledger::Ledger;
 use crate::metrics as m;
 use crate::shutdown::Shutdown;
 use crate::store::{BookCache, Store, StoreError};
+
+/// With records in the batch, how long a poll waits before the loop checks whether the input is
+/// caught up (and ends the window early).
+const CAUGHT_UP_CHECK: Duration = Duration::from_millis(2);
 
 /// Why a pipeline run stopped.
 #[derive(Debug, thiserror::Error)]
@@ -297,7 +302,7 @@ impl<'a> Loop<'a> {
             clients,
             restorer: Restorer::new(&p.cfg)?,
             assignment: Assignment::default(),
-            housekeeping: Housekeeping::new(&p.cfg.pipeline, p.folder.meters()),
+            housekeeping: Housekeeping::new(&p.cfg.pipeline),
             cache: BookCache::new(p.cfg.store.book_cache_mb << 20),
             names: TopicNames::new(&p.cfg),
             merge: Merge::new(p.cfg.pipeline.max_idle, p.cfg.pipeline.max_batch),
@@ -354,7 +359,7 @@ impl<'a> Loop<'a> {
             let delay = self.p.cfg.pipeline.state_drop_delay;
             self.p.claims.drop_expired(&self.p.store, delay)?;
             self.forget()?;
-            let ticks = self.housekeeping.ticks(&self.times);
+            let ticks = self.housekeeping.ticks(&self.p.store, &self.times)?;
             if records.is_empty() && ticks.is_empty() {
                 continue;
             }
@@ -387,9 +392,10 @@ impl<'a> Loop<'a> {
     }
 
     /// Polls input for up to `commit_interval` (10 ms while restoring) or `max_batch` records
-    /// into the merge, and releases what may be folded now, in merged order. A served
-    /// partition with nothing to fold and nothing more on the broker is idle: its stream time
-    /// follows the wall clock.
+    /// into the merge, or until, with records in the batch, every served partition is caught
+    /// up; then releases what may be folded now, in merged order. A served partition with
+    /// nothing to fold and nothing more on the broker is idle: its stream time follows the
+    /// wall clock.
     fn poll(&mut self) -> Result<Polled<'a>, PipelineError> {
         let cfg = &self.p.cfg.pipeline;
         let window = if self.assignment.is_settled(&self.restorer) {
@@ -406,7 +412,15 @@ impl<'a> Loop<'a> {
             if left.is_zero() && polled_n > 0 {
                 break;
             }
-            let polled = consumer.poll(left.max(Duration::from_millis(1)));
+            // Once the batch has records, the queue is checked in short polls: when it runs
+            // dry and nothing more is on the broker, the window ends early (waiting longer
+            // only delays what was polled).
+            let wait = if polled_n > 0 {
+                left.min(CAUGHT_UP_CHECK)
+            } else {
+                left
+            };
+            let polled = consumer.poll(wait.max(Duration::from_millis(1)));
             if consumer.context().rebalanced() {
                 return Ok(Polled::Rebalanced);
             }
@@ -422,6 +436,7 @@ impl<'a> Loop<'a> {
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "consumer error (librdkafka retries)");
                 }
+                None if polled_n > 0 && self.all_caught_up(&restoring) => break,
                 None => {}
             }
             if left.is_zero() || self.p.shutdown.is_triggered() {
@@ -453,6 +468,20 @@ impl<'a> Loop<'a> {
             }
         }
         Ok(Polled::Batch(batch))
+    }
+
+    /// Whether every served input partition (both topics) is caught up: nothing more to poll.
+    fn all_caught_up(&self, restoring: &BTreeMap<i32, i64>) -> bool {
+        let caught_up = self.caught_up();
+        self.assignment
+            .owned
+            .iter()
+            .filter(|p| !restoring.contains_key(p))
+            .all(|p| {
+                InputTopic::ALL
+                    .iter()
+                    .all(|t| caught_up.contains(&(*t, *p)))
+            })
     }
 
     /// The input topic-partitions with nothing more on the broker past what was polled, as
@@ -525,14 +554,14 @@ impl<'a> Loop<'a> {
     fn commit(
         &mut self,
         records: Vec<InputRecord<'_>>,
-        ticks: Vec<(i32, crate::ledger::CustomerId)>,
+        ticks: Vec<crate::store::Due>,
     ) -> Result<(), PipelineError> {
         let started = Instant::now();
         let wall = crate::clock::now_ms();
         let folder = &self.p.folder;
         let mut decoded = folder.decode(&records, &mut self.times, wall);
-        for (p, customer) in &ticks {
-            decoded.tick(*p, customer);
+        for due in ticks {
+            decoded.tick(due);
         }
         let books = self
             .p
@@ -546,7 +575,7 @@ impl<'a> Loop<'a> {
             &self.times,
         );
         self.transact(&commit)?;
-        self.housekeeping.due.update(commit.due);
+        self.housekeeping.due.written(&commit.due_floor);
         self.housekeeping.deltas.committed(&commit.deltas);
         for (p, book) in commit.books {
             self.cache.put(p, book.customer, book.meters);
@@ -567,7 +596,6 @@ impl<'a> Loop<'a> {
             records = records.len(),
             outputs = commit.outputs.len(),
             secs = elapsed,
-            due = self.housekeeping.due.len(),
             "batch committed"
         );
         Ok(())
