@@ -1,6 +1,7 @@
 //! The `drawdown` command: run the service, make API keys. (The load generator and the
 //! verifier are the separate `drawdown-loadgen` binary.)
 
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

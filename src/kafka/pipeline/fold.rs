@@ -122,8 +122,6 @@ impl Counts {
     }
 }
 
-/// A meter whose next time-driven change moved: (partition, customer, meter, when).
-
 /// Everything one commit cycle writes, built without I/O.
 #[derive(Debug, Default)]
 pub struct Commit {
