@@ -212,6 +212,16 @@ cmd_start() {
     log "broker answering on $BOOTSTRAP after $((SECONDS - started))s"
 }
 
+# wait_exit PID TRIES INTERVAL: until PID is gone (exit 0), checking TRIES times.
+wait_exit() {
+    local i
+    for ((i = 0; i < $2; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep "$3"
+    done
+    ! kill -0 "$1" 2>/dev/null
+}
+
 cmd_stop() {
     local pid
     if ! pid="$(broker_pid)"; then
@@ -225,35 +235,24 @@ cmd_stop() {
     fi
     log "stopping broker pid $pid"
     kill -TERM "$pid" 2>/dev/null || true
-    local i
-    for ((i = 0; i < 60; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.5
-    done
-    if kill -0 "$pid" 2>/dev/null; then
+    if ! wait_exit "$pid" 60 0.5; then
         log "broker did not stop within 30s; SIGKILL"
         kill -KILL "$pid" 2>/dev/null || true
-        for ((i = 0; i < 20; i++)); do
-            kill -0 "$pid" 2>/dev/null || break
-            sleep 0.25
-        done
+        wait_exit "$pid" 20 0.25 || true
     fi
     rm -f "$PID_FILE"
     log "broker stopped"
 }
 
 cmd_crash() {
-    local pid i
+    local pid
     if ! pid="$(broker_pid)"; then
         log "broker not running"
         return 0
     fi
     log "killing broker pid $pid (SIGKILL)"
     kill -KILL "$pid" 2>/dev/null || true
-    for ((i = 0; i < 40; i++)); do
-        kill -0 "$pid" 2>/dev/null || break
-        sleep 0.25
-    done
+    wait_exit "$pid" 40 0.25 || true
     rm -f "$PID_FILE"
     log "broker killed"
 }

@@ -365,10 +365,13 @@ impl Folder {
                 .push(self.dead_letter(&records[i], "decode", &e, &mut counts));
         }
         let mut results: Vec<Output> = Vec::new();
+        // Each configured meter's due time before the group's inputs (one buffer for the batch).
+        let mut was: Vec<Option<i64>> = Vec::with_capacity(self.meters.len());
         for (g, mut book) in groups.into_iter().zip(books) {
             debug_assert_eq!(book.customer, g.customer);
             let p = g.partition;
-            let was: Vec<Option<i64>> = self.meters.iter().map(|m| due_of(&book, m)).collect();
+            was.clear();
+            was.extend(self.meters.iter().map(|m| due_of(&book, m)));
             for (i, input, placed) in &g.inputs {
                 let r = &records[*i];
                 if placed.late {
@@ -403,7 +406,7 @@ impl Folder {
             }
             // The due index follows the configured meters whose due time moved; a tick puts
             // back every current one (it deleted the key it read, which may be stale).
-            for (m, was) in self.meters.iter().zip(was) {
+            for (m, &was) in self.meters.iter().zip(&was) {
                 let now = due_of(&book, m);
                 if was != now || g.ticked {
                     state.due(p, &book.customer, m, was.filter(|_| was != now), now);

@@ -19,7 +19,6 @@ mod merge;
 pub mod stream_time;
 mod transaction;
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -407,6 +406,8 @@ impl<'a> Loop<'a> {
         let restoring = self.assignment.unready(&self.restorer);
         let consumer: &'a BaseConsumer<ConsumerCtx> = &self.clients.consumer;
         let mut polled_n = 0;
+        // Kept when the window ends because everything is caught up.
+        let mut caught_up = None;
         while polled_n < cfg.max_batch {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() && polled_n > 0 {
@@ -436,7 +437,18 @@ impl<'a> Loop<'a> {
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "consumer error (librdkafka retries)");
                 }
-                None if polled_n > 0 && self.all_caught_up(&restoring) => break,
+                None if polled_n > 0 => {
+                    let set = self.caught_up();
+                    let served = self
+                        .assignment
+                        .owned
+                        .iter()
+                        .filter(|p| !restoring.contains_key(p));
+                    if served.copied().all(|p| both_caught_up(&set, p)) {
+                        caught_up = Some(set);
+                        break;
+                    }
+                }
                 None => {}
             }
             if left.is_zero() || self.p.shutdown.is_triggered() {
@@ -444,7 +456,7 @@ impl<'a> Loop<'a> {
             }
         }
         self.polling += window.min(Instant::now().saturating_duration_since(deadline - window));
-        let caught_up = self.caught_up();
+        let caught_up = caught_up.unwrap_or_else(|| self.caught_up());
         let batch = self
             .merge
             .release(self.polling, |t, p| caught_up.contains(&(t, p)));
@@ -460,28 +472,12 @@ impl<'a> Loop<'a> {
         for p in &self.assignment.owned {
             let quiet = !restoring.contains_key(p)
                 && !in_batch.contains(p)
-                && InputTopic::ALL
-                    .iter()
-                    .all(|t| caught_up.contains(&(*t, *p)));
+                && both_caught_up(&caught_up, *p);
             if quiet && !self.merge.holds(*p) {
                 self.times.idle(*p, wall);
             }
         }
         Ok(Polled::Batch(batch))
-    }
-
-    /// Whether every served input partition (both topics) is caught up: nothing more to poll.
-    fn all_caught_up(&self, restoring: &BTreeMap<i32, i64>) -> bool {
-        let caught_up = self.caught_up();
-        self.assignment
-            .owned
-            .iter()
-            .filter(|p| !restoring.contains_key(p))
-            .all(|p| {
-                InputTopic::ALL
-                    .iter()
-                    .all(|t| caught_up.contains(&(*t, *p)))
-            })
     }
 
     /// The input topic-partitions with nothing more on the broker past what was polled, as
@@ -600,6 +596,11 @@ impl<'a> Loop<'a> {
         );
         Ok(())
     }
+}
+
+/// Whether both input topics of partition `p` are in `caught_up` (see [`Loop::caught_up`]).
+fn both_caught_up(caught_up: &std::collections::HashSet<(InputTopic, i32)>, p: i32) -> bool {
+    InputTopic::ALL.iter().all(|t| caught_up.contains(&(*t, p)))
 }
 
 fn topic_of(m: &BorrowedMessage<'_>, usage_topic: &str) -> InputTopic {
