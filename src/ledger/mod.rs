@@ -106,6 +106,7 @@ pub mod forecast;
 mod ids;
 mod input;
 mod meter;
+mod meter_states;
 mod output;
 mod rules;
 mod state;
@@ -120,6 +121,7 @@ pub use meter::{
     default_burn_window, default_forecast_horizon, Aggregation, AutoTopUp, MeterDef, Meters,
     OnExhausted, Threshold,
 };
+pub use meter_states::MeterStates;
 pub use output::{
     auto_top_up_request_id, Applied, BalanceChanged, Output, Reason, TopUpRequested, TopUpSource,
     Transition, TransitionKind,

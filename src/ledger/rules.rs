@@ -317,7 +317,7 @@ impl Ledger {
 
     /// Makes sure the meter has a projection and that time has been applied to it.
     fn ensure_meter(&self, book: &mut Book, name: &MeterName, now: i64, out: &mut Vec<Output>) {
-        book.meters.entry(name.clone()).or_default();
+        book.meters.get_or_default(name);
         self.advance_meter(book, name, now, out);
     }
 

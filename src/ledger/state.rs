@@ -1,12 +1,12 @@
 //! The state the rules fold over: a customer's [`Book`] of meter projections and the event
 //! and grant records its inputs refer to.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
-use super::{CustomerId, EventId, GrantId, GrantKind, MeterName, Refs, ReservationId};
+use super::{CustomerId, EventId, GrantId, GrantKind, MeterName, MeterStates, Refs, ReservationId};
 
 /// One grant held by a meter, active or pending.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -298,7 +298,7 @@ pub struct Book {
     /// The customer.
     pub customer: CustomerId,
     /// Meter projections present in the store (absent = never changed).
-    pub meters: BTreeMap<MeterName, MeterState>,
+    pub meters: MeterStates,
     /// Event records loaded for the batch's [`Refs`]; `None` = not in the store.
     pub events: HashMap<EventId, Option<EventRecord>>,
     /// Grant records loaded for the batch's [`Refs`]; `None` = not in the store.
@@ -313,7 +313,7 @@ impl Book {
     pub fn new(customer: CustomerId) -> Self {
         Self {
             customer,
-            meters: BTreeMap::new(),
+            meters: MeterStates::new(),
             events: HashMap::new(),
             grants: HashMap::new(),
             reservations: HashMap::new(),

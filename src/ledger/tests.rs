@@ -186,7 +186,7 @@ fn load_refs(book: &mut Book, input: &Input) {
 
 /// The parts of a book the rules may change.
 type Snapshot = (
-    BTreeMap<MeterName, MeterState>,
+    MeterStates,
     HashMap<EventId, Option<EventRecord>>,
     HashMap<GrantId, Option<GrantRecord>>,
     HashMap<ReservationId, Option<ReservationRecord>>,
@@ -2064,7 +2064,7 @@ fn steps(ops: &[Op]) -> Vec<Step> {
 /// Records as a store keeps them: only what the books marked dirty is written.
 #[derive(Clone, Debug, Default, PartialEq)]
 struct Store {
-    meters: BTreeMap<MeterName, MeterState>,
+    meters: MeterStates,
     events: BTreeMap<EventId, EventRecord>,
     grants: BTreeMap<GrantId, GrantRecord>,
     reservations: BTreeMap<ReservationId, ReservationRecord>,
@@ -2474,7 +2474,7 @@ fn check_against_the_model(ops: &[Op], cuts: &[usize]) -> Result<(), TestCaseErr
     prop_assert_eq!(&split_results, &results);
     prop_assert_eq!(&split, &whole);
     // What the store holds is all the book changed: dirty tracking misses nothing.
-    let changed: BTreeMap<MeterName, MeterState> = book
+    let changed: MeterStates = book
         .meters
         .into_iter()
         .filter(|(_, s)| *s != MeterState::default())

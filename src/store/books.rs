@@ -1,13 +1,14 @@
 //! Reading state back: customers' books for the fold (one `multi_get` per batch), projections
 //! and history for the API, and the partition walks of restore and housekeeping.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use super::keys::{self, Kind};
 use super::value::{self, pb};
 use super::{BookCache, Store, StoreError};
 use crate::ledger::{
-    BalanceChanged, Book, CustomerId, MeterName, MeterState, Refs, ReservationId, ReservationRecord,
+    BalanceChanged, Book, CustomerId, MeterName, MeterState, MeterStates, Refs, ReservationId,
+    ReservationRecord,
 };
 
 /// One book to load: a customer of a partition, with the records its inputs refer to.
@@ -22,10 +23,7 @@ pub struct BookRequest<'a> {
 }
 
 /// The meters of a book record.
-pub(super) fn decode_book(
-    key: &[u8],
-    v: &[u8],
-) -> Result<BTreeMap<MeterName, MeterState>, StoreError> {
+pub(super) fn decode_book(key: &[u8], v: &[u8]) -> Result<MeterStates, StoreError> {
     let book: pb::Book = value::decode(key, v)?;
     book.meters
         .into_iter()
@@ -134,15 +132,11 @@ impl Store {
     }
 
     /// All meter projections of a customer in partition `p`.
-    pub fn meters(
-        &self,
-        p: i32,
-        customer: &CustomerId,
-    ) -> Result<BTreeMap<MeterName, MeterState>, StoreError> {
+    pub fn meters(&self, p: i32, customer: &CustomerId) -> Result<MeterStates, StoreError> {
         let k = keys::book(p, customer);
         match self.db.get_pinned(&k)? {
             Some(v) => decode_book(&k, &v),
-            None => Ok(BTreeMap::new()),
+            None => Ok(MeterStates::new()),
         }
     }
 

@@ -6,10 +6,10 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::ledger::{CustomerId, MeterName, MeterState};
+use crate::ledger::{CustomerId, MeterName, MeterState, MeterStates};
 
 /// The meters of one book.
-pub type Meters = BTreeMap<MeterName, MeterState>;
+pub type Meters = MeterStates;
 
 /// Decoded books by (partition, customer), bounded by an estimate of their bytes.
 #[derive(Debug)]
@@ -22,20 +22,16 @@ pub struct BookCache {
     order: BTreeMap<u64, (i32, CustomerId)>,
 }
 
-/// The memory a book takes in the cache, as allocated: a `BTreeMap` leaf is allocated whole
-/// (room for 11 meters) whatever the book holds, the vectors by capacity, and the customer id
-/// twice (the map key and the eviction order). An estimate that counts only the meters present
-/// (as before) was 2-3x low: the cache held well past `book_cache_mb`.
+/// The memory a book takes in the cache, as allocated: the meters' vector by capacity, their
+/// grant and hold vectors by capacity, and the customer id twice (the map key and the eviction
+/// order).
 fn size(customer: &CustomerId, meters: &Meters) -> usize {
     use crate::ledger::{GrantSlot, Hold};
     use std::mem::size_of;
-    const LEAF_ENTRIES: usize = 11;
-    let leaf = LEAF_ENTRIES * (size_of::<MeterName>() + size_of::<MeterState>()) + 16;
-    let leaves = meters.len().div_ceil(LEAF_ENTRIES).max(1);
     let entry = size_of::<(i32, CustomerId)>() * 2 + size_of::<(Meters, usize, u64)>() + 32;
     entry
         + 2 * customer.as_str().len()
-        + leaves * leaf
+        + meters.capacity() * (size_of::<MeterName>() + size_of::<MeterState>())
         + meters
             .iter()
             .map(|(n, s)| {
