@@ -22,8 +22,31 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(run())
+}
+
+/// Caps glibc's malloc at 2 arenas, unless `MALLOC_ARENA_MAX` says otherwise. Rust code uses
+/// mimalloc; RocksDB and librdkafka use glibc's malloc, which by default gives each of their
+/// threads (~50 here) its own arena, up to 8 per core, and keeps what each arena once held. At
+/// 1M customers those arenas held ~1 GB of the 1.9 GB resident (`/proc/PID/smaps`: fourteen
+/// full 64 MiB heaps), against ~620 MB with 2 arenas.
+fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: called first thing in main, before any other thread exists; mallopt only
+        // sets a parameter of the allocator.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
+
+async fn run() -> anyhow::Result<()> {
     let cli = Cli::<Command>::parse_as(
         "drawdown",
         "Prepaid credit balances for usage-based billing, from Kafka, exactly once",

@@ -122,7 +122,9 @@ pub fn transactional_config(cfg: &KafkaConfig, transactional_id: &str) -> Client
         .set("batch.num.messages", "10000")
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", "2000000")
-        .set("queue.buffering.max.kbytes", "1048576");
+        // A full queue makes `send` wait for deliveries; 1 GB (the old setting) let a batch's
+        // copies pile up while the broker lagged.
+        .set("queue.buffering.max.kbytes", "32768");
     c
 }
 

@@ -516,7 +516,7 @@ impl<'a> Loop<'a> {
     }
 
     /// Commits `commit` in one transaction, then writes its state and checkpoints locally.
-    fn transact(&mut self, commit: &fold::Commit) -> Result<(), PipelineError> {
+    fn transact(&mut self, commit: &mut fold::Commit) -> Result<(), PipelineError> {
         let timeout = self.p.cfg.kafka.transaction_timeout;
         let checkpoints = transaction::transact(self.clients, &self.names, commit, timeout)?;
         self.p
@@ -532,11 +532,11 @@ impl<'a> Loop<'a> {
         if drop.writes.is_empty() {
             return Ok(());
         }
-        let commit = fold::Commit {
+        let mut commit = fold::Commit {
             state: drop.writes,
             ..Default::default()
         };
-        self.transact(&commit)?;
+        self.transact(&mut commit)?;
         self.housekeeping.dropped(&drop.emptied);
         tracing::debug!(
             records = commit.state.len(),
@@ -563,14 +563,15 @@ impl<'a> Loop<'a> {
             .p
             .store
             .load_books(&decoded.requests(), &mut self.cache)?;
-        let commit = folder.fold(
+        let mut commit = folder.fold(
             &records,
             decoded,
             books,
             self.housekeeping.deltas.next_seq(),
             &self.times,
         );
-        self.transact(&commit)?;
+        let outputs = commit.outputs.len();
+        self.transact(&mut commit)?;
         self.housekeeping.due.written(&commit.due_floor);
         self.housekeeping.deltas.committed(&commit.deltas);
         for (p, book) in commit.books {
@@ -590,7 +591,7 @@ impl<'a> Loop<'a> {
         }
         tracing::debug!(
             records = records.len(),
-            outputs = commit.outputs.len(),
+            outputs,
             secs = elapsed,
             "batch committed"
         );

@@ -66,20 +66,24 @@ fn send<'a>(c: &Clients, mut rec: BaseRecord<'a, [u8], [u8]>) -> Result<(), Pipe
     }
 }
 
-/// Produces `commit`'s records and commits its offsets in one transaction. Returns the
+/// Produces `commit`'s records and commits its offsets in one transaction. The output records
+/// are taken out of `commit` and each is freed once librdkafka has copied it (at a million
+/// customers a batch's outputs were ~90 MB, held twice). Returns the
 /// changelog checkpoints (next offset per partition) the store may record once it is committed.
 /// On any error the transaction is aborted (if it can be) and nothing of it is visible.
 pub(super) fn transact(
     c: &Clients,
     names: &TopicNames,
-    commit: &Commit,
+    commit: &mut Commit,
     timeout: Duration,
 ) -> Result<Vec<(i32, i64)>, PipelineError> {
     let ctx = c.producer.context();
     ctx.reset();
     c.producer.begin_transaction()?;
+    let outputs = std::mem::take(&mut commit.outputs);
+    let n_outputs = outputs.len();
     let result = (|| -> Result<(), PipelineError> {
-        for o in &commit.outputs {
+        for o in outputs {
             let mut headers = OwnedHeaders::new_with_capacity(o.headers.len());
             for (k, v) in &o.headers {
                 headers = headers.insert(Header {
@@ -107,7 +111,7 @@ pub(super) fn transact(
         }
         // Wait for every delivery report: they carry the changelog offsets.
         let changelog = commit.state.iter().filter(|w| w.target.changelog()).count();
-        let want = (commit.outputs.len() + changelog) as u64;
+        let want = (n_outputs + changelog) as u64;
         let deadline = Instant::now() + timeout;
         while ctx.delivered() < want {
             if Instant::now() > deadline {
