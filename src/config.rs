@@ -130,6 +130,10 @@ pub struct PipelineConfig {
     pub commit_interval: Duration,
     /// ... or once this many input records are in the batch.
     pub max_batch: usize,
+    /// ... or once the batch's records name this many customers: a batch decodes, folds and
+    /// encodes a book per customer, so at a million customers (each record a different one)
+    /// this, not `max_batch`, bounds the memory of a batch.
+    pub max_batch_customers: usize,
     /// Encoding of output records.
     pub output_format: OutputFormat,
     /// How many movements of each meter are kept for the history API.
@@ -181,6 +185,7 @@ impl Default for PipelineConfig {
         Self {
             commit_interval: Duration::from_millis(100),
             max_batch: 50_000,
+            max_batch_customers: 10_000,
             output_format: OutputFormat::Json,
             history_len: 200,
             tick_interval: Duration::from_secs(1),
@@ -358,6 +363,11 @@ impl Config {
         if self.kafka.partitions < 1 {
             return Err(ConfigError::Invalid("kafka.partitions must be >= 1".into()));
         }
+        if self.pipeline.max_batch_customers == 0 {
+            return Err(ConfigError::Invalid(
+                "pipeline.max_batch_customers must be >= 1".into(),
+            ));
+        }
         if self.pipeline.max_batch == 0 {
             return Err(ConfigError::Invalid(
                 "pipeline.max_batch must be >= 1".into(),
@@ -474,6 +484,23 @@ mod tests {
         assert_eq!(c.kafka.group_id, "g1");
         assert_eq!(c.kafka.instance_id, "0");
         assert_eq!(c.pipeline.commit_interval, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn batch_bounds_must_be_positive() {
+        for key in [
+            "DRAWDOWN__PIPELINE__MAX_BATCH",
+            "DRAWDOWN__PIPELINE__MAX_BATCH_CUSTOMERS",
+        ] {
+            let err = Config::load(None, env(&[(key, "0")])).unwrap_err();
+            assert!(err.to_string().contains(">= 1"), "{key}: {err}");
+        }
+        let c = Config::load(
+            None,
+            env(&[("DRAWDOWN__PIPELINE__MAX_BATCH_CUSTOMERS", "500")]),
+        )
+        .unwrap();
+        assert_eq!(c.pipeline.max_batch_customers, 500);
     }
 
     #[test]

@@ -390,8 +390,8 @@ impl<'a> Loop<'a> {
         result
     }
 
-    /// Polls input for up to `commit_interval` (10 ms while restoring) or `max_batch` records
-    /// into the merge, or until, with records in the batch, every served partition is caught
+    /// Polls input for up to `commit_interval` (10 ms while restoring), `max_batch` records or
+    /// `max_batch_customers` customers into the merge, or until, with records in the batch, every served partition is caught
     /// up; then releases what may be folded now, in merged order. A served partition with
     /// nothing to fold and nothing more on the broker is idle: its stream time follows the
     /// wall clock.
@@ -408,7 +408,9 @@ impl<'a> Loop<'a> {
         let mut polled_n = 0;
         // Kept when the window ends because everything is caught up.
         let mut caught_up = None;
-        while polled_n < cfg.max_batch {
+        // The (partition, customer) keys polled, hashed: a batch holds a book for each.
+        let mut customers = std::collections::HashSet::new();
+        while polled_n < cfg.max_batch && customers.len() < cfg.max_batch_customers {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() && polled_n > 0 {
                 break;
@@ -430,6 +432,7 @@ impl<'a> Loop<'a> {
                 // dropped (it resumes at its committed offsets).
                 Some(Ok(msg)) if !restoring.contains_key(&msg.partition()) => {
                     polled_n += 1;
+                    customers.insert(customer_hash(msg.partition(), msg.key()));
                     let topic = topic_of(&msg, &self.p.cfg.topics.usage);
                     self.merge.push(Fetched { msg, topic });
                 }
@@ -597,6 +600,14 @@ impl<'a> Loop<'a> {
         );
         Ok(())
     }
+}
+
+/// A hash of a record's (partition, key): the key is the customer id.
+fn customer_hash(partition: i32, key: Option<&[u8]>) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (partition, key).hash(&mut h);
+    h.finish()
 }
 
 /// Whether both input topics of partition `p` are in `caught_up` (see [`Loop::caught_up`]).
