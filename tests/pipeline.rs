@@ -50,6 +50,54 @@ async fn grant_then_usage_gives_the_right_balance() {
     app.stop().await;
 }
 
+/// `max_batch_customers = 1`: every poll window ends at its first customer, so records that
+/// wait on the broker are folded in many small batches. Balances and versions stay exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_one_customer_each_fold_exactly() {
+    let names = Names::new();
+    let cfg = names.config_with(
+        common::METERS,
+        &[("DRAWDOWN__PIPELINE__MAX_BATCH_CUSTOMERS", "1")],
+    );
+    assert_eq!(cfg.pipeline.max_batch_customers, 1);
+    let app = spawn_app_with(&names, cfg).await;
+    let customers: Vec<String> = (0..12).map(|i| format!("cust-{i}")).collect();
+    let grants: Vec<Value> = customers
+        .iter()
+        .map(|c| grant(c, "g1", "api_calls", "5"))
+        .collect();
+    app.grants(&grants);
+    // Interleaved: consecutive records name different customers.
+    let usage: Vec<Value> = (0..3)
+        .flat_map(|n| customers.iter().map(move |c| api_call(c, &format!("e{n}"))))
+        .collect();
+    app.usage(&usage);
+    for c in &customers {
+        let m = app
+            .meter_until(c, "api_calls", |b| b["consumed"] == "3")
+            .await;
+        assert_eq!(m["balance"], "2", "{c}");
+        assert_eq!(m["version"], 4, "{c}: the grant and three events");
+    }
+    let topic = app.cfg.topics.balance_changed.clone();
+    let recs = read_until(&topic, |r| r.len() >= 48).await;
+    let mut versions: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for (k, v, _) in &recs {
+        let v: Value = serde_json::from_slice(v).unwrap();
+        if v["meter"] == "api_calls" {
+            versions
+                .entry(k.clone())
+                .or_default()
+                .push(v["version"].as_u64().unwrap());
+        }
+    }
+    assert_eq!(versions.len(), 12);
+    for (c, vs) in versions {
+        assert_eq!(vs, [1, 2, 3, 4], "{c}: each version once, in order");
+    }
+    app.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exhausted_then_restored_on_top_up() {
     let names = Names::new();

@@ -9,8 +9,8 @@
 //! transaction calls block). The loops share only the RocksDB store (disjoint key ranges) and
 //! the status. One cycle:
 //! 1. Poll input records (`usage-events`, `credit-grants`, `read_committed`) for up to
-//!    `commit_interval`, `max_batch` records or `max_batch_customers` customers, or, once some are polled, until every served
-//!    partition is caught up (nothing more on the broker: waiting would only add latency);
+//!    `commit_interval`, `max_batch` records or `max_batch_customers` customers, or, once some
+//!    are polled, until every served partition is caught up (nothing more on the broker: waiting would only add latency);
 //!    release those that may be folded now, each
 //!    partition's two topics merged by timestamp ([`pipeline::merge`]; the rest stay held,
 //!    uncommitted, for a later cycle); decode them and place them on their partition's stream

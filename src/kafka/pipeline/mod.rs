@@ -390,9 +390,10 @@ impl<'a> Loop<'a> {
         result
     }
 
-    /// Polls input for up to `commit_interval` (10 ms while restoring), `max_batch` records or
-    /// `max_batch_customers` customers into the merge, or until, with records in the batch, every served partition is caught
-    /// up; then releases what may be folded now, in merged order. A served partition with
+    /// Polls input into the merge for up to `commit_interval` (10 ms while restoring), until
+    /// the window's records reach `max_batch` or name `max_batch_customers` customers, or
+    /// until, with records in the batch, every served partition is caught up; then releases
+    /// what may be folded now, in merged order. A served partition with
     /// nothing to fold and nothing more on the broker is idle: its stream time follows the
     /// wall clock.
     fn poll(&mut self) -> Result<Polled<'a>, PipelineError> {
@@ -405,20 +406,18 @@ impl<'a> Loop<'a> {
         let deadline = Instant::now() + window;
         let restoring = self.assignment.unready(&self.restorer);
         let consumer: &'a BaseConsumer<ConsumerCtx> = &self.clients.consumer;
-        let mut polled_n = 0;
+        let mut size = BatchSize::new(cfg.max_batch, cfg.max_batch_customers);
         // Kept when the window ends because everything is caught up.
         let mut caught_up = None;
-        // The (partition, customer) keys polled, hashed: a batch holds a book for each.
-        let mut customers = std::collections::HashSet::new();
-        while polled_n < cfg.max_batch && customers.len() < cfg.max_batch_customers {
+        while !size.is_full() {
             let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() && polled_n > 0 {
+            if left.is_zero() && size.records > 0 {
                 break;
             }
             // Once the batch has records, the queue is checked in short polls: when it runs
             // dry and nothing more is on the broker, the window ends early (waiting longer
             // only delays what was polled).
-            let wait = if polled_n > 0 {
+            let wait = if size.records > 0 {
                 left.min(CAUGHT_UP_CHECK)
             } else {
                 left
@@ -431,8 +430,7 @@ impl<'a> Loop<'a> {
                 // A partition not served yet is paused; anything fetched before the pause is
                 // dropped (it resumes at its committed offsets).
                 Some(Ok(msg)) if !restoring.contains_key(&msg.partition()) => {
-                    polled_n += 1;
-                    customers.insert(customer_hash(msg.partition(), msg.key()));
+                    size.add(msg.partition(), msg.key());
                     let topic = topic_of(&msg, &self.p.cfg.topics.usage);
                     self.merge.push(Fetched { msg, topic });
                 }
@@ -440,7 +438,7 @@ impl<'a> Loop<'a> {
                 Some(Err(e)) => {
                     tracing::debug!(error = %e, "consumer error (librdkafka retries)");
                 }
-                None if polled_n > 0 => {
+                None if size.records > 0 => {
                     let set = self.caught_up();
                     let served = self
                         .assignment
@@ -602,12 +600,37 @@ impl<'a> Loop<'a> {
     }
 }
 
-/// A hash of a record's (partition, key): the key is the customer id.
-fn customer_hash(partition: i32, key: Option<&[u8]>) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    (partition, key).hash(&mut h);
-    h.finish()
+/// How much a poll window has taken in: records, and the customers they name (a batch holds a
+/// decoded book for each, so at a million customers the customers bound its memory).
+struct BatchSize {
+    max_records: usize,
+    max_customers: usize,
+    records: usize,
+    /// Hashes of (partition, key): the key is the customer id.
+    customers: std::collections::HashSet<u64>,
+}
+
+impl BatchSize {
+    fn new(max_records: usize, max_customers: usize) -> Self {
+        Self {
+            max_records,
+            max_customers,
+            records: 0,
+            customers: Default::default(),
+        }
+    }
+
+    fn add(&mut self, partition: i32, key: Option<&[u8]>) {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (partition, key).hash(&mut h);
+        self.records += 1;
+        self.customers.insert(h.finish());
+    }
+
+    fn is_full(&self) -> bool {
+        self.records >= self.max_records || self.customers.len() >= self.max_customers
+    }
 }
 
 /// Whether both input topics of partition `p` are in `caught_up` (see [`Loop::caught_up`]).
@@ -675,6 +698,26 @@ mod tests {
             !status.serves(0) && !status.serves(1),
             "no partition is served or announced, not even the other loop's"
         );
+    }
+
+    #[test]
+    fn a_window_is_full_at_max_records_or_max_customers() {
+        let mut size = BatchSize::new(5, 2);
+        size.add(0, Some(b"alice"));
+        size.add(0, Some(b"alice"));
+        size.add(0, Some(b"alice"));
+        assert!(!size.is_full(), "one customer, three records");
+        size.add(1, Some(b"alice"));
+        assert!(
+            size.is_full(),
+            "the same key in another partition is another customer"
+        );
+        let mut size = BatchSize::new(3, 10);
+        for c in [b"a", b"b", b"c"] {
+            assert!(!size.is_full());
+            size.add(0, Some(c));
+        }
+        assert!(size.is_full(), "three records");
     }
 
     #[test]
