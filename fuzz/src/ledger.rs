@@ -26,9 +26,9 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use drawdown::ledger::{
     check_amount, Aggregation, Applied, AutoTopUp, Book, CustomerId, Dirty, EventId, EventRecord,
-    Grant, GrantId, GrantKind, GrantRecord, Input, Ledger, MeterDef, MeterName, MeterState, Meters,
-    OnExhausted, Output, Refs, ReservationId, ReservationRecord, Reserve, Threshold, Usage,
-    MAX_HOLDS,
+    Grant, GrantId, GrantKind, GrantRecord, Input, Ledger, MeterDef, MeterName, MeterState,
+    MeterStates, Meters, OnExhausted, Output, Refs, ReservationId, ReservationRecord, Reserve,
+    Threshold, Usage, MAX_HOLDS,
 };
 use rust_decimal::Decimal;
 
@@ -269,7 +269,7 @@ enum Op {
 /// Records as the store keeps them.
 #[derive(Default)]
 struct Store {
-    meters: BTreeMap<MeterName, MeterState>,
+    meters: MeterStates,
     events: BTreeMap<EventId, EventRecord>,
     grants: BTreeMap<GrantId, GrantRecord>,
     reservations: BTreeMap<ReservationId, ReservationRecord>,
@@ -278,7 +278,7 @@ struct Store {
 /// Everything a rejected input must leave as it was.
 #[derive(PartialEq, Debug)]
 struct Snapshot {
-    meters: BTreeMap<MeterName, MeterState>,
+    meters: MeterStates,
     events: HashMap<EventId, Option<EventRecord>>,
     grants: HashMap<GrantId, Option<GrantRecord>>,
     reservations: HashMap<ReservationId, Option<ReservationRecord>>,
@@ -430,7 +430,7 @@ impl Driver {
             }
         }
         // What was written is all the book changed: nothing changed stays unwritten.
-        let changed = |m: &BTreeMap<MeterName, MeterState>| -> BTreeMap<MeterName, MeterState> {
+        let changed = |m: &MeterStates| -> MeterStates {
             m.iter()
                 .filter(|(_, s)| **s != MeterState::default())
                 .map(|(k, v)| (k.clone(), v.clone()))

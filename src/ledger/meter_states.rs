@@ -125,6 +125,17 @@ impl FromIterator<(MeterName, MeterState)> for MeterStates {
     }
 }
 
+impl<'a> IntoIterator for &'a MeterStates {
+    type Item = (&'a MeterName, &'a MeterState);
+    type IntoIter = std::iter::Map<
+        std::slice::Iter<'a, (MeterName, MeterState)>,
+        fn(&'a (MeterName, MeterState)) -> (&'a MeterName, &'a MeterState),
+    >;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter().map(|(n, s)| (n, s))
+    }
+}
+
 impl IntoIterator for MeterStates {
     type Item = (MeterName, MeterState);
     type IntoIter = std::vec::IntoIter<(MeterName, MeterState)>;
