@@ -10,9 +10,9 @@
 //! the status. One cycle:
 //! 1. Poll input records (`usage-events`, `credit-grants`, `read_committed`) for up to
 //!    `commit_interval`, `max_batch` records or `max_batch_customers` customers, or, once some
-//!    are polled, until every served partition is caught up (nothing more on the broker: waiting would only add latency);
-//!    release those that may be folded now, each
-//!    partition's two topics merged by timestamp ([`pipeline::merge`]; the rest stay held,
+//!    are polled, until every served partition is caught up (nothing more on the broker:
+//!    waiting would only add latency); release those that may be folded now, each partition's
+//!    two topics merged by timestamp ([`pipeline::merge`]; the rest stay held,
 //!    uncommitted, for a later cycle); decode them and place them on their partition's stream
 //!    time ([`pipeline::stream_time`]); load the touched customers' books
 //!    (from the loop's book cache, else RocksDB) and the usage/grant ids they refer to, in one

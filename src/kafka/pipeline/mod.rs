@@ -393,9 +393,8 @@ impl<'a> Loop<'a> {
     /// Polls input into the merge for up to `commit_interval` (10 ms while restoring), until
     /// the window's records reach `max_batch` or name `max_batch_customers` customers, or
     /// until, with records in the batch, every served partition is caught up; then releases
-    /// what may be folded now, in merged order. A served partition with
-    /// nothing to fold and nothing more on the broker is idle: its stream time follows the
-    /// wall clock.
+    /// what may be folded now, in merged order. A served partition with nothing to fold and
+    /// nothing more on the broker is idle: its stream time follows the wall clock.
     fn poll(&mut self) -> Result<Polled<'a>, PipelineError> {
         let cfg = &self.p.cfg.pipeline;
         let window = if self.assignment.is_settled(&self.restorer) {
