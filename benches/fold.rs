@@ -1,6 +1,8 @@
 //! The whole pure commit cycle without I/O: decode -> fold -> encode -> state writes, for one
 //! batch of 50,000 usage events over 10,000 customers (the example meters of
-//! `config/drawdown.toml`). `cargo bench --bench fold` reports events/s on one core.
+//! `config/drawdown.toml`). `cargo bench --bench fold` reports events/s on one core. The
+//! `store` group then writes such commits' state into RocksDB (the local write after each
+//! transaction).
 
 // The service's allocator (src/main.rs), so the figure is the service's.
 #[global_allocator]
@@ -8,10 +10,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use drawdown::config::Config;
-use drawdown::kafka::pipeline::fold::{Folder, InputRecord};
+use drawdown::kafka::pipeline::fold::{Decoded, Folder, InputRecord};
 use drawdown::kafka::pipeline::stream_time::StreamTimes;
 use drawdown::kafka::{partition_for, InputTopic};
 use drawdown::ledger::{Book, CustomerId, Grant, GrantId, Input, Ledger, MeterName};
+use drawdown::store::{StateWrite, Store};
 use rust_decimal::Decimal;
 
 const EVENTS: usize = 50_000;
@@ -45,23 +48,10 @@ fn record(i: usize, (key, payload): &(String, String)) -> InputRecord<'_> {
     }
 }
 
-fn bench(c: &mut Criterion) {
-    let cfg = Config::load(Some(std::path::Path::new("config/drawdown.toml")), [])
-        .expect("config/drawdown.toml");
-    let ledger = Ledger::new(cfg.meter_set().expect("meters"));
-    let folder = Folder::new(ledger.clone(), &cfg, PARTITIONS);
-    let events: Vec<(String, String)> = (0..EVENTS).map(event).collect();
-    let records: Vec<InputRecord<'_>> = events
-        .iter()
-        .enumerate()
-        .map(|(i, e)| record(i, e))
-        .collect();
-    // The books as the store would load them: every customer funded on every meter, and the
-    // batch's event ids not seen before.
-    let times = || StreamTimes::new(cfg.pipeline.grace, cfg.pipeline.max_future_skew);
-    let wall = 1_767_225_600_000;
-    let decoded = folder.decode(&records, &mut times(), wall);
-    let books: Vec<Book> = decoded
+/// The books as the store would load them for `decoded`: every customer funded on every meter,
+/// and the batch's usage ids not seen before.
+fn funded_books(folder: &Folder, ledger: &Ledger, decoded: &Decoded) -> Vec<Book> {
+    decoded
         .requests()
         .iter()
         .map(|r| {
@@ -84,7 +74,24 @@ fn bench(c: &mut Criterion) {
             }
             book
         })
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let cfg = Config::load(Some(std::path::Path::new("config/drawdown.toml")), [])
+        .expect("config/drawdown.toml");
+    let ledger = Ledger::new(cfg.meter_set().expect("meters"));
+    let folder = Folder::new(ledger.clone(), &cfg, PARTITIONS);
+    let events: Vec<(String, String)> = (0..EVENTS).map(event).collect();
+    let records: Vec<InputRecord<'_>> = events
+        .iter()
+        .enumerate()
+        .map(|(i, e)| record(i, e))
         .collect();
+    let times = || StreamTimes::new(cfg.pipeline.grace, cfg.pipeline.max_future_skew);
+    let wall = 1_767_225_600_000;
+    let decoded = folder.decode(&records, &mut times(), wall);
+    let books = funded_books(&folder, &ledger, &decoded);
     let mut g = c.benchmark_group("fold");
     g.throughput(Throughput::Elements(EVENTS as u64));
     g.sample_size(10);
@@ -104,5 +111,62 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The local write of a commit's state (`Store::write_timed`) into real RocksDB in a temp dir:
+/// `BATCHES` successive commits of the fold above (new usage ids each), so later commits land
+/// on a memtable that earlier ones filled, and flushes run as in the service.
+fn write(c: &mut Criterion) {
+    const BATCHES: usize = 6;
+    let cfg = Config::load(Some(std::path::Path::new("config/drawdown.toml")), [])
+        .expect("config/drawdown.toml");
+    let ledger = Ledger::new(cfg.meter_set().expect("meters"));
+    let folder = Folder::new(ledger.clone(), &cfg, PARTITIONS);
+    let wall = 1_767_225_600_000;
+    let commits: Vec<Vec<StateWrite>> = (0..BATCHES)
+        .map(|b| {
+            let events: Vec<(String, String)> = (b * EVENTS..(b + 1) * EVENTS).map(event).collect();
+            let records: Vec<InputRecord<'_>> = events
+                .iter()
+                .enumerate()
+                .map(|(i, e)| record(i, e))
+                .collect();
+            let mut times = StreamTimes::new(cfg.pipeline.grace, cfg.pipeline.max_future_skew);
+            let decoded = folder.decode(&records, &mut times, wall);
+            let books = funded_books(&folder, &ledger, &decoded);
+            folder
+                .fold(&records, decoded, books, &Default::default(), &times)
+                .state
+        })
+        .collect();
+    let mut g = c.benchmark_group("store");
+    g.throughput(Throughput::Elements((EVENTS * BATCHES) as u64));
+    g.sample_size(10);
+    g.bench_function("write_6_commits_of_50k_events", |b| {
+        b.iter_batched(
+            || {
+                let dir = tempfile::tempdir().expect("a temp dir");
+                let store = Store::open_path(
+                    dir.path(),
+                    cfg.store.block_cache_mb,
+                    cfg.store.write_buffer_mb,
+                    folder.layout(),
+                )
+                .expect("a store");
+                (dir, store)
+            },
+            |(dir, store)| {
+                for (i, state) in commits.iter().enumerate() {
+                    let checkpoints = [(0, i as i64 + 1)];
+                    store
+                        .write_timed(state, &checkpoints, &Default::default())
+                        .expect("written");
+                }
+                (dir, store)
+            },
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, write);
 criterion_main!(benches);

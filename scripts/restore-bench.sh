@@ -4,7 +4,8 @@
 # each also leaving a grant record and a history record in the changelog); drawdown is then
 # stopped, its RocksDB directory deleted, and started again: it restores the partition from the
 # changelog. Prints the changelog records replayed, records/s, and the time from assignment to
-# ready, as logged by drawdown.
+# ready, as logged by drawdown. PERF=FILE also records `perf record --call-graph dwarf` of the
+# restoring process into FILE (then `perf report -i FILE`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/drawdown/target}"
@@ -32,10 +33,18 @@ kill -TERM $DD; wait $DD || true
 rm -rf "$DIR/state"
 
 t0=$(date +%s.%N)
-"$BIN" run > "$DIR/restore.log" 2>&1 &
+if [[ -n "${PERF:-}" ]]; then
+    perf record ${PERF_ARGS:---call-graph dwarf,16384 -F 250} -o "$PERF" -- "$BIN" run > "$DIR/restore.log" 2>&1 &
+else
+    "$BIN" run > "$DIR/restore.log" 2>&1 &
+fi
 DD=$!
 ready
 t1=$(date +%s.%N)
+if [[ -n "${PERF:-}" ]]; then
+    kill -INT "$DD"; wait "$DD" || true
+    pkill -f "drawdown run" -P "$DD" 2>/dev/null || true
+fi
 plain() { sed 's/\x1b\[[0-9;]*m//g' "$DIR/restore.log"; }
 line=$(plain | grep "restored from the changelog" | tail -1)
 ready_line=$(plain | grep "partition ready" | tail -1)
