@@ -1,6 +1,7 @@
 //! Domain newtypes, validated once at the edge (the codec) so the rules never see raw input.
 
 use std::fmt;
+use std::sync::Arc;
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -25,19 +26,21 @@ pub fn check_id(kind: &'static str, s: &str) -> Result<(), LedgerError> {
     Err(LedgerError::InvalidId { kind, why })
 }
 
+// An id is immutable text shared by reference count: the fold clones the customer and the meter
+// into every output and state record, and a clone is a counter increment, not an allocation.
 macro_rules! id_type {
     ($(#[$m:meta])* $name:ident, $kind:literal) => {
         $(#[$m])*
         #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(transparent)]
-        pub struct $name(String);
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Validates `s`: non-empty, at most [`MAX_ID_LEN`] bytes, no control characters.
-            pub fn parse(s: impl Into<String>) -> Result<Self, LedgerError> {
-                let s = s.into();
-                check_id($kind, &s)?;
-                Ok(Self(s))
+            pub fn parse(s: impl AsRef<str>) -> Result<Self, LedgerError> {
+                let s = s.as_ref();
+                check_id($kind, s)?;
+                Ok(Self(Arc::from(s)))
             }
             /// The identifier as text.
             pub fn as_str(&self) -> &str {

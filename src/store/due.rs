@@ -93,8 +93,8 @@ impl Store {
                 break;
             }
             let parsed = (
-                CustomerId::parse(String::from_utf8_lossy(customer).into_owned()),
-                MeterName::parse(String::from_utf8_lossy(meter).into_owned()),
+                CustomerId::parse(String::from_utf8_lossy(customer)),
+                MeterName::parse(String::from_utf8_lossy(meter)),
             );
             if let (Ok(customer), Ok(meter)) = parsed {
                 out.push(Due {

@@ -91,6 +91,27 @@ fn id<T>(key: &[u8], parsed: Result<T, crate::ledger::LedgerError>) -> Result<T,
     parsed.map_err(|e| corrupt(key, e.to_string()))
 }
 
+/// A meter name read from a stored record. Names are few (the configured meters), so this
+/// thread keeps the ones it has read and hands out shared copies: a decoded book then allocates
+/// no name (a million cached books would otherwise hold three million copies of a few names).
+fn meter_name(key: &[u8], name: &str) -> Result<MeterName, StoreError> {
+    /// More distinct names than this (meters removed from the config and such) are parsed anew.
+    const KEPT: usize = 64;
+    thread_local! {
+        static NAMES: std::cell::RefCell<Vec<MeterName>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    NAMES.with_borrow_mut(|names| {
+        if let Some(n) = names.iter().find(|n| n.as_str() == name) {
+            return Ok(n.clone());
+        }
+        let n = id(key, MeterName::parse(name))?;
+        if names.len() < KEPT {
+            names.push(n.clone());
+        }
+        Ok(n)
+    })
+}
+
 fn kind_code(k: GrantKind) -> u32 {
     match k {
         GrantKind::Cycle => 0,
@@ -175,7 +196,7 @@ pub(super) fn meter_from(
     key: &[u8],
     m: pb::MeterState,
 ) -> Result<(MeterName, MeterState), StoreError> {
-    let name = id(key, MeterName::parse(m.meter))?;
+    let name = meter_name(key, &m.meter)?;
     let state = MeterState {
         version: m.version,
         credited: undec(key, &m.credited)?,
@@ -226,7 +247,7 @@ pub(super) fn grant_to(r: &GrantRecord) -> pb::GrantRecord {
 /// A grant record from a message.
 pub(super) fn grant_from(key: &[u8], r: pb::GrantRecord) -> Result<GrantRecord, StoreError> {
     Ok(GrantRecord {
-        meter: id(key, MeterName::parse(r.meter))?,
+        meter: meter_name(key, &r.meter)?,
         at: r.at,
         voided: r.voided,
     })
@@ -264,7 +285,7 @@ pub(super) fn reservation_from(
     r: pb::ReservationRecord,
 ) -> Result<ReservationRecord, StoreError> {
     Ok(ReservationRecord {
-        meter: id(key, MeterName::parse(r.meter))?,
+        meter: meter_name(key, &r.meter)?,
         units: undec(key, &r.units)?,
         expires_at: r.expires_at,
         at: r.at,
@@ -312,7 +333,7 @@ pub(super) fn event_from(key: &[u8], r: pb::EventRecord) -> Result<EventRecord, 
             grants.push((id(key, GrantId::parse(g.grant_id))?, undec(key, &g.units)?));
         }
         draws.push(MeterDraw {
-            meter: id(key, MeterName::parse(d.meter))?,
+            meter: meter_name(key, &d.meter)?,
             grants,
             debt: undec(key, &d.debt)?,
             blocked: undec(key, &d.blocked)?,
@@ -476,7 +497,7 @@ fn change_to(c: &BalanceChanged) -> pb::Change {
 pub(super) fn change_from(key: &[u8], c: pb::Change) -> Result<BalanceChanged, StoreError> {
     Ok(BalanceChanged {
         customer_id: id(key, CustomerId::parse(c.customer))?,
-        meter: id(key, MeterName::parse(c.meter))?,
+        meter: meter_name(key, &c.meter)?,
         version: c.version,
         delta: undec(key, &c.delta)?,
         reason: Reason::from_label(&c.reason)

@@ -7,6 +7,7 @@
 //! time-driven rules of every touched customer run at the stream time the batch ends on. The loop around it ([`super`]) polls, loads, transacts and writes; the criterion
 //! benchmark `benches/fold.rs` runs decode -> fold -> encode -> state writes without I/O.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 
 use super::stream_time::{Placed, StreamTimes};
@@ -48,8 +49,8 @@ pub struct OutRecord {
     pub key: Vec<u8>,
     /// The payload.
     pub payload: Option<Vec<u8>>,
-    /// The headers.
-    pub headers: Vec<(&'static str, Vec<u8>)>,
+    /// The headers (most values are constant labels, borrowed rather than copied per record).
+    pub headers: Vec<(&'static str, Cow<'static, [u8]>)>,
 }
 
 /// The most payload bytes a DLQ record copies from its input.
@@ -443,7 +444,7 @@ impl Folder {
         let key = customer.as_str().as_bytes().to_vec();
         let content_type = (
             "content-type",
-            codec::content_type(format).as_bytes().to_vec(),
+            Cow::Borrowed(codec::content_type(format).as_bytes()),
         );
         match out {
             Output::Changed(ch) => {
@@ -462,7 +463,7 @@ impl Folder {
                     topic: OutputTopic::BalanceExhausted,
                     key,
                     payload: Some(codec::encode_transition(&t, format)),
-                    headers: vec![content_type, ("type", label.as_bytes().to_vec())],
+                    headers: vec![content_type, ("type", Cow::Borrowed(label.as_bytes()))],
                 }
             }
             Output::TopUp(t) => {
@@ -476,7 +477,7 @@ impl Folder {
                     payload: Some(codec::encode_top_up(&t, format)),
                     headers: codec::top_up_headers(&t, format)
                         .into_iter()
-                        .map(|(k, v)| (k, v.into_bytes()))
+                        .map(|(k, v)| (k, Cow::Owned(v.into_bytes())))
                         .collect(),
                 }
             }
@@ -506,22 +507,23 @@ impl Folder {
             InputTopic::Usage => &self.usage_topic,
             InputTopic::Grants => &self.grants_topic,
         };
-        let mut headers: Vec<(&'static str, Vec<u8>)> = vec![
-            ("error.reason", reason.as_bytes().to_vec()),
-            ("error.stage", stage.as_bytes().to_vec()),
-            ("error.message", message.into_bytes()),
-            ("source.topic", source.as_bytes().to_vec()),
-            ("source.partition", r.partition.to_string().into_bytes()),
-            ("source.offset", r.offset.to_string().into_bytes()),
+        let owned = |v: String| Cow::Owned(v.into_bytes());
+        let mut headers: Vec<(&'static str, Cow<'static, [u8]>)> = vec![
+            ("error.reason", Cow::Borrowed(reason.as_bytes())),
+            ("error.stage", Cow::Borrowed(stage.as_bytes())),
+            ("error.message", owned(message)),
+            ("source.topic", owned(source.clone())),
+            ("source.partition", owned(r.partition.to_string())),
+            ("source.offset", owned(r.offset.to_string())),
         ];
         if let Some(ct) = r.content_type {
-            headers.push(("content-type", ct.as_bytes().to_vec()));
+            headers.push(("content-type", owned(ct.to_string())));
         }
         // A record near the broker's size limit does not fit again with the error headers:
         // the DLQ keeps its head and says so (the whole record stays in its source topic).
         let mut payload = r.payload.map(<[u8]>::to_vec);
         if let Some(p) = payload.as_mut().filter(|p| p.len() > MAX_DLQ_PAYLOAD) {
-            headers.push(("payload.truncated-from", p.len().to_string().into_bytes()));
+            headers.push(("payload.truncated-from", owned(p.len().to_string())));
             p.truncate(MAX_DLQ_PAYLOAD);
         }
         OutRecord {

@@ -117,7 +117,7 @@ fn dlq_reasons(c: &Commit) -> Vec<String> {
                 .iter()
                 .find(|(k, _)| *k == "error.reason")
                 .unwrap();
-            String::from_utf8(v.clone()).unwrap()
+            String::from_utf8(v.to_vec()).unwrap()
         })
         .collect()
 }

@@ -199,11 +199,11 @@ mod tests {
     use crate::store::layout::{Layout, StateBatch};
 
     fn id(s: &str) -> CustomerId {
-        CustomerId::parse(s.to_string()).unwrap()
+        CustomerId::parse(s).unwrap()
     }
 
     fn meter(s: &str) -> MeterName {
-        MeterName::parse(s.to_string()).unwrap()
+        MeterName::parse(s).unwrap()
     }
 
     fn store() -> (tempfile::TempDir, Store) {

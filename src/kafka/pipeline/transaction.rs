@@ -88,7 +88,7 @@ pub(super) fn transact(
             for (k, v) in &o.headers {
                 headers = headers.insert(Header {
                     key: k,
-                    value: Some(v.as_slice()),
+                    value: Some(v.as_ref()),
                 });
             }
             let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(names.output(o.topic))
