@@ -23,23 +23,25 @@ pub struct BookCache {
 }
 
 /// The memory a book takes in the cache, as allocated: the meters' vector by capacity, their
-/// grant and hold vectors by capacity, and the customer id twice (the map key and the eviction
-/// order).
+/// grant and hold vectors by capacity, the customer id once (the map key and the eviction order
+/// share it) and each grant or hold id. Meter names are shared by every book (the configured
+/// names, and those the store decodes), so they count nothing here.
 fn size(customer: &CustomerId, meters: &Meters) -> usize {
     use crate::ledger::{GrantSlot, Hold};
     use std::mem::size_of;
+    // An id's allocation: its text after the reference counts.
+    let text = |s: &str| s.len() + 2 * size_of::<usize>();
     let entry = size_of::<(i32, CustomerId)>() * 2 + size_of::<(Meters, usize, u64)>() + 32;
     entry
-        + 2 * customer.as_str().len()
+        + text(customer.as_str())
         + meters.capacity() * (size_of::<MeterName>() + size_of::<MeterState>())
         + meters
-            .iter()
-            .map(|(n, s)| {
-                n.as_str().len()
-                    + s.grants.capacity() * size_of::<GrantSlot>()
-                    + s.grants.iter().map(|g| g.id.as_str().len()).sum::<usize>()
+            .values()
+            .map(|s| {
+                s.grants.capacity() * size_of::<GrantSlot>()
+                    + s.grants.iter().map(|g| text(g.id.as_str())).sum::<usize>()
                     + s.holds.capacity() * size_of::<Hold>()
-                    + s.holds.iter().map(|h| h.id.as_str().len()).sum::<usize>()
+                    + s.holds.iter().map(|h| text(h.id.as_str())).sum::<usize>()
             })
             .sum::<usize>()
 }
