@@ -4,8 +4,9 @@
 //! No Kafka, no RocksDB, no clock: the records (in merged order, see [`super::merge`]), the
 //! books, the wall clock and the partitions' stream times ([`StreamTimes`]) come in, the commit
 //! goes out. Each input is applied at its place on its partition's stream time; the
-//! time-driven rules of every touched customer run at the stream time the batch ends on. The loop around it ([`super`]) polls, loads, transacts and writes; the criterion
-//! benchmark `benches/fold.rs` runs decode -> fold -> encode -> state writes without I/O.
+//! time-driven rules of every touched customer run at the stream time the batch ends on. The
+//! loop around it ([`super`]) polls, loads, transacts and writes; the criterion benchmark
+//! `benches/fold.rs` runs decode -> fold -> encode -> state writes without I/O.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
