@@ -77,17 +77,28 @@ fn funded_books(folder: &Folder, ledger: &Ledger, decoded: &Decoded) -> Vec<Book
         .collect()
 }
 
-fn bench(c: &mut Criterion) {
+/// The example config, its ledger, and a folder over `PARTITIONS` partitions.
+fn setup() -> (Config, Ledger, Folder) {
     let cfg = Config::load(Some(std::path::Path::new("config/drawdown.toml")), [])
         .expect("config/drawdown.toml");
     let ledger = Ledger::new(cfg.meter_set().expect("meters"));
     let folder = Folder::new(ledger.clone(), &cfg, PARTITIONS);
-    let events: Vec<(String, String)> = (0..EVENTS).map(event).collect();
-    let records: Vec<InputRecord<'_>> = events
+    (cfg, ledger, folder)
+}
+
+/// The input records of `events`, numbered from offset 0.
+fn records(events: &[(String, String)]) -> Vec<InputRecord<'_>> {
+    events
         .iter()
         .enumerate()
         .map(|(i, e)| record(i, e))
-        .collect();
+        .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let (cfg, ledger, folder) = setup();
+    let events: Vec<(String, String)> = (0..EVENTS).map(event).collect();
+    let records = records(&events);
     let times = || StreamTimes::new(cfg.pipeline.grace, cfg.pipeline.max_future_skew);
     let wall = 1_767_225_600_000;
     let decoded = folder.decode(&records, &mut times(), wall);
@@ -116,19 +127,12 @@ fn bench(c: &mut Criterion) {
 /// on a memtable that earlier ones filled, and flushes run as in the service.
 fn write(c: &mut Criterion) {
     const BATCHES: usize = 6;
-    let cfg = Config::load(Some(std::path::Path::new("config/drawdown.toml")), [])
-        .expect("config/drawdown.toml");
-    let ledger = Ledger::new(cfg.meter_set().expect("meters"));
-    let folder = Folder::new(ledger.clone(), &cfg, PARTITIONS);
+    let (cfg, ledger, folder) = setup();
     let wall = 1_767_225_600_000;
     let commits: Vec<Vec<StateWrite>> = (0..BATCHES)
         .map(|b| {
             let events: Vec<(String, String)> = (b * EVENTS..(b + 1) * EVENTS).map(event).collect();
-            let records: Vec<InputRecord<'_>> = events
-                .iter()
-                .enumerate()
-                .map(|(i, e)| record(i, e))
-                .collect();
+            let records = records(&events);
             let mut times = StreamTimes::new(cfg.pipeline.grace, cfg.pipeline.max_future_skew);
             let decoded = folder.decode(&records, &mut times, wall);
             let books = funded_books(&folder, &ledger, &decoded);

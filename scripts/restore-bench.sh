@@ -42,8 +42,9 @@ DD=$!
 ready
 t1=$(date +%s.%N)
 if [[ -n "${PERF:-}" ]]; then
-    kill -INT "$DD"; wait "$DD" || true
-    pkill -f "drawdown run" -P "$DD" 2>/dev/null || true
+    # Stop drawdown (perf's child); perf then writes its file and exits.
+    pkill -TERM -P "$DD" || true
+    wait "$DD" || true
 fi
 plain() { sed 's/\x1b\[[0-9;]*m//g' "$DIR/restore.log"; }
 line=$(plain | grep "restored from the changelog" | tail -1)

@@ -52,6 +52,14 @@ async fn grant_then_usage_gives_the_right_balance() {
 
 /// `max_batch_customers = 1`: every poll window ends at its first customer, so records that
 /// wait on the broker are folded in many small batches. Balances and versions stay exact.
+/// A grant `g1` of 5 `api_calls` for each of `customers`.
+fn funded(customers: &[String]) -> Vec<Value> {
+    customers
+        .iter()
+        .map(|c| grant(c, "g1", "api_calls", "5"))
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_of_one_customer_each_fold_exactly() {
     let names = Names::new();
@@ -62,11 +70,7 @@ async fn batches_of_one_customer_each_fold_exactly() {
     assert_eq!(cfg.pipeline.max_batch_customers, 1);
     let app = spawn_app_with(&names, cfg).await;
     let customers: Vec<String> = (0..12).map(|i| format!("cust-{i}")).collect();
-    let grants: Vec<Value> = customers
-        .iter()
-        .map(|c| grant(c, "g1", "api_calls", "5"))
-        .collect();
-    app.grants(&grants);
+    app.grants(&funded(&customers));
     // Interleaved: consecutive records name different customers.
     let usage: Vec<Value> = (0..3)
         .flat_map(|n| customers.iter().map(move |c| api_call(c, &format!("e{n}"))))
@@ -383,11 +387,7 @@ async fn no_answer_comes_from_state_not_restored_yet() {
     let names = Names::new();
     let app = spawn_app(&names).await;
     let customers: Vec<String> = (0..2000).map(|i| format!("r{i}")).collect();
-    let grants: Vec<Value> = customers
-        .iter()
-        .map(|c| grant(c, "g1", "api_calls", "5"))
-        .collect();
-    app.grants(&grants);
+    app.grants(&funded(&customers));
     for c in customers.iter().rev().take(50) {
         app.meter_until(c, "api_calls", |b| b["version"] == 1).await;
     }
