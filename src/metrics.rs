@@ -33,6 +33,9 @@ pub const RECORDS_LATE: &str = "drawdown_records_late_total";
 pub const RECORDS_UNORDERED: &str = "drawdown_records_unordered_total";
 /// Input records held back for the other input topic's partition (folded in a later batch).
 pub const RECORDS_HELD: &str = "drawdown_records_held";
+/// Input topic-partitions paused because the merge held `pipeline.max_batch` of their records
+/// (backpressure while the other input topic's partition is fetched).
+pub const INPUT_THROTTLED: &str = "drawdown_input_throttled_total";
 /// Output records produced (committed), by `topic`.
 pub const OUTPUTS_PRODUCED: &str = "drawdown_outputs_produced_total";
 /// Top-up requests published, by `source` (`auto`: in the pipeline's transaction; `portal`,
@@ -174,6 +177,7 @@ fn zero_initialise() {
     counter!(RECORDS_MISROUTED).increment(0);
     counter!(RECORDS_LATE).increment(0);
     counter!(RECORDS_UNORDERED).increment(0);
+    counter!(INPUT_THROTTLED).increment(0);
     for topic in OUTPUT_TOPICS {
         counter!(OUTPUTS_PRODUCED, "topic" => topic).increment(0);
     }
@@ -262,6 +266,11 @@ fn describe() {
         RECORDS_UNORDERED,
         Unit::Count,
         "Input records folded after waiting pipeline.max_idle for the other input topic's partition (order not guaranteed)."
+    );
+    describe_counter!(
+        INPUT_THROTTLED,
+        Unit::Count,
+        "Input topic-partitions paused because the merge held pipeline.max_batch of their records while waiting for the other input topic's partition (resumed at half)."
     );
     describe_gauge!(
         RECORDS_HELD,

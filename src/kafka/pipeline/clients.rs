@@ -201,6 +201,24 @@ impl Clients {
     }
 }
 
+/// Pauses (or resumes) one input topic-partition. Pausing drops what librdkafka prefetched of
+/// it; on resume it fetches from the position after the last record polled, so nothing is
+/// skipped or polled twice.
+pub(super) fn pause_one(
+    consumer: &BaseConsumer<ConsumerCtx>,
+    topic: &str,
+    partition: i32,
+    pause: bool,
+) -> Result<(), KafkaError> {
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition(topic, partition);
+    if pause {
+        consumer.pause(&tpl)
+    } else {
+        consumer.resume(&tpl)
+    }
+}
+
 /// The low and high watermarks of `topic` [`partition`] as librdkafka last saw them in a fetch
 /// response (no request is made; `None` before the first). rust-rdkafka only offers the
 /// querying form, which costs a round trip to the broker.

@@ -19,13 +19,25 @@
 //! already holds (or may hold: before the first fetch response of a topic-partition its end is
 //! unknown). That wait is as long as the fetcher takes, normally one fetch round trip; the
 //! first fetch after an assignment (an offset lookup, then a fetch) took over a second on a
-//! busy machine here. `max_idle` (10 s) only bounds it for a topic-partition the broker does
-//! not deliver (say its leader is down), and a queue never holds more than `pipeline.max_batch`
-//! records while it waits (memory): the order then depends on arrival timing, and each record
+//! busy machine here.
+//!
+//! **Backpressure, not a cap.** A queue that reaches `pipeline.max_batch` records while it
+//! waits is *throttled*: the loop pauses that topic-partition in librdkafka (its prefetched
+//! records are dropped there and fetched again from the position after the last one polled)
+//! and resumes it once the queue is down to half ([`Merge::throttle`]).
+//! Without it, one topic-partition could fill librdkafka's whole prefetch queue (16 MB, about
+//! 90k records) before the other's first fetch: the usage of a partition was then released
+//! ahead of the grants still to be fetched, and the 1- and 2-thread runs of the benchmark
+//! published different transitions from the same input (2026-12-03, 2 runs in 3). The
+//! prefetch queue then drains and the other topic-partition is fetched, as Kafka Streams
+//! pauses a partition whose buffer is full.
+//!
+//! `max_idle` (10 s of polling) bounds the wait for a topic-partition the broker does not
+//! deliver (say its leader is down): the order then depends on arrival timing, and each record
 //! so released is counted ([`Merge::take_unordered`], the metric
 //! `drawdown_records_unordered_total`).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use crate::kafka::InputTopic;
@@ -64,6 +76,15 @@ fn other(t: InputTopic) -> InputTopic {
     }
 }
 
+/// What [`Merge::throttle`] asks of the source.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct Throttle {
+    /// Topic-partitions to pause: their queue is full.
+    pub(super) pause: Vec<(InputTopic, i32)>,
+    /// Topic-partitions to resume: their queue is down to half.
+    pub(super) resume: Vec<(InputTopic, i32)>,
+}
+
 /// The records polled and not folded yet, per partition and topic.
 #[derive(Debug)]
 pub(super) struct Merge<T> {
@@ -72,23 +93,26 @@ pub(super) struct Merge<T> {
     /// (On the polling clock: see [`Merge::release`].)
     waiting: HashMap<(InputTopic, i32), Duration>,
     max_idle: Duration,
-    /// The most records a topic-partition's queue holds while waiting: past it, its head is
-    /// released (counted as unordered), so a lagging topic-partition cannot make the merge
-    /// hold the other's whole backlog in memory.
+    /// The records a topic-partition's queue holds before it is throttled (paused at the
+    /// source), so a lagging topic-partition cannot make the merge hold the other's whole
+    /// backlog in memory.
     max_held: usize,
+    /// Topic-partitions throttled: paused by the loop until their queue is down to half.
+    throttled: BTreeSet<(InputTopic, i32)>,
     /// Records released by the `max_idle` escape since the last [`Merge::take_unordered`].
     unordered: u64,
 }
 
 impl<T: Timed> Merge<T> {
-    /// An empty merge that waits at most `max_idle`, and holds at most `max_held` records of a
-    /// topic-partition, for a lagging topic-partition.
+    /// An empty merge that waits at most `max_idle` for a lagging topic-partition, and
+    /// throttles a topic-partition holding `max_held` records.
     pub(super) fn new(max_idle: Duration, max_held: usize) -> Self {
         Self {
             queues: BTreeMap::new(),
             waiting: HashMap::new(),
             max_idle,
             max_held: max_held.max(1),
+            throttled: BTreeSet::new(),
             unordered: 0,
         }
     }
@@ -97,6 +121,32 @@ impl<T: Timed> Merge<T> {
     pub(super) fn push(&mut self, r: T) {
         let q = self.queues.entry(r.partition()).or_default();
         q[slot(r.topic())].push_back(r);
+    }
+
+    /// After a [`Merge::release`]: the topic-partitions still holding `max_held` records or
+    /// more, newly throttled (the caller pauses them), and those throttled that are down to
+    /// half of it, no longer throttled (the caller resumes them).
+    pub(super) fn throttle(&mut self) -> Throttle {
+        let len = |queues: &BTreeMap<i32, [VecDeque<T>; 2]>, t: InputTopic, p: i32| {
+            queues.get(&p).map_or(0, |q| q[slot(t)].len())
+        };
+        let mut out = Throttle::default();
+        for (&p, q) in &self.queues {
+            for t in InputTopic::ALL {
+                if q[slot(t)].len() >= self.max_held && self.throttled.insert((t, p)) {
+                    out.pause.push((t, p));
+                }
+            }
+        }
+        let low = self.max_held / 2;
+        self.throttled.retain(|&(t, p)| {
+            let keep = len(&self.queues, t, p) > low;
+            if !keep {
+                out.resume.push((t, p));
+            }
+            keep
+        });
+        out
     }
 
     /// Records held, not yet released.
@@ -115,11 +165,13 @@ impl<T: Timed> Merge<T> {
         self.queues.contains_key(&p)
     }
 
-    /// Forgets everything held (a rebalance or an error: the input resumes at the committed
-    /// offsets, so the records are polled again).
+    /// Forgets everything held, and what was throttled (a rebalance or an error: the input
+    /// resumes at the committed offsets, so the records are polled again, and the handover
+    /// pauses and resumes every partition itself).
     pub(super) fn clear(&mut self) {
         self.queues.clear();
         self.waiting.clear();
+        self.throttled.clear();
     }
 
     /// Takes, per partition and in merged order, every record that may be folded now.
@@ -155,9 +207,7 @@ impl<T: Timed> Merge<T> {
                         let since = *self.waiting.entry((t, p)).or_insert(now);
                         if caught_up(other(t), p) {
                             t
-                        } else if now.saturating_sub(since) >= self.max_idle
-                            || q[slot(t)].len() >= self.max_held
-                        {
+                        } else if now.saturating_sub(since) >= self.max_idle {
                             self.unordered += 1;
                             t
                         } else {
@@ -209,16 +259,46 @@ mod tests {
     }
 
     #[test]
-    fn a_queue_holds_at_most_max_held_records_while_waiting() {
-        let mut m = Merge::new(Duration::from_secs(10), 3);
+    fn a_full_queue_is_throttled_not_released_out_of_order_and_resumed_at_half() {
+        let mut m = Merge::new(Duration::from_secs(10), 4);
         for o in 0..5 {
             m.push(R(U, 0, o, 10 + o));
         }
-        // 5 held, the cap is 3: the first 3 are released (to 2 left, under the cap), counted.
+        // 5 held, waiting for the grants (not caught up): nothing is released out of order;
+        // the usage topic-partition is paused instead, once.
+        assert!(m.release(Duration::ZERO, |_, _| false).is_empty());
+        assert_eq!(m.take_unordered(), 0);
+        let t = m.throttle();
+        assert_eq!((t.pause, t.resume), (vec![(U, 0)], vec![]));
+        assert_eq!(m.throttle(), Throttle::default(), "paused once");
+        // The grants arrive (the prefetch queue drained): the merge goes on in order.
+        m.push(R(G, 0, 0, 12));
+        m.push(R(G, 0, 1, 30));
         let out = m.release(Duration::ZERO, |_, _| false);
-        assert_eq!(out, [R(U, 0, 0, 10), R(U, 0, 1, 11), R(U, 0, 2, 12)]);
-        assert_eq!(m.held(), 2);
-        assert_eq!(m.take_unordered(), 3);
+        assert_eq!(
+            out,
+            [
+                R(U, 0, 0, 10),
+                R(U, 0, 1, 11),
+                R(G, 0, 0, 12),
+                R(U, 0, 2, 12),
+                R(U, 0, 3, 13),
+                R(U, 0, 4, 14)
+            ]
+        );
+        // The usage queue is empty (under half of the cap of 4): resumed. The grant at 30
+        // waits for the usage topic-partition.
+        assert_eq!(m.held(), 1);
+        let t = m.throttle();
+        assert_eq!((t.pause, t.resume), (vec![], vec![(U, 0)]));
+        assert_eq!(m.take_unordered(), 0);
+        // A rebalance forgets the throttling (the handover pauses and resumes by itself).
+        for o in 5..9 {
+            m.push(R(U, 0, o, 40 + o));
+        }
+        assert_eq!(m.throttle().pause, [(U, 0)]);
+        m.clear();
+        assert_eq!(m.throttle(), Throttle::default());
     }
 
     #[test]

@@ -466,6 +466,19 @@ impl<'a> Loop<'a> {
         if unordered > 0 {
             metrics::counter!(m::RECORDS_UNORDERED).increment(unordered);
         }
+        // Backpressure (see `merge`): a full queue's topic-partition is paused at the source,
+        // so librdkafka's prefetch drains and the other topic's partition is fetched.
+        let throttle = self.merge.throttle();
+        for (t, p) in throttle.pause {
+            tracing::debug!(topic = ?t, partition = p, "input throttled");
+            metrics::counter!(m::INPUT_THROTTLED).increment(1);
+            clients::pause_one(consumer, t.name(&self.p.cfg.topics), p, true)?;
+        }
+        for (t, p) in throttle.resume {
+            if self.assignment.owned.contains(&p) && !restoring.contains_key(&p) {
+                clients::pause_one(consumer, t.name(&self.p.cfg.topics), p, false)?;
+            }
+        }
         let wall = crate::clock::now_ms();
         let in_batch: std::collections::BTreeSet<i32> =
             batch.iter().map(|f| f.msg.partition()).collect();

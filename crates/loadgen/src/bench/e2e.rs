@@ -163,6 +163,7 @@ pub async fn run(cfg: &Config, args: E2eArgs) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    let mut outputs: Vec<(usize, Vec<u64>)> = Vec::new();
     for threads in [1, default_threads] {
         let run = format!("{input}-dd{threads}-{stamp}");
         let c = run_config(&base, &input, &run);
@@ -175,6 +176,15 @@ pub async fn run(cfg: &Config, args: E2eArgs) -> anyhow::Result<()> {
         })
         .await??;
         let cpu = cpu_seconds(dd.pid())? - cpu0;
+        // How the merge went: records folded at stream time or out of timestamp order make
+        // the runs differ (the same input must publish the same transitions).
+        let order = dd
+            .counters(&[
+                "drawdown_records_late_total",
+                "drawdown_records_unordered_total",
+                "drawdown_input_throttled_total",
+            ])
+            .await?;
         let log = dd.log_path();
         drop(dd);
         let secs = (t1 - t0).as_secs_f64();
@@ -189,9 +199,10 @@ pub async fn run(cfg: &Config, args: E2eArgs) -> anyhow::Result<()> {
         let n = count(&c, &outs)?;
         let written: u64 = n.iter().sum();
         eprintln!(
-            "bench e2e: drawdown threads={threads}: balance-changed={} balance-exhausted={} top-up-requests={} dlq={} changelog={} ({})",
-            n[0], n[1], n[2], n[3], n[4], log.display()
+            "bench e2e: drawdown threads={threads}: balance-changed={} balance-exhausted={} top-up-requests={} dlq={} changelog={} late={} unordered={} throttled={} ({})",
+            n[0], n[1], n[2], n[3], n[4], order[0], order[1], order[2], log.display()
         );
+        outputs.push((threads, n[..3].to_vec()));
         rows.push(Figures {
             system: format!("drawdown, pipeline.threads = {threads}"),
             seconds: secs,
@@ -203,6 +214,13 @@ pub async fn run(cfg: &Config, args: E2eArgs) -> anyhow::Result<()> {
         eprintln!("bench e2e: {:?}", rows.last());
     }
 
+    if let [(t1, a), (t2, b)] = &outputs[..] {
+        if a != b {
+            eprintln!(
+                "bench e2e: WARNING: threads={t1} and threads={t2} published different outputs from the same input (balance-changed, balance-exhausted, top-up-requests: {a:?} vs {b:?}); see late/unordered above"
+            );
+        }
+    }
     let ceiling = rows[0].records_per_s;
     println!("input {input}: {records} records ({usage_events} usage events, {} customers, {} partitions)", args.customers, args.partitions);
     println!("| system | seconds | records/s | vs pass-through | CPU s / 1M records | records written / input | written beyond balance-changed / usage event |");

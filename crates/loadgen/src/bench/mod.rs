@@ -206,6 +206,24 @@ impl Drawdown {
         self.child.id()
     }
 
+    /// The value of each counter named in `names` on the process's `/metrics` (0 if absent).
+    async fn counters(&self, names: &[&str]) -> anyhow::Result<Vec<u64>> {
+        let text = reqwest::get(format!("{}/metrics", self.api))
+            .await?
+            .error_for_status()?
+            .text()
+            .await?;
+        Ok(names
+            .iter()
+            .map(|name| {
+                text.lines()
+                    .filter_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+                    .filter_map(|v| v.trim().parse::<f64>().ok())
+                    .sum::<f64>() as u64
+            })
+            .collect())
+    }
+
     /// The process's log so far.
     fn log_path(&self) -> PathBuf {
         self.dir.path().join("drawdown.log")
