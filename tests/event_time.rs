@@ -7,39 +7,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use drawdown::clock::now_ms;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use serde_json::{json, Value};
 
 const S: i64 = 1_000;
-
-/// Sends `(topic, value, timestamp)` in order, each keyed by its `customer_id`, with that
-/// record timestamp, and flushes.
-fn send(p: &BaseProducer, records: &[(String, Value, i64)]) {
-    for (topic, v, ts) in records {
-        let payload = serde_json::to_vec(v).unwrap();
-        let key = v["customer_id"].as_str().unwrap().to_string();
-        p.send(
-            BaseRecord::<str, [u8]>::to(topic)
-                .key(&key)
-                .payload(&payload)
-                .timestamp(*ts),
-        )
-        .map_err(|(e, _)| e)
-        .unwrap();
-    }
-    p.flush(Duration::from_secs(30)).unwrap();
-}
-
-/// The records of `topic`, per key, in order (payloads as JSON).
-fn by_key(topic: &str) -> BTreeMap<String, Vec<Value>> {
-    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for (k, v, _) in read_all(topic) {
-        out.entry(k)
-            .or_default()
-            .push(serde_json::from_slice(&v).unwrap());
-    }
-    out
-}
 
 /// Waits until `topic` holds `per_key` records for each of `keys` keys (2 minutes at most: the
 /// first run fetches a few hundred bytes at a time, slow on a busy machine). On timeout it
@@ -114,8 +84,7 @@ async fn a_replay_from_the_start_gives_the_same_ledger() {
         recs.push(call("e9", t0 + 51 * S)); // a duplicate
     }
     drawdown::kafka::admin::ensure_topics(&first).await.unwrap();
-    let producer = ClientConfigExt::producer();
-    send(&producer, &recs);
+    send_timed(&recs);
     // Changes per customer: g1, e0-e4, g2, expiry of g1, e5-e7, e8, e9.
     let per_customer = 13;
 
@@ -151,17 +120,7 @@ async fn a_replay_from_the_start_gives_the_same_ledger() {
     let m = app.meter_until("rp0", "api_calls", |_| true).await;
     // Both runs merged by time alone: nothing was released by the max_idle escape (the metrics
     // are the process's, so this covers the first run too).
-    let metrics = reqwest::get(format!("{}/metrics", app.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let unordered = metrics
-        .lines()
-        .find(|l| l.starts_with("drawdown_records_unordered_total"))
-        .expect("drawdown_records_unordered_total is exported");
-    assert!(unordered.ends_with(" 0"), "{unordered}");
+    assert_eq!(app.counter("drawdown_records_unordered_total").await, 0);
     app.stop().await;
     let changed_2 = by_key(&replay.topics.balance_changed);
     let transitions_2 = by_key(&replay.topics.balance_exhausted);
@@ -188,18 +147,4 @@ async fn a_replay_from_the_start_gives_the_same_ledger() {
         t0 + 42 * S,
         "applied at stream time (newest 72 s - 30 s)"
     );
-}
-
-/// A producer for the test's broker.
-struct ClientConfigExt;
-
-impl ClientConfigExt {
-    fn producer() -> BaseProducer {
-        rdkafka::ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
-            .set("enable.idempotence", "true")
-            .set("partitioner", "murmur2_random")
-            .create()
-            .unwrap()
-    }
 }

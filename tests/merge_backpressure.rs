@@ -4,50 +4,11 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::time::Duration;
-
 use common::*;
 use drawdown::clock::now_ms;
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
-use serde_json::{json, Value};
+use serde_json::json;
 
 const S: i64 = 1_000;
-
-/// Sends `(topic, value, timestamp)` in order, keyed by `customer_id`, with that record
-/// timestamp, and flushes.
-fn send(records: &[(String, Value, i64)]) {
-    let p: BaseProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
-        .set("enable.idempotence", "true")
-        .set("partitioner", "murmur2_random")
-        .create()
-        .unwrap();
-    for (topic, v, ts) in records {
-        let payload = serde_json::to_vec(v).unwrap();
-        let key = v["customer_id"].as_str().unwrap().to_string();
-        p.send(
-            BaseRecord::<str, [u8]>::to(topic)
-                .key(&key)
-                .payload(&payload)
-                .timestamp(*ts),
-        )
-        .map_err(|(e, _)| e)
-        .unwrap();
-    }
-    p.flush(Duration::from_secs(30)).unwrap();
-}
-
-/// The records of `topic`, per key, in order (payloads as JSON).
-fn by_key(topic: &str) -> BTreeMap<String, Vec<Value>> {
-    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-    for (k, v, _) in read_all(topic) {
-        out.entry(k)
-            .or_default()
-            .push(serde_json::from_slice(&v).unwrap());
-    }
-    out
-}
 
 /// One input topic's partition arriving far ahead of the other's (here the usage, in one fetch,
 /// while the grants before it take dozens) is held back, not released out of order: once the
@@ -97,27 +58,16 @@ async fn a_topic_far_ahead_of_the_other_is_paused_not_folded_out_of_order() {
         ));
     }
     drawdown::kafka::admin::ensure_topics(&cfg).await.unwrap();
-    send(&recs);
+    send_timed(&recs);
 
     let app = spawn_app_with(&names, cfg.clone()).await;
     let m = app
         .meter_until("flood", "api_calls", |m| m["consumed"] == "1000")
         .await;
-    let metrics = reqwest::get(format!("{}/metrics", app.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let unordered = app.counter("drawdown_records_unordered_total").await;
+    let late = app.counter("drawdown_records_late_total").await;
+    let throttled = app.counter("drawdown_input_throttled_total").await;
     app.stop().await;
-    let counter = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-            .unwrap_or_else(|| panic!("{name} is exported"))
-            .parse()
-            .unwrap()
-    };
     assert_eq!(m["balance"], "0", "{m}");
     assert_eq!(m["overage"], "0", "the grant paid every call");
     let changed = by_key(&cfg.topics.balance_changed);
@@ -125,10 +75,10 @@ async fn a_topic_far_ahead_of_the_other_is_paused_not_folded_out_of_order() {
     assert_eq!(flood.len(), 1_001);
     assert_eq!(flood[0]["reason"], "grant", "the grant first: {}", flood[0]);
     assert!(flood.iter().all(|v| v["late"] != true), "nothing late");
-    assert_eq!(counter("drawdown_records_unordered_total"), 0);
-    assert_eq!(counter("drawdown_records_late_total"), 0);
+    assert_eq!(unordered, 0);
+    assert_eq!(late, 0);
     assert!(
-        counter("drawdown_input_throttled_total") > 0,
+        throttled > 0,
         "the usage partition was paused while the grants were fetched"
     );
 }

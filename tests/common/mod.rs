@@ -219,6 +219,21 @@ impl TestApp {
         answer(self.http.get(format!("{}{}", self.base, path))).await
     }
 
+    /// The value of counter `name` (without labels) on the app's `/metrics`.
+    pub async fn counter(&self, name: &str) -> u64 {
+        let text = reqwest::get(format!("{}/metrics", self.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("{name} is exported"))
+            .parse()
+            .unwrap()
+    }
+
     /// Polls the meter endpoint until `check` holds (30 s at most), returning the last body.
     pub async fn meter_until(
         &self,
@@ -307,6 +322,41 @@ pub async fn answer(req: reqwest::RequestBuilder) -> (u16, Value) {
         status,
         serde_json::from_str(&text).unwrap_or(Value::String(text)),
     )
+}
+
+/// Sends `(topic, value, timestamp)` in order, each keyed by its `customer_id`, with that
+/// record timestamp, and flushes.
+pub fn send_timed(records: &[(String, Value, i64)]) {
+    let p: BaseProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("enable.idempotence", "true")
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    for (topic, v, ts) in records {
+        let payload = serde_json::to_vec(v).unwrap();
+        let key = v["customer_id"].as_str().unwrap().to_string();
+        p.send(
+            BaseRecord::<str, [u8]>::to(topic)
+                .key(&key)
+                .payload(&payload)
+                .timestamp(*ts),
+        )
+        .map_err(|(e, _)| e)
+        .unwrap();
+    }
+    p.flush(Duration::from_secs(30)).unwrap();
+}
+
+/// The committed records of `topic`, per key, in order (payloads as JSON).
+pub fn by_key(topic: &str) -> BTreeMap<String, Vec<Value>> {
+    let mut out: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for (k, v, _) in read_all(topic) {
+        out.entry(k)
+            .or_default()
+            .push(serde_json::from_slice(&v).unwrap());
+    }
+    out
 }
 
 pub fn read_all(topic: &str) -> Vec<(String, Vec<u8>, BTreeMap<String, String>)> {
