@@ -294,18 +294,8 @@ fn pause(
     parts: &BTreeSet<i32>,
     pause: bool,
 ) -> Result<(), PipelineError> {
-    let mut tpl = TopicPartitionList::new();
-    for p in parts {
-        for topic in InputTopic::ALL {
-            tpl.add_partition(topic.name(topics), *p);
-        }
-    }
-    if pause {
-        c.consumer.pause(&tpl)?;
-    } else {
-        c.consumer.resume(&tpl)?;
-    }
-    Ok(())
+    let tps = parts.iter().flat_map(|p| InputTopic::ALL.map(|t| (t, *p)));
+    Ok(super::clients::set_paused(&c.consumer, topics, tps, pause)?)
 }
 
 #[cfg(test)]

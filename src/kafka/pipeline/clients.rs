@@ -201,17 +201,23 @@ impl Clients {
     }
 }
 
-/// Pauses (or resumes) one input topic-partition. Pausing drops what librdkafka prefetched of
-/// it; on resume it fetches from the position after the last record polled, so nothing is
-/// skipped or polled twice.
-pub(super) fn pause_one(
+/// Pauses (or resumes) the input topic-partitions `tps` (the handover's partitions, both
+/// topics; the merge's throttled ones). Pausing drops what librdkafka prefetched of them; on
+/// resume they are fetched from the position after the last record polled (or where a seek put
+/// them), so nothing is skipped or polled twice.
+pub(super) fn set_paused(
     consumer: &BaseConsumer<ConsumerCtx>,
-    topic: &str,
-    partition: i32,
+    topics: &crate::config::TopicsConfig,
+    tps: impl IntoIterator<Item = (crate::kafka::InputTopic, i32)>,
     pause: bool,
 ) -> Result<(), KafkaError> {
     let mut tpl = rdkafka::TopicPartitionList::new();
-    tpl.add_partition(topic, partition);
+    for (t, p) in tps {
+        tpl.add_partition(t.name(topics), p);
+    }
+    if tpl.count() == 0 {
+        return Ok(());
+    }
     if pause {
         consumer.pause(&tpl)
     } else {

@@ -469,16 +469,21 @@ impl<'a> Loop<'a> {
         // Backpressure (see `merge`): a full queue's topic-partition is paused at the source,
         // so librdkafka's prefetch drains and the other topic's partition is fetched.
         let throttle = self.merge.throttle();
-        for (t, p) in throttle.pause {
-            tracing::debug!(topic = ?t, partition = p, "input throttled");
-            metrics::counter!(m::INPUT_THROTTLED).increment(1);
-            clients::pause_one(consumer, t.name(&self.p.cfg.topics), p, true)?;
+        if !throttle.pause.is_empty() {
+            tracing::debug!(paused = ?throttle.pause, "input throttled");
+            metrics::counter!(m::INPUT_THROTTLED).increment(throttle.pause.len() as u64);
         }
-        for (t, p) in throttle.resume {
-            if self.assignment.owned.contains(&p) && !restoring.contains_key(&p) {
-                clients::pause_one(consumer, t.name(&self.p.cfg.topics), p, false)?;
-            }
-        }
+        let topics = &self.p.cfg.topics;
+        clients::set_paused(consumer, topics, throttle.pause, true)?;
+        let served = |&(_, p): &(InputTopic, i32)| {
+            self.assignment.owned.contains(&p) && !restoring.contains_key(&p)
+        };
+        clients::set_paused(
+            consumer,
+            topics,
+            throttle.resume.into_iter().filter(served),
+            false,
+        )?;
         let wall = crate::clock::now_ms();
         let in_batch: std::collections::BTreeSet<i32> =
             batch.iter().map(|f| f.msg.partition()).collect();
