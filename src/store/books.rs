@@ -1,5 +1,5 @@
-//! Reading state back: customers' books for the fold (`multi_get` in chunks), projections
-//! and history for the API, and the partition walks of restore and housekeeping.
+//! Reading state back: customers' books for the fold (`multi_get` in chunks), projections for
+//! the API (the history is read in `history`), and the partition walks of restore and housekeeping.
 
 use std::collections::BTreeSet;
 
@@ -7,8 +7,7 @@ use super::keys::{self, Kind};
 use super::value::{self, pb};
 use super::{BookCache, Store, StoreError};
 use crate::ledger::{
-    BalanceChanged, Book, CustomerId, MeterName, MeterState, MeterStates, Refs, ReservationId,
-    ReservationRecord,
+    Book, CustomerId, MeterName, MeterState, MeterStates, Refs, ReservationId, ReservationRecord,
 };
 
 /// Keys per `multi_get` call of [`Store::load_books`].
@@ -157,29 +156,6 @@ impl Store {
         meter: &MeterName,
     ) -> Result<Option<MeterState>, StoreError> {
         Ok(self.meters(p, customer)?.remove(meter))
-    }
-
-    /// The kept movements of a meter, newest first, with versions below `before` (if given).
-    pub fn history(
-        &self,
-        p: i32,
-        customer: &CustomerId,
-        meter: &MeterName,
-        before: Option<u64>,
-        limit: usize,
-    ) -> Result<Vec<BalanceChanged>, StoreError> {
-        let pre = keys::history_prefix(p, customer, meter);
-        let mut all = Vec::new();
-        self.scan(&pre, |k, v| {
-            let c = value::change_from(k, value::decode(k, v)?)?;
-            if before.is_none_or(|b| c.version < b) {
-                all.push(c);
-            }
-            Ok(true)
-        })?;
-        all.sort_by_key(|c| std::cmp::Reverse(c.version));
-        all.truncate(limit);
-        Ok(all)
     }
 
     /// The time buckets partition `p` has deltas in, and the next delta sequence number (one

@@ -12,7 +12,7 @@
 //!   book, finds nothing due and deletes it. Stale keys cost one book load each, never a wrong
 //!   change (the rules act on the book's own times).
 //! - A store written before the index existed (no `I` key) gets it built from its books once,
-//!   at open.
+//!   at open (`Store::migrate_local_indexes`).
 //!
 //! Memory: nothing per meter. The pipeline keeps, per partition, the lowest due time that may
 //! be unread ([`Store::due`]'s `from`), so a tick seeks past the tombstones of what earlier
@@ -24,9 +24,6 @@ use super::books::decode_book;
 use super::keys::{self, Kind};
 use super::{no_wal, value, Store, StoreError};
 use crate::ledger::{CustomerId, MeterName};
-
-/// The version of the local indexes this build writes (the `I` key).
-const LOCAL_INDEXES_VERSION: u8 = 1;
 
 /// How many keys a migration writes per batch.
 const MIGRATION_BATCH: usize = 50_000;
@@ -111,19 +108,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Builds the due index of a store written before it existed, from every book, once.
-    pub(super) fn migrate_local_indexes(&self) -> Result<(), StoreError> {
-        match self.db.get(keys::LOCAL_INDEXES)? {
-            Some(v) if v.as_slice() == [LOCAL_INDEXES_VERSION] => return Ok(()),
-            Some(v) => {
-                return Err(StoreError::Format {
-                    key: "I".into(),
-                    found: v.first().copied().unwrap_or(0),
-                })
-            }
-            None => {}
-        }
-        let started = std::time::Instant::now();
+    /// Builds the due index from every book (for a store written before it existed); returns
+    /// the books indexed.
+    pub(super) fn index_all_books(&self) -> Result<u64, StoreError> {
         let (mut books, mut batch) = (0u64, WriteBatch::default());
         for item in self.db.iterator(IteratorMode::Start) {
             let (k, v) = item?;
@@ -137,16 +124,7 @@ impl Store {
                 self.db.write_opt(std::mem::take(&mut batch), &no_wal())?;
             }
         }
-        batch.put(keys::LOCAL_INDEXES, [LOCAL_INDEXES_VERSION]);
         self.db.write_opt(batch, &no_wal())?;
-        self.db.flush()?;
-        if books > 0 {
-            tracing::info!(
-                books,
-                secs = started.elapsed().as_secs_f64(),
-                "built the due index of a store written before it existed"
-            );
-        }
-        Ok(())
+        Ok(books)
     }
 }

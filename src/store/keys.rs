@@ -11,7 +11,8 @@
 //! | `S p 'd' bucket(i64 BE) seq(u64 BE)` | a commit's delta of one time bucket | yes (locally an empty marker) |
 //! | `S p 'm'` | the partition's meta (the dedupe horizon) | yes |
 //! | `S p 'e' customer NUL event_id` | a usage id's record (expanded from the deltas) | no |
-//! | `S p 'h' customer NUL meter NUL slot(u32 BE)` | a movement, a ring of `history_len` (from the deltas) | no |
+//! | `S p 'H' customer NUL meter NUL slot(u32 BE)` | a chunk of a meter's movements, a ring (from the deltas; see `history`) | no |
+//! | `S p 'h' customer NUL meter NUL slot(u32 BE)` | a movement, before the chunks: only read to convert it | no |
 //! | `S p 't' due(i64, order-preserving BE) customer NUL meter` | the due index: a meter's next time-driven change (derived from the books) | no |
 //! | `C p` | the next changelog offset to read, then the partition's stream time (i64 BE each) | no |
 //! | `V` | the store's state format (u8) | no |
@@ -37,7 +38,8 @@ pub(super) enum Kind {
     Delta = b'd' as isize,
     Meta = b'm' as isize,
     Event = b'e' as isize,
-    History = b'h' as isize,
+    History = b'H' as isize,
+    HistoryRing = b'h' as isize,
     Due = b't' as isize,
 }
 
@@ -53,6 +55,7 @@ impl Kind {
                 Kind::Meta,
                 Kind::Event,
                 Kind::History,
+                Kind::HistoryRing,
                 Kind::Due,
             ]
             .into_iter()
@@ -122,9 +125,20 @@ pub(super) fn history_prefix(p: i32, customer: &CustomerId, meter: &MeterName) -
     k
 }
 
-/// The key of a history slot (`version % history_len`).
+/// The key of a history chunk slot.
 pub(super) fn history(p: i32, customer: &CustomerId, meter: &MeterName, slot: u32) -> Vec<u8> {
     with(history_prefix(p, customer, meter), &slot.to_be_bytes())
+}
+
+/// For a key of the history before the chunks (`S p 'h' customer NUL meter NUL slot`), the
+/// prefix of its meter's chunk keys (`S p 'H' customer NUL meter NUL`).
+pub(super) fn ring_to_chunk_prefix(key: &[u8]) -> Option<Vec<u8>> {
+    if Kind::of(key) != Some(Kind::HistoryRing) || key.len() < 8 {
+        return None;
+    }
+    let mut prefix = key[..key.len() - 4].to_vec();
+    prefix[3] = Kind::History as u8;
+    Some(prefix)
 }
 
 /// `S p 'd' bucket`: every delta of one time bucket.
@@ -227,6 +241,14 @@ pub(super) fn partition_of(key: &[u8]) -> Option<i32> {
     }
 }
 
+/// The key of a movement in the history before the chunks (for tests of the conversion).
+#[cfg(test)]
+pub(super) fn ring(p: i32, customer: &CustomerId, meter: &MeterName, slot: u32) -> Vec<u8> {
+    let mut k = history(p, customer, meter, slot);
+    k[3] = Kind::HistoryRing as u8;
+    k
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,6 +264,7 @@ mod tests {
                 (grant(p, &c, "g"), Kind::Grant),
                 (reservation(p, &c, "r"), Kind::Reservation),
                 (history(p, &c, &m, 3), Kind::History),
+                (ring(p, &c, &m, 3), Kind::HistoryRing),
                 (delta(p, 5, 9), Kind::Delta),
                 (meta(p), Kind::Meta),
                 (due(p, -5, &c, &m), Kind::Due),
@@ -259,6 +282,11 @@ mod tests {
         assert_eq!(delta_parts(&delta(2, 1_000, 7)), Some((1_000, 7)));
         assert!(delta(2, 1_000, 7) < delta(2, 1_000, 8) && delta(2, 1_000, 8) < delta(2, 2_000, 0));
         assert_eq!(book_customer(&book(2, &c)), b"cus");
+        assert_eq!(
+            ring_to_chunk_prefix(&ring(2, &c, &m, 3)),
+            Some(history_prefix(2, &c, &m))
+        );
+        assert_eq!(ring_to_chunk_prefix(&history(2, &c, &m, 3)), None);
     }
 
     #[test]

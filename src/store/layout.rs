@@ -7,11 +7,13 @@ use std::time::Duration;
 
 use prost::Message;
 
+use super::history::{Chunker, Operand};
 use super::value::{self, pb};
 use super::{due, keys, Due, StateWrite, Target};
 use crate::ledger::{BalanceChanged, Book, CustomerId, Dirty, MeterName};
 
-/// How state is cut into records: the history ring and the time buckets of the deltas.
+/// How state is cut into records: the history kept per meter and the time buckets of the
+/// deltas.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     history_len: u32,
@@ -51,10 +53,6 @@ impl Layout {
     /// Movements kept per meter.
     pub fn history_len(&self) -> u32 {
         self.history_len
-    }
-
-    pub(super) fn history_slot(&self, version: u64) -> u32 {
-        (version % u64::from(self.history_len)) as u32
     }
 }
 
@@ -98,6 +96,7 @@ pub struct StateBatch {
     layout: Layout,
     writes: Vec<StateWrite>,
     deltas: BTreeMap<(i32, i64), Deltas>,
+    history: Chunker,
 }
 
 impl StateBatch {
@@ -114,6 +113,7 @@ impl StateBatch {
             layout,
             writes: Vec::with_capacity(writes),
             deltas: BTreeMap::new(),
+            history: Chunker::new(layout.history_len),
         }
     }
 
@@ -236,16 +236,19 @@ impl StateBatch {
         });
     }
 
-    /// Keeps `change` (of partition `p`) in its meter's history ring.
+    /// Keeps `change` (of partition `p`) in its meter's history: one merge per (meter, chunk)
+    /// that a customer's changes of this commit touch (see the store's `history` module).
     pub fn change(&mut self, p: i32, change: &BalanceChanged) {
         let msg = value::encode_change(change);
-        let slot = self.layout.history_slot(change.version);
-        self.writes.push(StateWrite {
-            partition: p,
-            key: keys::history(p, &change.customer_id, &change.meter, slot),
-            value: Some(value::with_format(&msg)),
-            target: Target::Local,
-        });
+        let writes = &mut self.writes;
+        self.history.push(
+            p,
+            &change.customer_id,
+            &change.meter,
+            change.version,
+            &msg,
+            &mut |o| writes.push(merge_write(o)),
+        );
         let bucket = self.layout.bucket_of(change.at);
         let n = msg.len() + 4;
         self.deltas
@@ -264,6 +267,8 @@ impl StateBatch {
         next_seq: &BTreeMap<i32, u64>,
         stream_times: &BTreeMap<i32, i64>,
     ) -> (Vec<StateWrite>, Vec<DeltaKey>) {
+        let writes = &mut self.writes;
+        self.history.flush(&mut |o| writes.push(merge_write(o)));
         let mut used = Vec::with_capacity(self.deltas.len());
         let mut seqs: BTreeMap<i32, u64> = BTreeMap::new();
         for ((p, bucket), deltas) in std::mem::take(&mut self.deltas) {
@@ -292,6 +297,16 @@ impl StateBatch {
             }
         }
         (self.writes, used)
+    }
+}
+
+/// The local write of a history merge operand.
+fn merge_write((partition, key, operand): Operand) -> StateWrite {
+    StateWrite {
+        partition,
+        key,
+        value: Some(operand),
+        target: Target::LocalMerge,
     }
 }
 

@@ -22,12 +22,14 @@
 //!   ends, then forgotten with its bucket: a repeat after that is a new reservation, as a
 //!   usage id replayed after the window counts again. Its index entry is filtered out at load
 //!   once `expires_at` is below the horizon, and removed by the same compaction filter.
-//! - **history** (the movements the Meters API pages through): a ring of `history_len` per
-//!   meter in RocksDB, also expanded from the deltas. It costs no changelog record per event:
-//!   the balance changes ride in the deltas (one record per commit and partition), so they are
-//!   as durable as the ids and restored with them. After a restore from an empty disk the
-//!   history holds the movements of the dedupe window (the deltas still in the changelog);
-//!   `balance-changed` remains the complete, durable record of every movement.
+//! - **history** (the movements the Meters API pages through): per meter, a ring of chunk keys
+//!   holding the newest `history_len` movements, in RocksDB only, expanded from the deltas
+//!   (see `history`). It costs no changelog record per event: the balance changes ride in the
+//!   deltas (one record per commit and partition), so they are as durable as the ids and
+//!   restored with them. Locally a commit writes one RocksDB merge per (meter, chunk) it moved,
+//!   not a key per movement. After a restore from an empty disk the history holds the
+//!   movements of the dedupe window (the deltas still in the changelog); `balance-changed`
+//!   remains the complete, durable record of every movement.
 //!
 //! - the **due index** (`t` keys, RocksDB only): one key per meter with a time-driven change
 //!   ahead, ordered by its time, so the tick reads what is due with one seek per partition and
@@ -65,6 +67,7 @@
 mod books;
 mod cache;
 mod due;
+mod history;
 mod keys;
 pub mod layout;
 mod value;
@@ -132,8 +135,11 @@ impl StoreError {
 pub enum Target {
     /// The changelog (in the transaction) and RocksDB (after the commit).
     Both,
-    /// RocksDB only (derived state: the id index, history, delta markers).
+    /// RocksDB only (derived state: the id index, delta markers).
     Local,
+    /// RocksDB only, merged into the key's value by the store's merge operator (the history
+    /// chunks; see `history`).
+    LocalMerge,
     /// The changelog only (a delta, of which RocksDB keeps a marker).
     Changelog,
 }
@@ -146,7 +152,7 @@ impl Target {
 
     /// Whether it is written to RocksDB.
     pub fn local(self) -> bool {
-        matches!(self, Target::Both | Target::Local)
+        matches!(self, Target::Both | Target::Local | Target::LocalMerge)
     }
 }
 
@@ -183,7 +189,7 @@ pub fn record_kind(key: &[u8]) -> Option<RecordKind> {
         Kind::Grant => Some(RecordKind::Grant),
         Kind::Delta => Some(RecordKind::Delta),
         Kind::Meta => Some(RecordKind::Meta),
-        Kind::Event | Kind::Reservation | Kind::History | Kind::Due => None,
+        Kind::Event | Kind::Reservation | Kind::History | Kind::HistoryRing | Kind::Due => None,
     }
 }
 
@@ -222,6 +228,10 @@ fn event_at(v: &[u8]) -> Option<i64> {
     }
     None
 }
+
+/// The version of the local indexes this build writes (the `I` key; see
+/// [`Store::migrate_local_indexes`]).
+const LOCAL_INDEXES_VERSION: u8 = 2;
 
 /// The local state store.
 #[derive(Clone)]
@@ -285,6 +295,7 @@ impl Store {
             DBCompressionType::Lz4,
             DBCompressionType::Lz4,
         ]);
+        opts.set_merge_operator_associative("history-chunks", history::merge);
         opts.set_level_compaction_dynamic_level_bytes(true);
         opts.set_max_background_jobs(2);
         opts.increase_parallelism(2);
@@ -342,6 +353,53 @@ impl Store {
         }
     }
 
+    /// Brings the local indexes of a store written by an older build up to
+    /// [`LOCAL_INDEXES_VERSION`], once, at open: version 1 added the due index (built from the
+    /// books), version 2 the history in chunks (converted from one key per movement).
+    fn migrate_local_indexes(&self) -> Result<(), StoreError> {
+        let from = match self.db.get(keys::LOCAL_INDEXES)?.as_deref() {
+            None => 0,
+            Some([v]) if *v <= LOCAL_INDEXES_VERSION => *v,
+            Some(v) => {
+                return Err(StoreError::Format {
+                    key: "I".into(),
+                    found: v.first().copied().unwrap_or(0),
+                })
+            }
+        };
+        if from == LOCAL_INDEXES_VERSION {
+            return Ok(());
+        }
+        let started = std::time::Instant::now();
+        if from < 1 {
+            let books = self.index_all_books()?;
+            if books > 0 {
+                tracing::info!(
+                    books,
+                    "built the due index of a store written before it existed"
+                );
+            }
+        }
+        if from < 2 {
+            let moved = self.convert_history_rings()?;
+            if moved > 0 {
+                tracing::info!(
+                    moved,
+                    "moved the history of a store written before its chunks"
+                );
+            }
+        }
+        self.db
+            .put_opt(keys::LOCAL_INDEXES, [LOCAL_INDEXES_VERSION], &no_wal())?;
+        self.db.flush()?;
+        tracing::debug!(
+            secs = started.elapsed().as_secs_f64(),
+            from,
+            "local indexes migrated"
+        );
+        Ok(())
+    }
+
     /// How state is cut into records.
     pub fn layout(&self) -> Layout {
         self.layout
@@ -396,6 +454,7 @@ impl Store {
         let mut horizons = Vec::new();
         for w in writes.iter().filter(|w| w.target.local()) {
             match &w.value {
+                Some(v) if w.target == Target::LocalMerge => batch.merge(&w.key, v),
                 Some(v) => {
                     if Kind::of(&w.key) == Some(Kind::Meta) {
                         horizons
@@ -496,21 +555,19 @@ impl Store {
                 batch.put(key_of(p, &c, &id), value::with_format(&record));
             }
         }
+        let mut history = history::Chunker::new(self.layout.history_len());
+        let mut merge = |(_, k, operand): history::Operand| batch.merge(k, operand);
         for bytes in delta.changes {
-            let ch: pb::Change =
-                prost::Message::decode(bytes.as_slice()).map_err(|e| StoreError::Corrupt {
-                    key: String::from_utf8_lossy(key).escape_default().to_string(),
-                    message: e.to_string(),
-                })?;
+            let ch: pb::Change = value::decode_bare(key, &bytes)?;
             let (Ok(c), Ok(m)) = (
                 crate::ledger::CustomerId::parse(ch.customer),
                 crate::ledger::MeterName::parse(ch.meter),
             ) else {
                 continue;
             };
-            let slot = self.layout.history_slot(ch.version);
-            batch.put(keys::history(p, &c, &m, slot), value::with_format(&bytes));
+            history.push(p, &c, &m, ch.version, &bytes, &mut merge);
         }
+        history.flush(&mut merge);
         batch.put(key, []);
         Ok(stream_time)
     }

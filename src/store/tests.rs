@@ -433,5 +433,8 @@ fn the_due_index_is_rebuilt_by_a_restore_and_built_once_for_a_store_without_it()
     drop(s);
     let s = open(a.path());
     assert_eq!(due(&s), [(50_000, c.clone(), m.clone())]);
-    assert_eq!(s.db.get(keys::LOCAL_INDEXES).unwrap(), Some(vec![1]));
+    assert_eq!(
+        s.db.get(keys::LOCAL_INDEXES).unwrap(),
+        Some(vec![LOCAL_INDEXES_VERSION])
+    );
 }

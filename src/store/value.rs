@@ -55,6 +55,12 @@ pub(super) fn with_format(encoded: &[u8]) -> Vec<u8> {
     out
 }
 
+/// Decodes a message without the format byte (one held inside a value, e.g. a delta's
+/// movements) found at `key`.
+pub(super) fn decode_bare<M: Message + Default>(key: &[u8], v: &[u8]) -> Result<M, StoreError> {
+    M::decode(v).map_err(|e| corrupt(key, e.to_string()))
+}
+
 /// Decodes a message stored at `key`.
 pub(super) fn decode<M: Message + Default>(key: &[u8], v: &[u8]) -> Result<M, StoreError> {
     check(key, v)?;
