@@ -61,14 +61,18 @@ fn decay(dt: i64, tau: i64) -> Decimal {
     if dt / tau >= FORGOTTEN {
         return Decimal::ZERO;
     }
-    let x = Decimal::from(dt) / Decimal::from(tau);
-    if x < Decimal::new(1, 3) {
+    // The usual case, x = dt/τ < 1e-3, in integers scaled by 1e19 (the hot path: one usage
+    // event each; Decimal's divisions cost several times more). Every product stays below 1e32.
+    if (dt as i128) * 1_000 < tau as i128 {
+        const S: i128 = 10_000_000_000_000_000_000; // 1e19
+        let x = (dt as i128) * S / (tau as i128);
+        let x2 = x * x / S;
+        let x3 = x2 * x / S;
+        let x4 = x2 * x2 / S;
         // 1 - x + x²/2 - x³/6 + x⁴/24; the next term is below 1e-17.
-        let x2 = x * x;
-        let x3 = x2 * x;
-        return Decimal::ONE - x + x2 / Decimal::TWO - x3 / Decimal::from(6)
-            + x2 * x2 / Decimal::from(24);
+        return Decimal::from_i128_with_scale(S - x + x2 / 2 - x3 / 6 + x4 / 24, 19);
     }
+    let x = Decimal::from(dt) / Decimal::from(tau);
     match x.checked_exp() {
         Some(e) if !e.is_zero() => Decimal::ONE / e,
         _ => Decimal::ZERO,
@@ -79,6 +83,10 @@ fn decay(dt: i64, tau: i64) -> Decimal {
 fn burn_at(state: &MeterState, def: &MeterDef, at: i64) -> Decimal {
     if state.burn.is_zero() {
         return Decimal::ZERO;
+    }
+    if at <= state.burn_at {
+        // Nothing decayed (several usages at one time, or out of order): no arithmetic.
+        return state.burn.round_dp(BURN_SCALE);
     }
     (state.burn * decay(at - state.burn_at, tau_ms(def))).round_dp(BURN_SCALE)
 }
@@ -479,6 +487,22 @@ mod tests {
             assert!(
                 (series - exact).abs() < Decimal::new(1, 15),
                 "dt={dt}: {series} vs {exact}"
+            );
+        }
+        // The integer series against the same series in decimals.
+        for (dt, tau) in [
+            (1, 3_600_000),
+            (3_599, 3_600_000),
+            (7, 60_000),
+            (1, i64::MAX),
+        ] {
+            let x = Decimal::from(dt) / Decimal::from(tau);
+            let x2 = x * x;
+            let series = Decimal::ONE - x + x2 / Decimal::TWO - x2 * x / Decimal::from(6)
+                + x2 * x2 / Decimal::from(24);
+            assert!(
+                (decay(dt, tau) - series).abs() < Decimal::new(1, 18),
+                "dt={dt} tau={tau}"
             );
         }
         assert_eq!(decay(0, tau), Decimal::ONE);
