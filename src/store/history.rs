@@ -213,8 +213,7 @@ impl Store {
     pub(super) fn convert_history_rings(&self) -> Result<u64, StoreError> {
         let (mut moved, mut batch) = (0u64, WriteBatch::default());
         let mut partitions = std::collections::BTreeSet::new();
-        // One meter's movements: its chunk-key prefix, and (version, encoded movement).
-        let mut meter: Option<(Vec<u8>, Vec<(u64, Vec<u8>)>)> = None;
+        let mut meter: Option<RingMeter> = None;
         for item in self.db.iterator(IteratorMode::Start) {
             let (k, v) = item?;
             let Some(prefix) = keys::ring_to_chunk_prefix(&k) else {
@@ -244,13 +243,12 @@ impl Store {
     }
 }
 
-/// Puts one meter's movements (its chunk-key prefix, and (version, encoded movement)) as whole
-/// chunks: the newest, one per slot.
-fn put_chunks(
-    history_len: u32,
-    meter: Option<(Vec<u8>, Vec<(u64, Vec<u8>)>)>,
-    batch: &mut WriteBatch,
-) {
+/// One meter's movements read from the old ring: its chunk-key prefix, and (version, encoded
+/// movement).
+type RingMeter = (Vec<u8>, Vec<(u64, Vec<u8>)>);
+
+/// Puts one meter's movements as whole chunks: the newest, one per slot.
+fn put_chunks(history_len: u32, meter: Option<RingMeter>, batch: &mut WriteBatch) {
     let Some((prefix, mut changes)) = meter else {
         return;
     };
