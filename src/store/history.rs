@@ -275,8 +275,8 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::ledger::Reason;
     use crate::store::layout::{Layout, StateBatch};
+    use crate::store::tests::movement;
     use crate::store::{StateWrite, Target};
 
     fn open(dir: &Path, history_len: u32) -> Store {
@@ -285,23 +285,7 @@ mod tests {
     }
 
     fn change(customer: &str, meter: &str, version: u64) -> BalanceChanged {
-        BalanceChanged {
-            customer_id: CustomerId::parse(customer).unwrap(),
-            meter: MeterName::parse(meter).unwrap(),
-            version,
-            delta: (-1).into(),
-            reason: Reason::Usage,
-            cause_id: format!("e{version}"),
-            balance: 5.into(),
-            credited: 5.into(),
-            consumed: 1.into(),
-            overage: 0.into(),
-            blocked: 0.into(),
-            reserved: 0.into(),
-            available: 5.into(),
-            at: 1_000 + version as i64,
-            late: false,
-        }
+        movement(customer, meter, version, 1_000 + version as i64)
     }
 
     /// Commits `versions` of (a, api), each beside a movement of (a, llm) and of (b, api), as

@@ -335,28 +335,12 @@ pub fn drop_deltas(p: i32, delta_keys: Vec<Vec<u8>>, horizon: i64) -> Vec<StateW
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ledger::{CustomerId, MeterName, Reason};
+    use crate::store::tests::movement;
 
     #[test]
     fn a_big_commit_cuts_its_delta_into_records_of_bounded_size() {
         let mut batch = StateBatch::new(Layout::new(200, Duration::from_secs(80)));
-        let change = |v| BalanceChanged {
-            customer_id: CustomerId::parse("a-customer-with-a-long-name").unwrap(),
-            meter: MeterName::parse("api").unwrap(),
-            version: v,
-            delta: (-1).into(),
-            reason: Reason::Usage,
-            cause_id: format!("event-{v:012}"),
-            balance: 5.into(),
-            credited: 5.into(),
-            consumed: 1.into(),
-            overage: 0.into(),
-            blocked: 0.into(),
-            reserved: 0.into(),
-            available: 5.into(),
-            at: 1_000,
-            late: false,
-        };
+        let change = |v| movement("a-customer-with-a-long-name", "api", v, 1_000);
         for v in 1..=20_000 {
             batch.change(3, &change(v));
         }

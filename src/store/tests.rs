@@ -7,8 +7,8 @@ use std::time::Duration;
 use super::layout::{drop_deltas, Layout, StateBatch};
 use super::*;
 use crate::ledger::{
-    Book, CustomerId, EventId, Grant, GrantId, Input, Ledger, MeterDef, MeterName, Meters, Output,
-    Refs, ReservationId, ReservationOutcome, Reserve, Usage,
+    BalanceChanged, Book, CustomerId, EventId, Grant, GrantId, Input, Ledger, MeterDef, MeterName,
+    Meters, Output, Refs, ReservationId, ReservationOutcome, Reserve, Usage,
 };
 
 fn layout() -> Layout {
@@ -79,6 +79,27 @@ fn fold(
     assert!(used.iter().all(|(q, _, s)| *q == p && *s >= seq));
     s.write(&writes, &[(p, 42)]).unwrap();
     writes
+}
+
+/// A usage movement of `customer`'s `meter` (for the layout and history tests too).
+pub(super) fn movement(customer: &str, meter: &str, version: u64, at: i64) -> BalanceChanged {
+    BalanceChanged {
+        customer_id: CustomerId::parse(customer).unwrap(),
+        meter: MeterName::parse(meter).unwrap(),
+        version,
+        delta: (-1).into(),
+        reason: crate::ledger::Reason::Usage,
+        cause_id: format!("event-{version:012}"),
+        balance: 5.into(),
+        credited: 5.into(),
+        consumed: 1.into(),
+        overage: 0.into(),
+        blocked: 0.into(),
+        reserved: 0.into(),
+        available: 5.into(),
+        at,
+        late: false,
+    }
 }
 
 /// What the changelog would hold: the records produced, in order.
@@ -437,4 +458,83 @@ fn the_due_index_is_rebuilt_by_a_restore_and_built_once_for_a_store_without_it()
         s.db.get(keys::LOCAL_INDEXES).unwrap(),
         Some(vec![LOCAL_INDEXES_VERSION])
     );
+}
+
+#[test]
+fn a_replay_writes_and_indexes_only_the_last_version_of_each_book() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let s = open(a.path());
+    let mut cache = BookCache::new(0);
+    let (c, d) = (
+        CustomerId::parse("c1").unwrap(),
+        CustomerId::parse("c2").unwrap(),
+    );
+    let m = MeterName::parse("api").unwrap();
+    let grant = |id: &str, c: &CustomerId, expires_at| {
+        let mut g = Grant::top_up(GrantId::parse(id).unwrap(), c.clone(), m.clone(), 5.into());
+        g.expires_at = Some(expires_at);
+        Input::Grant(g)
+    };
+    // Three commits: c1's book twice (the second adds a grant expiring first), c2's once.
+    let mut log = changelog(&fold(
+        &s,
+        &mut cache,
+        2,
+        &c,
+        &[grant("g1", &c, 50_000)],
+        1,
+        0,
+    ));
+    log.extend(changelog(&fold(
+        &s,
+        &mut cache,
+        2,
+        &d,
+        &[grant("g2", &d, 70_000)],
+        1,
+        1,
+    )));
+    log.extend(changelog(&fold(
+        &s,
+        &mut cache,
+        2,
+        &c,
+        &[grant("g3", &c, 30_000)],
+        1,
+        2,
+    )));
+    let books = log
+        .iter()
+        .filter(|(k, _)| Kind::of(k) == Some(Kind::Book))
+        .count();
+    assert_eq!(books, 3);
+    let r = open(b.path());
+    let mut replay = r.replay(2).unwrap();
+    for (k, v) in &log {
+        r.replay_record(&mut replay, k, v.as_deref()).unwrap();
+    }
+    assert_eq!(replay.len(), log.len());
+    r.finish_replay(replay, 9).unwrap();
+    assert_eq!(r.checkpoint(2).unwrap(), Some(9));
+    assert_eq!(r.meters(2, &c).unwrap(), s.meters(2, &c).unwrap());
+    assert_eq!(r.meters(2, &d).unwrap(), s.meters(2, &d).unwrap());
+    // The due index from the last version of c1's book only (no stale key of the first).
+    let due: Vec<(i64, CustomerId)> = r
+        .due(2, i64::MIN, i64::MAX, 10)
+        .unwrap()
+        .into_iter()
+        .map(|x| (x.at, x.customer))
+        .collect();
+    assert_eq!(due, [(30_000, c.clone()), (70_000, d.clone())]);
+    // A book's tombstone after its value in one replay deletes it.
+    let mut replay = r.replay(2).unwrap();
+    let (k, v) = log
+        .iter()
+        .rev()
+        .find(|(k, _)| Kind::of(k) == Some(Kind::Book))
+        .unwrap();
+    r.replay_record(&mut replay, k, v.as_deref()).unwrap();
+    r.replay_record(&mut replay, k, None).unwrap();
+    r.finish_replay(replay, 10).unwrap();
+    assert_eq!(r.meters(2, &c).unwrap(), Default::default());
 }
