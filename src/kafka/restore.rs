@@ -31,7 +31,7 @@ use rdkafka::ClientContext;
 
 use crate::config::Config;
 use crate::metrics as m;
-use crate::store::Store;
+use crate::store::{Replay, Store};
 
 /// A client context that does not log end-of-partition as an error (the restorer asks for it).
 pub(super) struct QuietEof;
@@ -47,9 +47,6 @@ impl ClientContext for QuietEof {
 }
 
 impl rdkafka::consumer::ConsumerContext for QuietEof {}
-
-/// A changelog record read back: key and value (`None` deletes).
-type Record = (Vec<u8>, Option<Vec<u8>>);
 
 /// Restore failures.
 #[derive(Debug, thiserror::Error)]
@@ -69,7 +66,8 @@ struct Progress {
     high: i64,
     records: u64,
     started: Instant,
-    pending: Vec<Record>,
+    /// The records read since the last write (begun at the first of them).
+    pending: Option<Replay>,
 }
 
 /// A finished restore.
@@ -188,7 +186,7 @@ impl Restorer {
                 high,
                 records: 0,
                 started,
-                pending: Vec::with_capacity(FLUSH_EVERY),
+                pending: None,
             },
         );
         Ok(None)
@@ -210,16 +208,17 @@ impl Restorer {
                     let Some(pr) = self.active.get_mut(&p) else {
                         continue;
                     };
-                    pr.pending.push((
-                        msg.key().unwrap_or_default().to_vec(),
-                        msg.payload().map(|v| v.to_vec()),
-                    ));
+                    let r = match &mut pr.pending {
+                        Some(r) => r,
+                        None => pr.pending.insert(store.replay(p)?),
+                    };
+                    store.replay_record(r, msg.key().unwrap_or_default(), msg.payload())?;
                     pr.next = msg.offset() + 1;
                     pr.records += 1;
-                    if pr.pending.len() >= FLUSH_EVERY {
-                        store.restore(p, &pr.pending, pr.next)?;
-                        metrics::counter!(m::RESTORE_RECORDS).increment(pr.pending.len() as u64);
-                        pr.pending.clear();
+                    if r.len() >= FLUSH_EVERY {
+                        let r = pr.pending.take().expect("just added to");
+                        metrics::counter!(m::RESTORE_RECORDS).increment(r.len() as u64);
+                        store.finish_replay(r, pr.next)?;
                     }
                     if pr.next >= pr.high {
                         done.push(self.finish(store, p)?);
@@ -261,8 +260,12 @@ impl Restorer {
     /// Writes what is pending of `p`'s restore with its checkpoint, and stops reading `p`.
     fn finish(&mut self, store: &Store, p: i32) -> Result<Restored, RestoreError> {
         let pr = self.active.remove(&p).expect("an active restore");
-        store.restore(p, &pr.pending, pr.next.max(pr.high))?;
-        metrics::counter!(m::RESTORE_RECORDS).increment(pr.pending.len() as u64);
+        let r = match pr.pending {
+            Some(r) => r,
+            None => store.replay(p)?,
+        };
+        metrics::counter!(m::RESTORE_RECORDS).increment(r.len() as u64);
+        store.finish_replay(r, pr.next.max(pr.high))?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&self.changelog, p);
         self.consumer.incremental_unassign(&tpl)?;

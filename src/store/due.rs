@@ -7,10 +7,10 @@
 //! - The fold moves a meter's key when its due time changes (it knows the time before and
 //!   after), in the commit's local writes; a tick deletes the keys it read and puts back the
 //!   current due time of every configured meter of the customers it loaded.
-//! - A restore puts the key of every meter of every book record it replays. A key of an older
-//!   version of the book may stay behind: it is stale, and the tick that reads it loads the
-//!   book, finds nothing due and deletes it. Stale keys cost one book load each, never a wrong
-//!   change (the rules act on the book's own times).
+//! - A restore puts the key of every meter of the last version of each book it replays in one
+//!   write (see `replay`). A key of an older version of the book may stay behind: it is stale,
+//!   and the tick that reads it loads the book, finds nothing due and deletes it. Stale keys
+//!   cost one book load each, never a wrong change (the rules act on the book's own times).
 //! - A store written before the index existed (no `I` key) gets it built from its books once,
 //!   at open (`Store::migrate_local_indexes`).
 //!

@@ -61,7 +61,8 @@
 //! # Who knows what
 //! - [`keys`] is the only code that knows the bytes of a key.
 //! - [`layout`] turns a folded batch into [`StateWrite`]s (pure), and [`Store::load_books`] and
-//!   [`Store::restore`] turn records back into state: the store owns its layout both ways.
+//!   `replay` ([`Store::restore`]) turn records back into state: the store owns its layout both
+//!   ways.
 //! - `value` encodes and decodes the values; [`BookCache`] keeps decoded books across batches.
 
 mod books;
@@ -70,11 +71,13 @@ mod due;
 mod history;
 mod keys;
 pub mod layout;
+mod replay;
 mod value;
 
 pub use books::BookRequest;
 pub use cache::BookCache;
 pub use due::Due;
+pub use replay::Replay;
 pub use value::FORMAT;
 
 use std::collections::BTreeMap;
@@ -483,93 +486,6 @@ impl Store {
     /// on for the pipeline to commit a command it handed over. Subscribe before handing it.
     pub fn subscribe_writes(&self) -> tokio::sync::watch::Receiver<u64> {
         self.written.subscribe()
-    }
-
-    /// Applies changelog records of partition `p` (key, value; `None` deletes) read during a
-    /// restore, with the checkpoint `next` (the offset after the last of them), atomically.
-    /// Deltas are expanded into the id index and the history, books into the due index; every
-    /// value's format is checked.
-    pub fn restore(
-        &self,
-        p: i32,
-        records: &[(Vec<u8>, Option<Vec<u8>>)],
-        next: i64,
-    ) -> Result<(), StoreError> {
-        let mut batch = WriteBatch::default();
-        let mut horizon = None;
-        let mut stream_time = self.stream_time(p)?;
-        for (k, v) in records {
-            let Some(v) = v else {
-                batch.delete(k);
-                continue;
-            };
-            match Kind::of(k) {
-                Some(Kind::Delta) => {
-                    let t = self.expand_delta(p, k, v, &mut batch)?;
-                    stream_time = stream_time.max(Some(t));
-                }
-                Some(Kind::Meta) => {
-                    horizon = Some(value::decode::<pb::PartitionMeta>(k, v)?.horizon);
-                    batch.put(k, v);
-                }
-                Some(Kind::Book) => {
-                    due::index_book(p, k, v, &mut batch)?;
-                    batch.put(k, v);
-                }
-                _ => {
-                    value::check(k, v)?;
-                    batch.put(k, v);
-                }
-            }
-        }
-        batch.put(keys::checkpoint(p), checkpoint_value(next, stream_time));
-        self.db.write_opt(batch, &no_wal())?;
-        if let Some(h) = horizon {
-            self.horizons.set(p, h);
-        }
-        Ok(())
-    }
-
-    /// Expands a delta into `batch`; returns the stream time it carries.
-    fn expand_delta(
-        &self,
-        p: i32,
-        key: &[u8],
-        v: &[u8],
-        batch: &mut WriteBatch,
-    ) -> Result<i64, StoreError> {
-        let delta: pb::Delta = value::decode(key, v)?;
-        let stream_time = delta.stream_time;
-        // The id records (usage and reservation ids) into their local indexes.
-        type KeyOf = fn(i32, &crate::ledger::CustomerId, &str) -> Vec<u8>;
-        let events = delta.events.into_iter().map(|e| {
-            let key_of: KeyOf = keys::event;
-            (e.customer, e.event_id, e.record, key_of)
-        });
-        let reservations = delta.reservations.into_iter().map(|r| {
-            let key_of: KeyOf = keys::reservation;
-            (r.customer, r.reservation_id, r.record, key_of)
-        });
-        for (customer, id, record, key_of) in events.chain(reservations) {
-            if let Ok(c) = crate::ledger::CustomerId::parse(customer) {
-                batch.put(key_of(p, &c, &id), value::with_format(&record));
-            }
-        }
-        let mut history = history::Chunker::new(self.layout.history_len());
-        let mut merge = |(_, k, operand): history::Operand| batch.merge(k, operand);
-        for bytes in delta.changes {
-            let ch: pb::Change = value::decode_bare(key, &bytes)?;
-            let (Ok(c), Ok(m)) = (
-                crate::ledger::CustomerId::parse(ch.customer),
-                crate::ledger::MeterName::parse(ch.meter),
-            ) else {
-                continue;
-            };
-            history.push(p, &c, &m, ch.version, &bytes, &mut merge);
-        }
-        history.flush(&mut merge);
-        batch.put(key, []);
-        Ok(stream_time)
     }
 
     /// Loads partition `p`'s horizon from its meta record (after a restore).
