@@ -18,7 +18,7 @@
 //! Stores written before the chunks kept one key per movement (`S p 'h' … slot`, a ring of
 //! `history_len`); [`Store::convert_history_rings`] moves them into chunks once, at open.
 
-use rocksdb::{IteratorMode, MergeOperands, WriteBatch};
+use rocksdb::{MergeOperands, WriteBatch};
 
 use super::keys::{self, Kind};
 use super::{no_wal, value, Store, StoreError, FORMAT};
@@ -208,33 +208,31 @@ impl Store {
     }
 
     /// Moves the history of a store written before the chunks (one key per movement) into
-    /// chunks, a meter at a time, and deletes the old keys; returns the movements moved.
-    /// Idempotent: a conversion cut short runs again from the start (the chunks are put whole).
+    /// chunks, a meter at a time, and deletes the old keys; returns the movements moved. Reads
+    /// only the old keys (a seek per partition), not the whole store. Idempotent: a conversion
+    /// cut short runs again from the start (the chunks are put whole).
     pub(super) fn convert_history_rings(&self) -> Result<u64, StoreError> {
         let (mut moved, mut batch) = (0u64, WriteBatch::default());
-        let mut partitions = std::collections::BTreeSet::new();
-        let mut meter: Option<RingMeter> = None;
-        for item in self.db.iterator(IteratorMode::Start) {
-            let (k, v) = item?;
-            let Some(prefix) = keys::ring_to_chunk_prefix(&k) else {
-                continue;
-            };
-            partitions.extend(keys::partition_of(&k));
-            let version = value::decode::<value::pb::Change>(&k, &v)?.version;
-            if meter.as_ref().is_some_and(|(m, _)| *m != prefix) {
-                put_chunks(self.layout.history_len(), meter.take(), &mut batch);
-                if batch.len() >= CONVERSION_BATCH {
-                    self.db.write_opt(std::mem::take(&mut batch), &no_wal())?;
+        let history_len = self.layout.history_len();
+        for p in self.partitions()? {
+            let mut meter: Option<RingMeter> = None;
+            self.scan(&keys::kind_prefix(p, Kind::HistoryRing), |k, v| {
+                let prefix = keys::ring_to_chunk_prefix(k).expect("a key of the old ring");
+                let version = value::decode::<value::pb::Change>(k, v)?.version;
+                if meter.as_ref().is_some_and(|(m, _)| *m != prefix) {
+                    put_chunks(history_len, meter.take(), &mut batch);
+                    if batch.len() >= CONVERSION_BATCH {
+                        self.db.write_opt(std::mem::take(&mut batch), &no_wal())?;
+                    }
                 }
-            }
-            meter
-                .get_or_insert_with(|| (prefix, Vec::new()))
-                .1
-                .push((version, v[1..].to_vec()));
-            moved += 1;
-        }
-        put_chunks(self.layout.history_len(), meter.take(), &mut batch);
-        for p in partitions {
+                meter
+                    .get_or_insert_with(|| (prefix, Vec::new()))
+                    .1
+                    .push((version, v[1..].to_vec()));
+                moved += 1;
+                Ok(true)
+            })?;
+            put_chunks(history_len, meter.take(), &mut batch);
             let (lo, hi) = keys::kind_range(p, Kind::HistoryRing);
             batch.delete_range(lo, hi);
         }
@@ -316,10 +314,13 @@ mod tests {
 
     fn keys_of(s: &Store, kind: Kind) -> usize {
         let (lo, hi) = keys::kind_range(2, kind);
-        s.db.iterator(IteratorMode::From(&lo, rocksdb::Direction::Forward))
-            .map(|i| i.unwrap().0)
-            .take_while(|k| k[..] < hi[..])
-            .count()
+        s.db.iterator(rocksdb::IteratorMode::From(
+            &lo,
+            rocksdb::Direction::Forward,
+        ))
+        .map(|i| i.unwrap().0)
+        .take_while(|k| k[..] < hi[..])
+        .count()
     }
 
     #[test]
@@ -392,6 +393,7 @@ mod tests {
             }
         }
         s.db.put(keys::LOCAL_INDEXES, [1]).unwrap();
+        s.write(&[], &[(2, 1)]).unwrap(); // a store with state has its partition's checkpoint
         assert_eq!(keys_of(&s, Kind::HistoryRing), 100);
         drop(s);
         let s = open(dir.path(), 50);
