@@ -266,9 +266,13 @@ fn store_gauges(store: &Store, status: &PipelineStatus, count: bool) {
             metrics::gauge!(metric).set(v as f64);
         }
     }
+    let owned = status.owned();
+    for (kind, bytes) in store.bytes_by_kind(owned.iter().copied()) {
+        metrics::gauge!(m::STORE_KIND_BYTES, "kind" => kind).set(bytes as f64);
+    }
     if count {
         let (mut customers, mut meters) = (0, 0);
-        for p in status.owned() {
+        for &p in &owned {
             match store.count_meters(p) {
                 Ok((c, n)) => (customers, meters) = (customers + c, meters + n),
                 Err(e) => {

@@ -83,6 +83,8 @@ pub const STORE_CUSTOMERS: &str = "drawdown_store_customers";
 pub const STORE_KEYS: &str = "drawdown_store_estimated_keys";
 /// Size of the RocksDB SST files.
 pub const STORE_SST_BYTES: &str = "drawdown_store_sst_files_size_bytes";
+/// RocksDB's estimate of the SST bytes of each kind of state key, by `kind`.
+pub const STORE_KIND_BYTES: &str = "drawdown_store_kind_bytes";
 /// Size of the RocksDB memtables.
 pub const STORE_MEMTABLE_BYTES: &str = "drawdown_store_memtable_size_bytes";
 /// Bytes held in the shared block cache (memtables are charged to it too).
@@ -369,6 +371,7 @@ fn describe() {
         Unit::Bytes,
         "Size of all RocksDB SST files (rocksdb.total-sst-files-size)."
     );
+    describe_gauge!(STORE_KIND_BYTES, Unit::Bytes, "RocksDB's estimate of the SST bytes of each kind of state key in the owned partitions, by kind (book, grant, event, delta, history, due, ...): which state grows. Data a compaction has yet to drop counts; memtables do not.");
     describe_gauge!(
         STORE_MEMTABLE_BYTES,
         Unit::Bytes,

@@ -44,23 +44,39 @@ pub(super) enum Kind {
 }
 
 impl Kind {
+    /// Every kind, in key order of their bytes' table above.
+    pub(super) const ALL: [Kind; 9] = [
+        Kind::Book,
+        Kind::Grant,
+        Kind::Reservation,
+        Kind::Delta,
+        Kind::Meta,
+        Kind::Event,
+        Kind::History,
+        Kind::HistoryRing,
+        Kind::Due,
+    ];
+
     /// The kind of a state key.
     pub(super) fn of(key: &[u8]) -> Option<Kind> {
         match key {
-            [STATE, _, _, k, ..] => [
-                Kind::Book,
-                Kind::Grant,
-                Kind::Reservation,
-                Kind::Delta,
-                Kind::Meta,
-                Kind::Event,
-                Kind::History,
-                Kind::HistoryRing,
-                Kind::Due,
-            ]
-            .into_iter()
-            .find(|kind| *kind as u8 == *k),
+            [STATE, _, _, k, ..] => Self::ALL.into_iter().find(|kind| *kind as u8 == *k),
             _ => None,
+        }
+    }
+
+    /// The kind's name in metrics.
+    pub(super) fn name(self) -> &'static str {
+        match self {
+            Kind::Book => "book",
+            Kind::Grant => "grant",
+            Kind::Reservation => "reservation",
+            Kind::Delta => "delta",
+            Kind::Meta => "meta",
+            Kind::Event => "event",
+            Kind::History => "history",
+            Kind::HistoryRing => "history_ring",
+            Kind::Due => "due",
         }
     }
 }

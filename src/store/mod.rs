@@ -566,6 +566,30 @@ impl Store {
     pub fn property_int(&self, name: &str) -> Option<u64> {
         self.db.property_int_value(name).ok().flatten()
     }
+
+    /// RocksDB's estimate of the bytes on disk of each kind of state key in `partitions`, by
+    /// kind name (`book`, `event`, `history`, ...): SST files only, so data still in a memtable
+    /// is not counted, and data a compaction has yet to drop is. A lookup in the files' indexes,
+    /// no data read.
+    pub fn bytes_by_kind(
+        &self,
+        partitions: impl IntoIterator<Item = i32>,
+    ) -> Vec<(&'static str, u64)> {
+        let bounds: Vec<(Vec<u8>, Vec<u8>)> = partitions
+            .into_iter()
+            .flat_map(|p| Kind::ALL.map(|kind| keys::kind_range(p, kind)))
+            .collect();
+        let ranges: Vec<rocksdb::Range> = bounds
+            .iter()
+            .map(|(lo, hi)| rocksdb::Range::new(lo, hi))
+            .collect();
+        let sizes = self.db.get_approximate_sizes(&ranges);
+        let mut out = Kind::ALL.map(|kind| (kind.name(), 0u64));
+        for (i, size) in sizes.into_iter().enumerate() {
+            out[i % Kind::ALL.len()].1 += size;
+        }
+        out.to_vec()
+    }
 }
 
 /// A checkpoint's value: the next changelog offset, then the stream time if known (i64 BE

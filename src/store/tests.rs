@@ -381,6 +381,37 @@ fn count_meters_counts_books_and_their_meters_of_one_partition() {
 }
 
 #[test]
+fn bytes_by_kind_sums_the_flushed_keys_of_each_kind_over_the_partitions_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    let mut batch = StateBatch::new(s.layout());
+    let m = MeterName::parse("api_calls").unwrap();
+    for i in 0..3000 {
+        let mut book = Book::new(CustomerId::parse(format!("customer-{i:05}")).unwrap());
+        book.meters.insert(m.clone(), Default::default());
+        let dirty = [crate::ledger::Dirty::Meter(m.clone())]
+            .into_iter()
+            .collect();
+        batch.book(1, &book, &dirty);
+    }
+    let (writes, _) = batch.finish(&BTreeMap::new(), &BTreeMap::new());
+    s.write(&writes, &[(1, 1)]).unwrap();
+    let of = |partitions: &[i32], kind: &str| {
+        let all = s.bytes_by_kind(partitions.iter().copied());
+        assert_eq!(all.len(), Kind::ALL.len());
+        all.into_iter().find(|(k, _)| *k == kind).unwrap().1
+    };
+    assert_eq!(of(&[1], "book"), 0, "still in the memtable: not counted");
+    s.db.flush().unwrap();
+    let books = of(&[1], "book");
+    assert!(books > 10_000, "{books}");
+    assert_eq!(of(&[1, 2], "book"), books);
+    assert_eq!(of(&[2], "book"), 0);
+    assert_eq!(of(&[1], "event"), 0);
+    assert_eq!(of(&[1], "history"), 0);
+}
+
+#[test]
 fn stream_time_is_kept_with_the_checkpoint_and_restored_from_the_deltas() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let s = open(a.path());
