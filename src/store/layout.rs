@@ -5,10 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use prost::Message;
-
 use super::history::{Chunker, Operand};
-use super::value::{self, pb};
+use super::value::{self, pb, DeltaValue};
 use super::{due, keys, Due, StateWrite, Target};
 use crate::ledger::{BalanceChanged, Book, CustomerId, Dirty, MeterName};
 
@@ -66,24 +64,21 @@ pub const MAX_DELTA_BYTES: usize = 256 << 10;
 /// The deltas of one (partition, bucket) in this commit, cut at [`MAX_DELTA_BYTES`].
 #[derive(Debug, Default)]
 struct Deltas {
-    done: Vec<pb::Delta>,
-    open: pb::Delta,
-    bytes: usize,
+    done: Vec<DeltaValue>,
+    open: DeltaValue,
 }
 
 impl Deltas {
-    /// Room for `n` more bytes, starting a new record if the open one is full.
-    fn room(&mut self, n: usize) -> &mut pb::Delta {
-        if self.bytes + n > MAX_DELTA_BYTES && self.bytes > 0 {
+    /// Room for an entry of `n` more bytes, starting a new record if the open one is full.
+    fn room(&mut self, n: usize) -> &mut DeltaValue {
+        if self.open.len() + n > MAX_DELTA_BYTES && !self.open.is_empty() {
             self.done.push(std::mem::take(&mut self.open));
-            self.bytes = 0;
         }
-        self.bytes += n;
         &mut self.open
     }
 
-    fn into_records(mut self) -> Vec<pb::Delta> {
-        if self.bytes > 0 {
+    fn into_records(mut self) -> Vec<DeltaValue> {
+        if !self.open.is_empty() {
             self.done.push(self.open);
         }
         self.done
@@ -142,16 +137,15 @@ impl StateBatch {
                 Dirty::Meter(_) => {}
                 Dirty::Reservation(id) => {
                     if let Some(Some(r)) = book.reservations.get(id) {
-                        let entry = pb::DeltaReservation {
-                            customer: c.to_string(),
-                            reservation_id: id.to_string(),
-                            record: value::reservation_to(r).encode_to_vec(),
-                        };
-                        let (key, n) = (keys::reservation(p, c, id.as_str()), entry.encoded_len());
                         // In the bucket of the hold's end: remembered for the window after it.
-                        self.index_record(p, key, &entry.record, r.expires_at, n)
-                            .reservations
-                            .push(entry);
+                        self.index_record(
+                            p,
+                            keys::reservation(p, c, id.as_str()),
+                            value::encode(&value::reservation_to(r)),
+                            r.expires_at,
+                            (c, id.as_str()),
+                            DeltaValue::reservation,
+                        );
                     }
                 }
                 Dirty::Grant(id) => {
@@ -166,40 +160,43 @@ impl StateBatch {
                 }
                 Dirty::Event(id) => {
                     if let Some(Some(r)) = book.events.get(id) {
-                        let entry = pb::DeltaEvent {
-                            customer: c.to_string(),
-                            event_id: id.to_string(),
-                            record: value::encode_event(r),
-                        };
-                        let (key, n) = (keys::event(p, c, id.as_str()), entry.encoded_len());
-                        self.index_record(p, key, &entry.record, r.at, n)
-                            .events
-                            .push(entry);
+                        self.index_record(
+                            p,
+                            keys::event(p, c, id.as_str()),
+                            value::encode_event_value(r),
+                            r.at,
+                            (c, id.as_str()),
+                            DeltaValue::event,
+                        );
                     }
                 }
             }
         }
     }
 
-    /// Writes an id record (a usage or reservation id's) locally under `key`, and returns the
-    /// delta of partition `p` for the bucket of `at`, with room for its `n`-byte entry: the
+    /// Writes an id record (a usage or reservation id's stored `value`) locally under `key`,
+    /// and its entry (by `entry`) into the delta of partition `p` for the bucket of `at`: the
     /// changelog carries the record there, and forgets it with the bucket.
     fn index_record(
         &mut self,
         p: i32,
         key: Vec<u8>,
-        record: &[u8],
+        value: Vec<u8>,
         at: i64,
-        n: usize,
-    ) -> &mut pb::Delta {
+        (customer, id): (&CustomerId, &str),
+        entry: fn(&mut DeltaValue, &str, &str, &[u8]),
+    ) {
+        let record = &value[1..];
+        let n = DeltaValue::id_entry_len(customer.as_str(), id, record);
+        let bucket = self.layout.bucket_of(at);
+        let delta = self.deltas.entry((p, bucket)).or_default().room(n);
+        entry(delta, customer.as_str(), id, record);
         self.writes.push(StateWrite {
             partition: p,
             key,
-            value: Some(value::with_format(record)),
+            value: Some(value),
             target: Target::Local,
         });
-        let bucket = self.layout.bucket_of(at);
-        self.deltas.entry((p, bucket)).or_default().room(n + 4)
     }
 
     /// Moves `meter` of `customer` (partition `p`) in the due index from `was` to `now`
@@ -255,8 +252,7 @@ impl StateBatch {
             .entry((p, bucket))
             .or_default()
             .room(n)
-            .changes
-            .push(msg);
+            .change(&msg);
     }
 
     /// The writes, with one delta record per (partition, bucket) touched, numbered from
@@ -276,13 +272,12 @@ impl StateBatch {
                 .entry(p)
                 .or_insert_with(|| next_seq.get(&p).copied().unwrap_or(0));
             let stream_time = stream_times.get(&p).copied().unwrap_or(i64::MIN);
-            for mut delta in deltas.into_records() {
-                delta.stream_time = stream_time;
+            for delta in deltas.into_records() {
                 let key = keys::delta(p, bucket, *seq);
                 self.writes.push(StateWrite {
                     partition: p,
                     key: key.clone(),
-                    value: Some(value::encode(&delta)),
+                    value: Some(delta.finish(stream_time)),
                     target: Target::Changelog,
                 });
                 // Locally only a marker: restore and the bucket drop need the key, not the value.

@@ -451,32 +451,129 @@ mod wire {
     }
 
     /// An `EventRecord`.
+    #[cfg(test)]
     pub(in crate::store) fn event(r: &EventRecord) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
-        varint(1, r.at as u64, &mut out);
+        event_into(r, &mut out);
+        out
+    }
+
+    /// An `EventRecord` as a stored value (the format byte, then the message).
+    pub(in crate::store) fn event_value(r: &EventRecord) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.push(super::FORMAT);
+        event_into(r, &mut out);
+        out
+    }
+
+    fn event_into(r: &EventRecord, out: &mut Vec<u8>) {
+        varint(1, r.at as u64, out);
         for d in &r.draws {
-            encode_key(2, WireType::LengthDelimited, &mut out);
-            encode_varint(draw_len(d) as u64, &mut out);
-            string(1, d.meter.as_str(), &mut out);
+            encode_key(2, WireType::LengthDelimited, out);
+            encode_varint(draw_len(d) as u64, out);
+            string(1, d.meter.as_str(), out);
             for (g, u) in &d.grants {
-                encode_key(2, WireType::LengthDelimited, &mut out);
+                encode_key(2, WireType::LengthDelimited, out);
                 let inner = str_len(1, g.as_str()) + dec_len(*u);
-                encode_varint(inner as u64, &mut out);
-                string(1, g.as_str(), &mut out);
-                dec(2, *u, &mut out);
+                encode_varint(inner as u64, out);
+                string(1, g.as_str(), out);
+                dec(2, *u, out);
             }
-            dec(3, d.debt, &mut out);
-            dec(4, d.blocked, &mut out);
+            dec(3, d.debt, out);
+            dec(4, d.blocked, out);
         }
         if r.voided {
-            encode_key(3, WireType::Varint, &mut out);
+            encode_key(3, WireType::Varint, out);
             out.push(1);
         }
-        out
+    }
+
+    fn bytes_len(tag: u32, b: &[u8]) -> usize {
+        if b.is_empty() {
+            0
+        } else {
+            key_len(tag) + encoded_len_varint(b.len() as u64) + b.len()
+        }
+    }
+
+    fn bytes(tag: u32, b: &[u8], out: &mut Vec<u8>) {
+        if !b.is_empty() {
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(b.len() as u64, out);
+            out.extend_from_slice(b);
+        }
+    }
+
+    /// A `Delta` value (the format byte, then the message) written entry by entry as a commit
+    /// makes them, so no `pb::Delta` with owned strings is built and then copied. Repeated
+    /// fields may interleave on the wire (`events`, `changes`, `reservations` each keep their
+    /// order), and `stream_time` comes last: prost decodes it into the same message.
+    #[derive(Debug)]
+    pub(in crate::store) struct DeltaValue(Vec<u8>);
+
+    impl Default for DeltaValue {
+        fn default() -> Self {
+            let mut out = Vec::with_capacity(1024);
+            out.push(super::FORMAT);
+            Self(out)
+        }
+    }
+
+    impl DeltaValue {
+        /// Bytes so far, the format byte included.
+        pub(in crate::store) fn len(&self) -> usize {
+            self.0.len()
+        }
+
+        /// Whether no entry was written.
+        pub(in crate::store) fn is_empty(&self) -> bool {
+            self.0.len() <= 1
+        }
+
+        /// The encoded size of an id entry (a `DeltaEvent` or a `DeltaReservation`).
+        pub(in crate::store) fn id_entry_len(customer: &str, id: &str, record: &[u8]) -> usize {
+            let inner = str_len(1, customer) + str_len(2, id) + bytes_len(3, record);
+            1 + encoded_len_varint(inner as u64) + inner
+        }
+
+        fn id_entry(&mut self, tag: u32, customer: &str, id: &str, record: &[u8]) {
+            let out = &mut self.0;
+            let inner = str_len(1, customer) + str_len(2, id) + bytes_len(3, record);
+            encode_key(tag, WireType::LengthDelimited, out);
+            encode_varint(inner as u64, out);
+            string(1, customer, out);
+            string(2, id, out);
+            bytes(3, record, out);
+        }
+
+        /// A `DeltaEvent`: a usage id and its encoded `EventRecord`.
+        pub(in crate::store) fn event(&mut self, customer: &str, id: &str, record: &[u8]) {
+            self.id_entry(1, customer, id, record);
+        }
+
+        /// A `DeltaReservation`: a reservation id and its encoded `ReservationRecord`.
+        pub(in crate::store) fn reservation(&mut self, customer: &str, id: &str, record: &[u8]) {
+            self.id_entry(4, customer, id, record);
+        }
+
+        /// An encoded `Change` (an element of `changes`: written even if empty).
+        pub(in crate::store) fn change(&mut self, msg: &[u8]) {
+            encode_key(2, WireType::LengthDelimited, &mut self.0);
+            encode_varint(msg.len() as u64, &mut self.0);
+            self.0.extend_from_slice(msg);
+        }
+
+        /// The value, with the partition's stream time.
+        pub(in crate::store) fn finish(mut self, stream_time: i64) -> Vec<u8> {
+            varint(3, stream_time as u64, &mut self.0);
+            self.0
+        }
     }
 }
 
-pub(super) use wire::{change as encode_change, event as encode_event};
+#[cfg(test)]
+pub(super) use wire::event as encode_event;
+pub(super) use wire::{change as encode_change, event_value as encode_event_value, DeltaValue};
 
 /// A balance change as a message (the reference of the hand-written encoding).
 #[cfg(test)]
@@ -580,6 +677,42 @@ mod tests {
                 voided,
             };
             prop_assert_eq!(encode_event(&r), event_to(&r).encode_to_vec());
+            prop_assert_eq!(encode_event_value(&r), with_format(&encode_event(&r)));
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn a_delta_written_entry_by_entry_decodes_as_prost_s_message(
+            entries in proptest::collection::vec(
+                (0u8..3, "[a-z0-9-]{0,12}", "[a-z0-9:-]{0,12}", proptest::collection::vec(any::<u8>(), 0..40)),
+                0..30,
+            ),
+            stream_time in any::<i64>(),
+        ) {
+            let (mut written, mut expected) = (DeltaValue::default(), pb::Delta::default());
+            for (kind, customer, id, record) in entries {
+                let before = written.len();
+                match kind {
+                    0 => {
+                        written.event(&customer, &id, &record);
+                        prop_assert_eq!(written.len() - before, DeltaValue::id_entry_len(&customer, &id, &record));
+                        expected.events.push(pb::DeltaEvent { customer, event_id: id, record });
+                    }
+                    1 => {
+                        written.reservation(&customer, &id, &record);
+                        prop_assert_eq!(written.len() - before, DeltaValue::id_entry_len(&customer, &id, &record));
+                        expected.reservations.push(pb::DeltaReservation { customer, reservation_id: id, record });
+                    }
+                    _ => {
+                        written.change(&record);
+                        expected.changes.push(record);
+                    }
+                }
+            }
+            expected.stream_time = stream_time;
+            let value = written.finish(stream_time);
+            prop_assert_eq!(decode::<pb::Delta>(b"k", &value).unwrap(), expected);
         }
     }
 
