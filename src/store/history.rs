@@ -15,6 +15,10 @@
 //! A value (and a merge operand) is the format byte, then entries of `version (u64 BE)`,
 //! `length (u32 BE)` and the encoded movement (`pb::Change`, the bytes the delta carries).
 //!
+//! The slot of a chunk depends on the ring's size, so a store keeps the size its chunks were
+//! written with (`L`); opened with a `history_len` of another size, it moves them into the new
+//! ring first ([`Store::check_history_slots`]).
+//!
 //! Stores written before the chunks kept one key per movement (`S p 'h' … slot`, a ring of
 //! `history_len`); [`Store::convert_history_rings`] moves them into chunks once, at open.
 
@@ -208,51 +212,119 @@ impl Store {
     }
 
     /// Moves the history of a store written before the chunks (one key per movement) into
-    /// chunks, a meter at a time, and deletes the old keys; returns the movements moved. Reads
-    /// only the old keys (a seek per partition), not the whole store. Idempotent: a conversion
-    /// cut short runs again from the start (the chunks are put whole).
+    /// chunks; returns the movements moved.
     pub(super) fn convert_history_rings(&self) -> Result<u64, StoreError> {
+        self.rechunk(Kind::HistoryRing)
+    }
+
+    /// Keeps the chunks in the ring of the configured `history_len`. The slot of a chunk
+    /// depends on the ring's size, so chunks written with another size are in the wrong slots:
+    /// a new chunk would merge into a slot that holds a newer one, and the newest movements
+    /// would have gaps. The size the chunks were written with is kept under `L`; when it is not
+    /// the configured one (or not known: a store from before the key), every meter's chunks are
+    /// rewritten into the configured ring (the newest `slots` chunks, which hold the newest
+    /// `history_len` movements kept). Runs at open, before anything is written.
+    pub(super) fn check_history_slots(&self) -> Result<(), StoreError> {
+        let want = slots(self.layout.history_len());
+        let had = self
+            .db
+            .get(keys::HISTORY_SLOTS)?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_slice()).ok())
+            .map(u64::from_be_bytes);
+        if had == Some(want) {
+            return Ok(());
+        }
+        let moved = self.rechunk(Kind::History)?;
+        if moved > 0 {
+            tracing::info!(
+                moved,
+                from_slots = had,
+                to_slots = want,
+                history_len = self.layout.history_len(),
+                "moved the history into the chunk ring of the configured history_len"
+            );
+        }
+        self.db
+            .put_opt(keys::HISTORY_SLOTS, want.to_be_bytes(), &no_wal())?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// Rewrites every meter's movements held in keys of `kind` (the chunks, or the history before
+    /// them) as whole chunks in the configured ring, a meter at a time (its old keys deleted and
+    /// its chunks put in one batch); returns the movements read. Reads only the keys of `kind`
+    /// (a seek per partition), not the whole store. Idempotent: a rewrite cut short runs again
+    /// from the start (every meter's chunks are put whole, from whatever slots they are in).
+    fn rechunk(&self, kind: Kind) -> Result<u64, StoreError> {
         let (mut moved, mut batch) = (0u64, WriteBatch::default());
         let history_len = self.layout.history_len();
         for p in self.partitions()? {
-            let mut meter: Option<RingMeter> = None;
-            self.scan(&keys::kind_prefix(p, Kind::HistoryRing), |k, v| {
-                let prefix = keys::ring_to_chunk_prefix(k).expect("a key of the old ring");
-                let version = value::decode::<value::pb::Change>(k, v)?.version;
-                if meter.as_ref().is_some_and(|(m, _)| *m != prefix) {
+            let mut meter: Option<MeterChunks> = None;
+            self.scan(&keys::kind_prefix(p, kind), |k, v| {
+                let prefix = keys::chunk_prefix(k).expect("a history key");
+                if meter.as_ref().is_some_and(|m| m.prefix != prefix) {
                     put_chunks(history_len, meter.take(), &mut batch);
                     if batch.len() >= CONVERSION_BATCH {
                         self.db.write_opt(std::mem::take(&mut batch), &no_wal())?;
                     }
                 }
-                meter
-                    .get_or_insert_with(|| (prefix, Vec::new()))
-                    .1
-                    .push((version, v[1..].to_vec()));
-                moved += 1;
+                let m = meter.get_or_insert_with(|| MeterChunks {
+                    prefix,
+                    old: Vec::new(),
+                    changes: Vec::new(),
+                });
+                m.old.push(k.to_vec());
+                let before = m.changes.len();
+                if kind == Kind::HistoryRing {
+                    let version = value::decode::<value::pb::Change>(k, v)?.version;
+                    m.changes.push((version, v[1..].to_vec()));
+                } else {
+                    value::check(k, v)?;
+                    let found = entries(v).ok_or_else(|| StoreError::Corrupt {
+                        key: String::from_utf8_lossy(k).escape_default().to_string(),
+                        message: "history chunk does not parse".into(),
+                    })?;
+                    m.changes
+                        .extend(found.into_iter().map(|(v, msg)| (v, msg.to_vec())));
+                }
+                moved += (m.changes.len() - before) as u64;
                 Ok(true)
             })?;
             put_chunks(history_len, meter.take(), &mut batch);
-            let (lo, hi) = keys::kind_range(p, Kind::HistoryRing);
-            batch.delete_range(lo, hi);
         }
         self.db.write_opt(batch, &no_wal())?;
         Ok(moved)
     }
 }
 
-/// One meter's movements read from the old ring: its chunk-key prefix, and (version, encoded
-/// movement).
-type RingMeter = (Vec<u8>, Vec<(u64, Vec<u8>)>);
+/// One meter's movements as read for a rewrite: the prefix of its chunk keys, the keys they
+/// were read from, and (version, encoded movement).
+struct MeterChunks {
+    prefix: Vec<u8>,
+    old: Vec<Vec<u8>>,
+    changes: Vec<(u64, Vec<u8>)>,
+}
 
-/// Puts one meter's movements as whole chunks: the newest, one per slot.
-fn put_chunks(history_len: u32, meter: Option<RingMeter>, batch: &mut WriteBatch) {
-    let Some((prefix, mut changes)) = meter else {
+/// Deletes one meter's old keys and puts its movements as whole chunks: the newest, one per
+/// slot of the ring for `history_len`; of equal versions, the last read is kept.
+fn put_chunks(history_len: u32, meter: Option<MeterChunks>, batch: &mut WriteBatch) {
+    let Some(MeterChunks {
+        prefix,
+        old,
+        mut changes,
+    }) = meter
+    else {
         return;
     };
+    for key in old {
+        batch.delete(key);
+    }
     changes.sort_by_key(|(v, _)| *v);
     let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
-    for (v, msg) in &changes {
+    for (i, (v, msg)) in changes.iter().enumerate() {
+        if changes.get(i + 1).is_some_and(|(next, _)| next == v) {
+            continue;
+        }
         if chunks.last().is_none_or(|(c, _)| *c != v / CHUNK) {
             chunks.push((v / CHUNK, Vec::new()));
         }
@@ -357,6 +429,56 @@ mod tests {
         assert_eq!(keys_of(&s, Kind::History), 3 * 3, "3 slots per meter");
         drop(s);
         check(&open(dir.path(), 50));
+    }
+
+    /// The newest movements of a meter are contiguous (no version missing from the newest
+    /// down) and at most `len`.
+    fn contiguous(got: &[u64], newest: u64, len: usize) {
+        assert!(got.len() <= len, "{} movements, at most {len}", got.len());
+        let want: Vec<u64> = (0..got.len() as u64).map(|i| newest - i).collect();
+        assert_eq!(got, want, "a gap in the history");
+    }
+
+    #[test]
+    fn a_new_history_len_moves_the_chunks_to_its_ring_and_loses_no_newer_movement() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 200); // 8 slots
+        commit(&s, 1..=300);
+        assert_eq!(keys_of(&s, Kind::History), 3 * 8);
+        drop(s);
+        // Shorter: 3 slots. The newest 50 stay, the old slots go.
+        let s = open(dir.path(), 50);
+        assert_eq!(
+            versions(&s, "a", None, 1_000),
+            (251..=300).rev().collect::<Vec<_>>()
+        );
+        assert_eq!(keys_of(&s, Kind::History), 3 * 3);
+        let mut prev = 300;
+        for last in [310, 330, 333, 370] {
+            commit(&s, prev + 1..=last);
+            prev = last;
+            contiguous(&versions(&s, "a", None, 1_000), last, 50);
+        }
+        assert_eq!(versions(&s, "b", None, 1_000).len(), 50);
+        drop(s);
+        // Longer again: what was kept stays, nothing newer is dropped by the wider ring.
+        let s = open(dir.path(), 200);
+        let kept = versions(&s, "a", None, 1_000);
+        contiguous(&kept, 370, 200);
+        assert!(kept.len() >= 50, "{}", kept.len());
+        for last in [380, 420, 470, 600] {
+            commit(&s, prev + 1..=last);
+            prev = last;
+            contiguous(&versions(&s, "a", None, 1_000), last, 200);
+        }
+        s.flush().unwrap();
+        s.db.compact_range::<&[u8], &[u8]>(None, None);
+        contiguous(&versions(&s, "a", None, 1_000), 600, 200);
+        assert!(keys_of(&s, Kind::History) <= 3 * 8);
+        drop(s);
+        // Reopened with the same length: nothing to move.
+        let s = open(dir.path(), 200);
+        contiguous(&versions(&s, "a", None, 1_000), 600, 200);
     }
 
     #[test]

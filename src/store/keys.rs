@@ -17,6 +17,7 @@
 //! | `C p` | the next changelog offset to read, then the partition's stream time (i64 BE each) | no |
 //! | `V` | the store's state format (u8) | no |
 //! | `I` | the version of the local indexes derived from the books (u8; see `due`) | no |
+//! | `L` | the chunk slots per meter the history is kept in (u64 BE; see `history`) | no |
 
 use crate::ledger::{CustomerId, MeterName};
 
@@ -28,6 +29,9 @@ pub(super) const FORMAT: &[u8] = b"V";
 
 /// The key of the version of the local indexes derived from the books (the due index).
 pub(super) const LOCAL_INDEXES: &[u8] = b"I";
+
+/// The key of the number of chunk slots per meter the history is kept in (see `history`).
+pub(super) const HISTORY_SLOTS: &[u8] = b"L";
 
 /// What a state key holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,10 +150,11 @@ pub(super) fn history(p: i32, customer: &CustomerId, meter: &MeterName, slot: u3
     with(history_prefix(p, customer, meter), &slot.to_be_bytes())
 }
 
-/// For a key of the history before the chunks (`S p 'h' customer NUL meter NUL slot`), the
-/// prefix of its meter's chunk keys (`S p 'H' customer NUL meter NUL`).
-pub(super) fn ring_to_chunk_prefix(key: &[u8]) -> Option<Vec<u8>> {
-    if Kind::of(key) != Some(Kind::HistoryRing) || key.len() < 8 {
+/// For a history key, a chunk's (`S p 'H' customer NUL meter NUL slot`) or one of the history
+/// before the chunks (`S p 'h' …`), the prefix of its meter's chunk keys
+/// (`S p 'H' customer NUL meter NUL`).
+pub(super) fn chunk_prefix(key: &[u8]) -> Option<Vec<u8>> {
+    if !matches!(Kind::of(key), Some(Kind::History | Kind::HistoryRing)) || key.len() < 8 {
         return None;
     }
     let mut prefix = key[..key.len() - 4].to_vec();
@@ -298,11 +303,10 @@ mod tests {
         assert_eq!(delta_parts(&delta(2, 1_000, 7)), Some((1_000, 7)));
         assert!(delta(2, 1_000, 7) < delta(2, 1_000, 8) && delta(2, 1_000, 8) < delta(2, 2_000, 0));
         assert_eq!(book_customer(&book(2, &c)), b"cus");
-        assert_eq!(
-            ring_to_chunk_prefix(&ring(2, &c, &m, 3)),
-            Some(history_prefix(2, &c, &m))
-        );
-        assert_eq!(ring_to_chunk_prefix(&history(2, &c, &m, 3)), None);
+        for key in [ring(2, &c, &m, 3), history(2, &c, &m, 3)] {
+            assert_eq!(chunk_prefix(&key), Some(history_prefix(2, &c, &m)));
+        }
+        assert_eq!(chunk_prefix(&book(2, &c)), None);
     }
 
     #[test]

@@ -330,6 +330,7 @@ impl Store {
         };
         store.check_format()?;
         store.migrate_local_indexes()?;
+        store.check_history_slots()?;
         Ok(store)
     }
 
