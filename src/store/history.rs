@@ -213,8 +213,13 @@ impl Store {
 
     /// Moves the history of a store written before the chunks (one key per movement) into
     /// chunks; returns the movements moved.
+    /// The chunks are then in the configured ring (`L` says so).
     pub(super) fn convert_history_rings(&self) -> Result<u64, StoreError> {
-        self.rechunk(Kind::HistoryRing)
+        let moved = self.rechunk(Kind::HistoryRing)?;
+        let slots = slots(self.layout.history_len());
+        self.db
+            .put_opt(keys::HISTORY_SLOTS, slots.to_be_bytes(), &no_wal())?;
+        Ok(moved)
     }
 
     /// Keeps the chunks in the ring of the configured `history_len`. The slot of a chunk
@@ -524,6 +529,10 @@ mod tests {
         assert_eq!(versions(&s, "b", None, 1_000), newest);
         assert_eq!(keys_of(&s, Kind::HistoryRing), 0);
         assert_eq!(s.db.get(keys::LOCAL_INDEXES).unwrap(), Some(vec![2]));
+        assert_eq!(
+            s.db.get(keys::HISTORY_SLOTS).unwrap(),
+            Some(slots(50).to_be_bytes().to_vec())
+        );
         // New movements merge onto the converted chunks.
         let mut batch = StateBatch::new(s.layout());
         batch.change(2, &change("a", "api", 61));
