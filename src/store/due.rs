@@ -18,11 +18,11 @@
 //! be unread ([`Store::due`]'s `from`), so a tick seeks past the tombstones of what earlier
 //! ticks consumed.
 
-use rocksdb::{IteratorMode, WriteBatch};
+use rocksdb::WriteBatch;
 
 use super::books::decode_book;
 use super::keys::{self, Kind};
-use super::{no_wal, value, Store, StoreError};
+use super::{value, Round, Store, StoreError};
 use crate::ledger::{CustomerId, MeterName};
 
 /// How many keys a migration writes per batch.
@@ -111,20 +111,21 @@ impl Store {
     /// Builds the due index from every book (for a store written before it existed); returns
     /// the books indexed.
     pub(super) fn index_all_books(&self) -> Result<u64, StoreError> {
-        let (mut books, mut batch) = (0u64, WriteBatch::default());
-        for item in self.db.iterator(IteratorMode::Start) {
-            let (k, v) = item?;
-            if Kind::of(&k) != Some(Kind::Book) {
-                continue;
-            }
-            let p = keys::partition_of(&k).expect("a state key");
-            index_book(p, &k, &v, &mut batch)?;
-            books += 1;
-            if batch.len() >= MIGRATION_BATCH {
-                self.db.write_opt(std::mem::take(&mut batch), &no_wal())?;
-            }
+        let mut books = 0u64;
+        for p in self.partitions()? {
+            let (lo, hi) = keys::kind_range(p, Kind::Book);
+            self.rewrite_in_rounds(&lo, &hi, |item, batch| {
+                let Some((k, v)) = item else {
+                    return Ok(Round::Next);
+                };
+                if batch.len() >= MIGRATION_BATCH {
+                    return Ok(Round::EndBefore);
+                }
+                index_book(p, k, v, batch)?;
+                books += 1;
+                Ok(Round::Next)
+            })?;
         }
-        self.db.write_opt(batch, &no_wal())?;
         Ok(books)
     }
 }

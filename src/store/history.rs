@@ -25,7 +25,7 @@
 use rocksdb::{MergeOperands, WriteBatch};
 
 use super::keys::{self, Kind};
-use super::{no_wal, value, Store, StoreError, FORMAT};
+use super::{no_wal, value, Round, Store, StoreError, FORMAT};
 use crate::ledger::{BalanceChanged, CustomerId, MeterName};
 
 /// Movements per chunk key.
@@ -257,20 +257,26 @@ impl Store {
 
     /// Rewrites every meter's movements held in keys of `kind` (the chunks, or the history before
     /// them) as whole chunks in the configured ring, a meter at a time (its old keys deleted and
-    /// its chunks put in one batch); returns the movements read. Reads only the keys of `kind`
-    /// (a seek per partition), not the whole store. Idempotent: a rewrite cut short runs again
-    /// from the start (every meter's chunks are put whole, from whatever slots they are in).
+    /// its chunks put in the same batch), in rounds of [`CONVERSION_BATCH`] writes; returns the
+    /// movements read. Reads only the keys of `kind` (a seek per partition), not the whole
+    /// store. Idempotent: a rewrite cut short runs again from the start (every meter's chunks
+    /// are put whole, from whatever slots they are in).
     fn rechunk(&self, kind: Kind) -> Result<u64, StoreError> {
-        let (mut moved, mut batch) = (0u64, WriteBatch::default());
+        let mut moved = 0u64;
         let history_len = self.layout.history_len();
         for p in self.partitions()? {
+            let (lo, hi) = keys::kind_range(p, kind);
             let mut meter: Option<MeterChunks> = None;
-            self.scan(&keys::kind_prefix(p, kind), |k, v| {
+            self.rewrite_in_rounds(&lo, &hi, |item, batch| {
+                let Some((k, v)) = item else {
+                    put_chunks(history_len, meter.take(), batch);
+                    return Ok(Round::Next);
+                };
                 let prefix = keys::chunk_prefix(k).expect("a history key");
                 if meter.as_ref().is_some_and(|m| m.prefix != prefix) {
-                    put_chunks(history_len, meter.take(), &mut batch);
+                    put_chunks(history_len, meter.take(), batch);
                     if batch.len() >= CONVERSION_BATCH {
-                        self.db.write_opt(std::mem::take(&mut batch), &no_wal())?;
+                        return Ok(Round::EndBefore);
                     }
                 }
                 let m = meter.get_or_insert_with(|| MeterChunks {
@@ -293,11 +299,9 @@ impl Store {
                         .extend(found.into_iter().map(|(v, msg)| (v, msg.to_vec())));
                 }
                 moved += (m.changes.len() - before) as u64;
-                Ok(true)
+                Ok(Round::Next)
             })?;
-            put_chunks(history_len, meter.take(), &mut batch);
         }
-        self.db.write_opt(batch, &no_wal())?;
         Ok(moved)
     }
 }

@@ -550,6 +550,46 @@ impl Store {
         Ok(())
     }
 
+    /// Rewrites the keys in `[lo, hi)` a round at a time: `f` sees each key and value with the
+    /// round's batch (and `None` at the end of each round, to put what it still holds), and
+    /// ends a round before a key by returning [`Round::EndBefore`]. Each round's batch is
+    /// written after its iterator is dropped, never while it is open: with the write buffer
+    /// manager's stall, a write waits for memtable memory to be freed, and an open iterator
+    /// pins the memtables it reads, so a write under an open iterator could wait forever (a
+    /// conversion at open hung so on a 1M-customer store).
+    fn rewrite_in_rounds(
+        &self,
+        lo: &[u8],
+        hi: &[u8],
+        mut f: impl FnMut(Option<(&[u8], &[u8])>, &mut WriteBatch) -> Result<Round, StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut start = lo.to_vec();
+        loop {
+            let mut batch = WriteBatch::default();
+            let mut next = None;
+            for item in self
+                .db
+                .iterator(IteratorMode::From(&start, Direction::Forward))
+            {
+                let (k, v) = item?;
+                if k[..] >= *hi {
+                    break;
+                }
+                if f(Some((&k, &v)), &mut batch)? == Round::EndBefore {
+                    next = Some(k.to_vec());
+                    break;
+                }
+            }
+            f(None, &mut batch)?;
+            self.db.write_opt(batch, &no_wal())?;
+            match next {
+                Some(k) if k != start => start = k,
+                Some(_) => unreachable!("a round must take at least one key"),
+                None => return Ok(()),
+            }
+        }
+    }
+
     /// A raw iterator that does not fill the block cache (for rare walks).
     fn cold_iter(&self) -> rocksdb::DBRawIterator<'_> {
         let mut ro = ReadOptions::default();
@@ -591,6 +631,15 @@ impl Store {
         }
         out.to_vec()
     }
+}
+
+/// What a [`Store::rewrite_in_rounds`] step says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Round {
+    /// Go on with the next key.
+    Next,
+    /// End the round before this key (it starts the next round).
+    EndBefore,
 }
 
 /// A checkpoint's value: the next changelog offset, then the stream time if known (i64 BE

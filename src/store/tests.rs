@@ -569,3 +569,40 @@ fn a_replay_writes_and_indexes_only_the_last_version_of_each_book() {
     r.finish_replay(replay, 10).unwrap();
     assert_eq!(r.meters(2, &c).unwrap(), Default::default());
 }
+
+#[test]
+fn a_rewrite_in_rounds_sees_every_key_once_and_ends_rounds_only_where_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = open(dir.path());
+    for i in 0..1_000u32 {
+        s.db.put(format!("k{i:04}"), i.to_be_bytes()).unwrap();
+    }
+    s.db.put("l", b"outside").unwrap();
+    let (mut seen, mut rounds, mut pair) = (Vec::new(), 0, Vec::new());
+    s.rewrite_in_rounds(b"k", b"l", |item, batch| {
+        let Some((k, _)) = item else {
+            rounds += 1;
+            // What a round holds is put before its batch is written: pairs are never split.
+            assert!(pair.len() % 2 == 0, "a pair split across rounds");
+            pair.clear();
+            return Ok(Round::Next);
+        };
+        // End a round every 100 keys, but only before an even key (a "pair" starts there).
+        let i: u32 = std::str::from_utf8(&k[1..]).unwrap().parse().unwrap();
+        if batch.len() >= 100 && i % 2 == 0 {
+            return Ok(Round::EndBefore);
+        }
+        seen.push(i);
+        pair.push(i);
+        // Rewrites the keys it reads, as the conversions do.
+        batch.delete(k);
+        batch.put([b"m", k].concat(), []);
+        Ok(Round::Next)
+    })
+    .unwrap();
+    assert_eq!(seen, (0..1_000).collect::<Vec<_>>());
+    assert_eq!(rounds, 20, "50 keys (100 writes) per round");
+    assert!(s.db.get("k0000").unwrap().is_none());
+    assert!(s.db.get("mk0999").unwrap().is_some());
+    assert_eq!(s.db.get("l").unwrap().as_deref(), Some(&b"outside"[..]));
+}
