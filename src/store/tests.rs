@@ -583,13 +583,13 @@ fn a_rewrite_in_rounds_sees_every_key_once_and_ends_rounds_only_where_asked() {
         let Some((k, _)) = item else {
             rounds += 1;
             // What a round holds is put before its batch is written: pairs are never split.
-            assert!(pair.len() % 2 == 0, "a pair split across rounds");
+            assert!(pair.len().is_multiple_of(2), "a pair split across rounds");
             pair.clear();
             return Ok(Round::Next);
         };
         // End a round every 100 keys, but only before an even key (a "pair" starts there).
         let i: u32 = std::str::from_utf8(&k[1..]).unwrap().parse().unwrap();
-        if batch.len() >= 100 && i % 2 == 0 {
+        if batch.len() >= 100 && i.is_multiple_of(2) {
             return Ok(Round::EndBefore);
         }
         seen.push(i);
