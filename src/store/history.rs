@@ -491,6 +491,46 @@ mod tests {
     }
 
     #[test]
+    fn a_history_larger_than_the_write_buffer_moves_to_a_new_ring_without_waiting_on_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = open(dir.path(), 200);
+        // 150,000 meters x 12 movements: several rounds of writes, each several times the
+        // 8 MiB write buffer.
+        for round in 0..30 {
+            let mut batch = StateBatch::new(s.layout());
+            for c in 0..5_000 {
+                for v in 1..=12 {
+                    batch.change(2, &change(&format!("c{round}-{c:04}"), "api", v));
+                }
+            }
+            let (writes, _) = batch.finish(&BTreeMap::new(), &BTreeMap::new());
+            s.write(&writes, &[(2, 1)]).unwrap();
+        }
+        s.flush().unwrap();
+        drop(s);
+        // Opened with another ring size, it rewrites them all. A write made while the rewrite's
+        // iterator is open waited forever for memtable memory that the iterator pinned (with
+        // the batches written under the iterator, this timed out after 60 s; now about 4 s).
+        let (done, finished) = std::sync::mpsc::channel();
+        let path = dir.path().to_path_buf();
+        std::thread::spawn(move || {
+            let s = open(&path, 50);
+            let ends = [
+                versions(&s, "c0-0000", None, 1_000),
+                versions(&s, "c29-4999", None, 1_000),
+            ];
+            done.send((ends, keys_of(&s, Kind::History))).unwrap();
+        });
+        let (ends, keys) = finished
+            .recv_timeout(Duration::from_secs(600))
+            .expect("the rewrite at open finished");
+        for got in ends {
+            assert_eq!(got, (1..=12).rev().collect::<Vec<u64>>());
+        }
+        assert_eq!(keys, 150_000, "one chunk per meter");
+    }
+
+    #[test]
     fn a_restore_expands_the_same_history_from_the_deltas() {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let s = open(a.path(), 50);
