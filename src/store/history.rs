@@ -65,6 +65,15 @@ fn entries(v: &[u8]) -> Option<Vec<(u64, &[u8])>> {
     Some(out)
 }
 
+/// The entries of a stored chunk at `k`, checked: of this format and parsing whole.
+fn stored_entries<'v>(k: &[u8], v: &'v [u8]) -> Result<Vec<(u64, &'v [u8])>, StoreError> {
+    value::check(k, v)?;
+    entries(v).ok_or_else(|| StoreError::Corrupt {
+        key: String::from_utf8_lossy(k).escape_default().to_string(),
+        message: "history chunk does not parse".into(),
+    })
+}
+
 /// The merge operator of the chunk keys (full and partial): the pieces' entries, of the newest
 /// chunk among them only, by version, the last written of a version winning. A piece that does
 /// not parse is skipped (history is derived state; failing the merge would fail the read or the
@@ -193,12 +202,7 @@ impl Store {
         let pre = keys::history_prefix(p, customer, meter);
         let mut all = Vec::new();
         self.scan(&pre, |k, v| {
-            value::check(k, v)?;
-            let found = entries(v).ok_or_else(|| StoreError::Corrupt {
-                key: String::from_utf8_lossy(k).escape_default().to_string(),
-                message: "history chunk does not parse".into(),
-            })?;
-            for (_, msg) in found {
+            for (_, msg) in stored_entries(k, v)? {
                 all.push(value::change_from(k, value::decode_bare(k, msg)?)?);
             }
             Ok(true)
@@ -290,11 +294,7 @@ impl Store {
                     let version = value::decode::<value::pb::Change>(k, v)?.version;
                     m.changes.push((version, v[1..].to_vec()));
                 } else {
-                    value::check(k, v)?;
-                    let found = entries(v).ok_or_else(|| StoreError::Corrupt {
-                        key: String::from_utf8_lossy(k).escape_default().to_string(),
-                        message: "history chunk does not parse".into(),
-                    })?;
+                    let found = stored_entries(k, v)?;
                     m.changes
                         .extend(found.into_iter().map(|(v, msg)| (v, msg.to_vec())));
                 }

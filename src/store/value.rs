@@ -396,19 +396,11 @@ mod wire {
     }
 
     fn str_len(tag: u32, s: &str) -> usize {
-        if s.is_empty() {
-            0
-        } else {
-            key_len(tag) + encoded_len_varint(s.len() as u64) + s.len()
-        }
+        bytes_len(tag, s.as_bytes())
     }
 
     fn string(tag: u32, s: &str, out: &mut Vec<u8>) {
-        if !s.is_empty() {
-            encode_key(tag, WireType::LengthDelimited, out);
-            encode_varint(s.len() as u64, out);
-            out.extend_from_slice(s.as_bytes());
-        }
+        bytes(tag, s.as_bytes(), out);
     }
 
     fn varint(tag: u32, v: u64, out: &mut Vec<u8>) {
@@ -488,6 +480,7 @@ mod wire {
         }
     }
 
+    /// A `string` or `bytes` field (left out when empty, as prost does).
     fn bytes_len(tag: u32, b: &[u8]) -> usize {
         if b.is_empty() {
             0
